@@ -1,0 +1,10 @@
+from typing import NamedTuple
+
+
+class _RegistryKeys(NamedTuple):
+    X_KEY: str = "X"
+    PERTURBATION_KEY: str = "perturbation"
+    CELL_TYPE_KEY: str = "cell_type"
+
+
+REGISTRY_KEYS = _RegistryKeys()

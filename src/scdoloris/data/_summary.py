@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import sparse
+
+from ..perturbation import GeneGraph, PerturbationVocabulary, resolve_gene_graph, split_perturbation
+
+N_NODE_FEATURES = 32
+CHUNK_ROWS = 4096
+MAX_COEXPRESSION_CELLS = 5000
+
+
+def _dense_rows(X, rows) -> np.ndarray:
+    block = X[rows]
+    block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+    return block.astype(np.float64, copy=False)
+
+
+@dataclass
+class TrainingSummary:
+    """Everything Doloris keeps of its training data, saved with the model.
+
+    All arrays are numpy; ``graph`` is :meth:`GeneGraph.to_dict`.
+    """
+
+    x_max: float
+    cell_types: list[str]
+    control_mean: np.ndarray  # (cell types, genes), [0, 1] scale
+    control_std: np.ndarray
+    perturbation_labels: list[str]  # registered labels, in code order
+    is_control: np.ndarray  # (labels,)
+    categories: list[str]
+    train_recipes: np.ndarray  # (labels, width)
+    graph: dict
+    node_features: np.ndarray  # (nodes, N_NODE_FEATURES)
+    condition_perturbation: np.ndarray  # (conditions,) label code
+    condition_cell_type: np.ndarray  # (conditions,)
+    condition_frequencies: np.ndarray  # (conditions, genes) fraction with x != 0
+    reference_masks: np.ndarray  # packbits of reference cells' x != 0
+    reference_condition: np.ndarray  # (reference cells,)
+    control_values: list[str]
+
+    @property
+    def gene_graph(self) -> GeneGraph:
+        """The model's gene graph."""
+        return GeneGraph.from_dict(self.graph)
+
+    def vocabulary(self, graph: GeneGraph | None = None) -> PerturbationVocabulary:
+        """Token vocabulary over ``graph`` (the training graph by default)."""
+        return PerturbationVocabulary((graph or self.gene_graph).nodes, self.categories)
+
+    def to_dict(self) -> dict:
+        """Plain form for saving."""
+        return asdict(self)
+
+
+def _pca_node_features(pseudobulk: np.ndarray, n_components: int = N_NODE_FEATURES) -> np.ndarray:
+    """Frozen gene features: PCA of the genes x training-conditions matrix of mean expression (A.7)."""
+    centered = pseudobulk - pseudobulk.mean(axis=0, keepdims=True)
+    u, s, _ = np.linalg.svd(centered, full_matrices=False)
+    k = min(n_components, len(s))
+    features = u[:, :k] * s[:k]
+    scale = features.std()
+    features = features / scale if scale > 0 else features
+    return np.pad(features, ((0, 0), (0, n_components - k))).astype(np.float32)
+
+
+def summarize_training_data(
+    X,
+    perturbation_codes: np.ndarray,
+    cell_type_codes: np.ndarray,
+    perturbation_labels: Sequence[str],
+    cell_types: Sequence[str],
+    control_values: Sequence[str],
+    gene_names: Sequence[str],
+    gene_graph="auto",
+    reference_cells_per_condition: int = 100,
+    seed: int = 0,
+) -> TrainingSummary:
+    """Summarise registered training data in one streaming pass over its rows.
+
+    Parameters
+    ----------
+    X
+        Log1p expression (dense, sparse or backed), cells x genes.
+    perturbation_codes, cell_type_codes
+        Registered integer codes per cell.
+    perturbation_labels, cell_types
+        The labels behind the codes.
+    control_values
+        Labels of unperturbed cells.
+    gene_names
+        Measured genes, in column order.
+    gene_graph
+        ``"auto"``, ``"go"``, ``"coexpression"``, an edge DataFrame, a list of these, or ``None``.
+    reference_cells_per_condition
+        Real cells kept per training condition for mask sampling (paper A.11).
+    seed
+        Seed for choosing the reference cells and co-expression cells.
+    """
+    rng = np.random.default_rng(seed)
+    n_cells, n_genes = X.shape
+    n_types = len(cell_types)
+    controls = set(control_values)
+    is_control = np.array([label in controls for label in perturbation_labels])
+    cell_is_control = is_control[perturbation_codes]
+    missing = [cell_types[c] for c in range(n_types) if not np.any(cell_is_control & (cell_type_codes == c))]
+    if missing:
+        raise ValueError(
+            f"Cell type(s) {missing} have no control cells; Doloris needs controls of every cell type it is "
+            "trained on (their statistics condition the target model, paper Eq. 12)."
+        )
+
+    # Conditions = (perturbation label, cell type) groups present in the data.
+    condition_keys, condition_of_cell = np.unique(
+        np.stack([perturbation_codes, cell_type_codes], axis=1), axis=0, return_inverse=True
+    )
+    condition_of_cell = condition_of_cell.ravel()
+    n_conditions = len(condition_keys)
+    sums = np.zeros((n_conditions, n_genes))
+    squares = np.zeros((n_conditions, n_genes))
+    nonzero = np.zeros((n_conditions, n_genes))
+    counts = np.bincount(condition_of_cell, minlength=n_conditions).astype(np.float64)
+    x_max = 0.0
+    for start in range(0, n_cells, CHUNK_ROWS):
+        rows = np.arange(start, min(start + CHUNK_ROWS, n_cells))
+        block = _dense_rows(X, rows)
+        x_max = max(x_max, float(block.max(initial=0.0)))
+        groups = condition_of_cell[rows]
+        np.add.at(sums, groups, block)
+        np.add.at(squares, groups, block**2)
+        np.add.at(nonzero, groups, block != 0)
+    if x_max <= 0:
+        raise ValueError("The expression matrix is all zeros.")
+    means = sums / counts[:, None]
+    frequencies = nonzero / counts[:, None]
+
+    # Control statistics per cell type on the [0, 1] scale (Eq. 12).
+    control_mean = np.zeros((n_types, n_genes))
+    control_std = np.zeros((n_types, n_genes))
+    for c in range(n_types):
+        groups = np.flatnonzero(is_control[condition_keys[:, 0]] & (condition_keys[:, 1] == c))
+        n = counts[groups].sum()
+        mean = sums[groups].sum(axis=0) / n
+        var = np.maximum(squares[groups].sum(axis=0) / n - mean**2, 0.0)
+        control_mean[c], control_std[c] = mean / x_max, np.sqrt(var) / x_max
+
+    # Reference cells for the mask (A.11), grouped by condition.
+    reference_rows = []
+    for g in range(n_conditions):
+        members = np.flatnonzero(condition_of_cell == g)
+        if len(members) > reference_cells_per_condition:
+            members = np.sort(rng.choice(members, reference_cells_per_condition, replace=False))
+        reference_rows.append(members)
+    reference_condition = np.concatenate([np.full(len(r), g) for g, r in enumerate(reference_rows)])
+    reference_rows = np.concatenate(reference_rows)
+    reference_masks = np.packbits(_dense_rows(X, np.sort(reference_rows)) != 0, axis=1)
+    # Rows were read in sorted order: put them back in condition order.
+    order = np.argsort(np.argsort(reference_rows))
+    reference_masks = reference_masks[order]
+
+    # Perturbation components: genes known to the graph prior, the rest learned categories.
+    components = [split_perturbation(label, control_values) for label in perturbation_labels]
+    all_components = sorted({c for comps in components for c in comps})
+    gene_names = [str(g) for g in gene_names]
+    control_rows = np.flatnonzero(cell_is_control)
+    if len(control_rows) > MAX_COEXPRESSION_CELLS:
+        control_rows = np.sort(rng.choice(control_rows, MAX_COEXPRESSION_CELLS, replace=False))
+    if isinstance(gene_graph, str) and gene_graph == "auto":
+        gene_graph = _auto_graph(all_components, gene_names)
+    specs = gene_graph if isinstance(gene_graph, list | tuple) else [gene_graph]
+    needs_controls = any(isinstance(s, str) and s == "coexpression" for s in specs)
+    prior = resolve_gene_graph(
+        gene_graph, _dense_rows(X, control_rows) if needs_controls else None, gene_names
+    )
+    graph = GeneGraph.build(prior, gene_names, all_components)
+    node_set = set(graph.nodes)
+    categories = [c for c in all_components if c not in node_set]
+    vocabulary = PerturbationVocabulary(graph.nodes, categories)
+    train_recipes = vocabulary.recipes(components)
+
+    node_features = np.zeros((graph.n_nodes, N_NODE_FEATURES), dtype=np.float32)
+    node_features[:n_genes] = _pca_node_features(means.T)
+    return TrainingSummary(
+        x_max=x_max,
+        cell_types=[str(c) for c in cell_types],
+        control_mean=control_mean.astype(np.float32),
+        control_std=control_std.astype(np.float32),
+        perturbation_labels=[str(p) for p in perturbation_labels],
+        is_control=is_control,
+        categories=categories,
+        train_recipes=train_recipes,
+        graph=graph.to_dict(),
+        node_features=node_features,
+        condition_perturbation=condition_keys[:, 0],
+        condition_cell_type=condition_keys[:, 1],
+        condition_frequencies=frequencies.astype(np.float32),
+        reference_masks=reference_masks,
+        reference_condition=reference_condition,
+        control_values=list(control_values),
+    )
+
+
+def _auto_graph(components: Sequence[str], gene_names: Sequence[str]):
+    """Pick the graph prior from the data: GO for human gene symbols, co-expression for measured genes."""
+    from ..perturbation import go_edges
+
+    if not components:
+        return None
+    go = go_edges()
+    go_genes = set(go["source"]) | set(go["target"])
+    if any(c in go_genes for c in components):
+        return "go"
+    if any(c in set(gene_names) for c in components):
+        return "coexpression"
+    return None

@@ -1,0 +1,5 @@
+"""User-facing models."""
+
+from ._doloris import Doloris
+
+__all__ = ["Doloris"]

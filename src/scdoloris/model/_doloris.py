@@ -1,0 +1,651 @@
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scvi
+import torch
+from anndata import AnnData
+from scipy import sparse
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.dataloaders import DataSplitter
+from scvi.model.base import BaseModelClass
+from scvi.model.base._save_load import _load_saved_files
+from scvi.train import TrainRunner
+from scvi.utils import track
+
+from .._constants import REGISTRY_KEYS
+from ..data import TrainingSummary, summarize_training_data
+from ..module import DolorisModule, MaskReference, sample_activation_mask
+from ..perturbation import split_perturbation
+from ..perturbation._encoder import GraphTensors
+from ..preprocessing import check_expression
+from ..train import DolorisTrainingPlan
+
+logger = logging.getLogger(__name__)
+
+# Set by ``Doloris.load`` so that ``__init__`` rebuilds the module from the saved summary
+# instead of re-deriving it from whatever AnnData is passed.
+_SAVED_SUMMARY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("saved_summary", default=None)
+
+
+def _graph_tensors(summary: TrainingSummary, graph=None, node_features=None) -> GraphTensors:
+    graph = summary.gene_graph if graph is None else graph
+    features = summary.node_features if node_features is None else node_features
+    measured = np.arange(graph.n_nodes) < graph.n_measured
+    return GraphTensors(
+        torch.as_tensor(features), torch.as_tensor(measured), torch.as_tensor(graph.edges), torch.as_tensor(graph.weights)
+    )
+
+
+def _resolve_seed(seed: int | None) -> int:
+    """An explicit seed, else ``scvi.settings.seed``, else 0: nothing runs unseeded."""
+    if seed is None:
+        seed = scvi.settings.seed
+    return 0 if seed is None else int(seed)
+
+
+class Doloris(BaseModelClass):
+    """Doloris: dual conditional diffusion implicit bridges with sparsity masking (ICLR 2026).
+
+    Predicts how single cells respond to perturbations that were never measured: two conditional
+    diffusion models (control and perturbed cells) share one Gaussian latent, so a control cell is
+    inverted to its latent and re-generated under a perturbation (DDIB); a mask model predicts which
+    genes are silent.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`: control and perturbed training cells.
+    gene_graph
+        Prior over genes for gene perturbations: ``"auto"`` (GO for human gene symbols,
+        co-expression when perturbed genes are measured but unknown to GO, none when no perturbation
+        is a gene), ``"go"`` (bundled GO similarity), ``"coexpression"`` (training controls), an edge
+        DataFrame with columns ``source, target[, weight]``, a list of these (union), or ``None``.
+        Perturbation components that are not nodes of the graph get a learned embedding.
+    n_hidden, n_blocks
+        Width and depth of the denoiser.
+    n_hidden_mask, n_blocks_mask
+        Width and depth of the mask model.
+    n_perturbation
+        Width of the perturbation embedding.
+    dropout
+        Dropout rate.
+    n_timesteps
+        Diffusion steps ``T``.
+    mask_reference_cells
+        Real cells kept per training condition for mask sampling.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations()
+    >>> sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
+    >>> model = sd.Doloris(adata, n_hidden=64)
+    >>> model.train(max_steps=20)  # doctest: +SKIP
+    """
+
+    _module_cls = DolorisModule
+    _training_plan_cls = DolorisTrainingPlan
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData,
+        gene_graph="auto",
+        n_hidden: int = 512,
+        n_blocks: int = 3,
+        n_hidden_mask: int = 256,
+        n_blocks_mask: int = 2,
+        n_perturbation: int = 128,
+        dropout: float = 0.1,
+        n_timesteps: int = 500,
+        mask_reference_cells: int = 100,
+    ):
+        super().__init__(adata)
+        saved = _SAVED_SUMMARY.get()
+        summary = TrainingSummary(**saved) if saved is not None else self._summarize(gene_graph, mask_reference_cells)
+        self.summary_ = summary.to_dict()
+        self._summary = summary
+        self.module = self._module_cls(
+            n_genes=len(summary.control_mean[0]),
+            n_cell_types=len(summary.cell_types),
+            graph=_graph_tensors(summary),
+            n_categories=len(summary.categories),
+            train_recipes=torch.as_tensor(summary.train_recipes),
+            is_control=torch.as_tensor(summary.is_control),
+            control_mean=torch.as_tensor(summary.control_mean),
+            control_std=torch.as_tensor(summary.control_std),
+            x_max=summary.x_max,
+            n_hidden=n_hidden,
+            n_blocks=n_blocks,
+            n_hidden_mask=n_hidden_mask,
+            n_blocks_mask=n_blocks_mask,
+            n_perturbation=n_perturbation,
+            dropout=dropout,
+            n_timesteps=n_timesteps,
+        )
+        graph = summary.gene_graph
+        n_genes_perturbed = len([n for n in graph.nodes[graph.n_measured :]])
+        self._model_summary_string = (
+            f"Doloris model: {len(summary.control_mean[0])} genes, {len(summary.cell_types)} cell type(s), "
+            f"{int((~summary.is_control).sum())} training perturbation(s); gene graph of {graph.n_nodes} nodes "
+            f"({n_genes_perturbed} unmeasured perturbed genes) and {graph.edges.shape[1]} edges; "
+            f"{len(summary.categories)} learned categories; T={n_timesteps}, n_hidden={n_hidden}."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ data registration
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        perturbation_key: str,
+        control_value: str | Sequence[str] = "control",
+        cell_type_key: str | None = None,
+        dose_key: str | None = None,
+        smiles_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ):
+        """Register an AnnData for Doloris.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes, log1p-normalised (checked; raw counts get an error that says what to do).
+        perturbation_key
+            ``obs`` column of perturbation labels; combinations joined by ``"+"`` (``"KLF1+MAP2K6"``).
+        control_value
+            Label(s) of unperturbed cells.
+        cell_type_key
+            Optional ``obs`` column of cell types.
+        dose_key, smiles_key
+            Drug doses and SMILES; molecular perturbations are not supported in this release.
+        layer
+            Layer with the log1p expression; ``adata.X`` by default.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if dose_key is not None or smiles_key is not None:
+            raise ValueError(
+                "Molecular perturbations (dose_key, smiles_key) are not supported in this release of scdoloris; "
+                "leave them None to model drugs as learned categories."
+            )
+        for name, key in [("perturbation_key", perturbation_key), ("cell_type_key", cell_type_key)]:
+            if key is not None and key not in adata.obs:
+                raise KeyError(f"{name}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+        controls = [control_value] if isinstance(control_value, str) else list(control_value)
+        labels = set(adata.obs[perturbation_key].astype(str))
+        if not any(c in labels for c in controls):
+            raise ValueError(
+                f"control_value {control_value!r} does not occur in adata.obs[{perturbation_key!r}] "
+                f"(values include {sorted(labels)[:10]})."
+            )
+        if not kwargs.get("source_registry"):
+            check_expression(adata, layer)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.PERTURBATION_KEY, perturbation_key),
+            CategoricalObsField(REGISTRY_KEYS.CELL_TYPE_KEY, cell_type_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @property
+    def _setup_args(self) -> dict:
+        return self.adata_manager.registry["setup_args"]
+
+    @property
+    def control_values(self) -> list[str]:
+        """Labels of unperturbed cells."""
+        value = self._setup_args["control_value"]
+        return [value] if isinstance(value, str) else list(value)
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Cell types the model was trained on."""
+        return list(self._summary.cell_types)
+
+    def _codes(self, key: str) -> np.ndarray:
+        return np.asarray(self.adata_manager.get_from_registry(key)).reshape(-1).astype(np.int64)
+
+    def _summarize(self, gene_graph, mask_reference_cells: int) -> TrainingSummary:
+        manager = self.adata_manager
+        return summarize_training_data(
+            manager.get_from_registry(REGISTRY_KEYS.X_KEY),
+            self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
+            self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
+            list(manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping),
+            list(manager.get_state_registry(REGISTRY_KEYS.CELL_TYPE_KEY).categorical_mapping),
+            self.control_values,
+            list(self.adata.var_names),
+            gene_graph=gene_graph,
+            reference_cells_per_condition=mask_reference_cells,
+            seed=_resolve_seed(None),
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        batch_size: int = 64,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        seed: int | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the diffusion model and the mask model.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the data; with ``max_steps`` the first limit reached stops training.
+        max_steps
+            Optimizer steps; 4,000 when neither limit is given.
+        batch_size
+            Cells per step.
+        accelerator, devices
+            Lightning accelerator and devices (``strategy=`` passes through ``trainer_kwargs``).
+        train_size, validation_size, shuffle_set_split
+            Random split of cells into training and validation (scvi-tools' ``DataSplitter``).
+        early_stopping
+            Stop when ``validation_loss`` stops improving.
+        plan_kwargs
+            Keyword arguments of :class:`~scdoloris.train.DolorisTrainingPlan` (``lr``, ...).
+        datasplitter_kwargs
+            Extra keyword arguments of the data splitter.
+        seed
+            Seed of the run's randomness; ``scvi.settings.seed`` by default.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (Lightning).
+        """
+        seed = _resolve_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        n_train = math.ceil(self.adata.n_obs * train_size)
+        steps_per_epoch = max(math.ceil(n_train / batch_size), 1)
+        if max_steps is None and max_epochs is None:
+            max_steps = 4000
+        if max_epochs is None:
+            max_epochs = math.ceil(max_steps / steps_per_epoch)
+        if max_steps is None:
+            max_steps = -1
+        data_splitter = DataSplitter(
+            self.adata_manager,
+            train_size=train_size,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            batch_size=batch_size,
+            **(datasplitter_kwargs or {}),
+        )
+        training_plan = self._training_plan_cls(self.module, **(plan_kwargs or {}))
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        check_val = trainer_kwargs.pop("check_val_every_n_epoch", max(1, max_epochs // 20))
+        runner = self._train_runner_cls(
+            self,
+            training_plan=training_plan,
+            data_splitter=data_splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            max_steps=max_steps,
+            early_stopping=early_stopping,
+            check_val_every_n_epoch=check_val,
+            **trainer_kwargs,
+        )
+        return runner()
+
+    # ------------------------------------------------------------------ prediction
+    def _expression_rows(self, adata: AnnData, rows: np.ndarray) -> torch.Tensor:
+        layer = self._setup_args.get("layer")
+        X = adata.X if layer is None else adata.layers[layer]
+        block = X[rows]
+        block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+        return torch.as_tensor(block, dtype=torch.float32)
+
+    def _resolve_cell_types(self, cell_type) -> list[str]:
+        known = self.cell_types
+        if cell_type is None:
+            return known
+        asked = [cell_type] if isinstance(cell_type, str) else list(cell_type)
+        unknown = [c for c in asked if c not in known]
+        if unknown:
+            raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {known}.")
+        return asked
+
+    def _resolve_perturbations(self, perturbations: Sequence[str]):
+        """Token recipes for ``perturbations`` and the graph they need (extended for new genes)."""
+        summary = self._summary
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        perturbations = list(dict.fromkeys(str(p) for p in perturbations))
+        if not perturbations:
+            raise ValueError("No perturbation given.")
+        components = [split_perturbation(p, self.control_values) for p in perturbations]
+        empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
+        if empty:
+            raise ValueError(f"{empty} are control labels, not perturbations.")
+        graph = summary.gene_graph
+        known = set(graph.nodes) | set(summary.categories)
+        new_genes = sorted({c for comps in components for c in comps if c not in known})
+        linkable = [g for g in new_genes if graph.knows(g)]
+        unknown = sorted(set(new_genes) - set(linkable))
+        if unknown:
+            raise ValueError(
+                f"Unknown perturbation component(s) {unknown}: not a gene of the model's gene graph "
+                f"({graph.n_nodes} nodes) and not a perturbation seen in training."
+            )
+        graph = graph.extended(linkable)
+        recipes = summary.vocabulary(graph).recipes(components)
+        features = np.zeros((graph.n_nodes, summary.node_features.shape[1]), dtype=np.float32)
+        features[: summary.node_features.shape[0]] = summary.node_features
+        return perturbations, torch.as_tensor(recipes), _graph_tensors(summary, graph, features)
+
+    def _mask_reference(self) -> MaskReference:
+        s = self._summary
+        n_genes = s.control_mean.shape[1]
+        return MaskReference(
+            s.condition_frequencies, s.condition_cell_type, s.reference_masks, s.reference_condition, n_genes
+        )
+
+    @torch.no_grad()
+    def predict_perturbation(
+        self,
+        perturbations: str | Sequence[str],
+        cell_type: str | Sequence[str] | None = None,
+        n_cells: int = 100,
+        adata: AnnData | None = None,
+        inplace: bool = False,
+        key_added: str = "doloris",
+        overwrite: bool = False,
+        dose=None,
+        smiles: dict[str, str] | None = None,
+        n_steps: int = 50,
+        seed: int | None = None,
+        batch_size: int = 1024,
+        mask_strategy: str = "reference",
+        mask_thresholds: tuple[float, float] = (0.05, 0.95),
+        mask_reference_conditions: int = 1,
+    ) -> AnnData | None:
+        """Predict cells under perturbations, including ones never measured.
+
+        Control cells are inverted once to the shared latent (paper Eq. 15) and re-generated under
+        each perturbation (Eq. 16); the mask model silences genes (Sec. 3.6, A.11).
+
+        Parameters
+        ----------
+        perturbations
+            Labels such as ``"KLF1"`` or ``"KLF1+MAP2K6"``; genes need only be known to the gene graph.
+        cell_type
+            Cell type(s) to predict in; ``None``: every training cell type (all have controls).
+        n_cells
+            Generated cells per perturbation and cell type, from that cell type's training controls
+            (drawn with ``seed``; with replacement only when there are fewer controls).
+        adata
+            Control cells to use instead: one counterfactual per given cell and perturbation. Their
+            cell type comes from the registered cell-type column when present, else ``cell_type``.
+        inplace
+            With ``adata``: write the counterfactuals into ``adata`` (``layers[f"{key_added}_{p}"]``,
+            ``layers[f"{key_added}_{p}_continuous"]``, ``layers[f"{key_added}_{p}_mask"]``,
+            ``obsm[f"{key_added}_{p}_activation_prob"]`` and ``obsm[f"{key_added}_latent"]``) and
+            return ``None``.
+        key_added
+            Prefix of the keys written in place.
+        overwrite
+            Allow replacing existing keys in place.
+        dose, smiles
+            For molecular perturbations (not supported in this release).
+        n_steps
+            DDIM steps of the inversion and of the sampling.
+        seed
+            Seed of the control sampling and mask sampling; ``scvi.settings.seed`` by default.
+        batch_size
+            Cells per network call.
+        mask_strategy
+            ``"reference"`` (paper A.11) or ``"bernoulli"``.
+        mask_thresholds
+            ``(low, high)`` probabilities that force a gene off / on.
+        mask_reference_conditions
+            Number of nearest training conditions forming the reference subset.
+
+        Returns
+        -------
+        AnnData of predicted cells (``None`` in place): ``X`` on the input scale,
+        ``layers["doloris_continuous"]`` (bridge output before the mask), ``layers["doloris_mask"]``,
+        ``obsm["doloris_latent"]``, ``obsm["doloris_activation_prob"]``; ``obs`` with the
+        perturbation, cell type, dose, source control cell (``control_cell``) and ``is_predicted``.
+        """
+        self._check_if_trained(warn=True)
+        if dose is not None or smiles is not None:
+            raise ValueError("dose and smiles are for molecular perturbations, which this release does not support.")
+        if inplace and adata is None:
+            raise ValueError("inplace=True writes into the `adata` of control cells you pass; none was given.")
+        seed = _resolve_seed(seed)
+        rng = np.random.default_rng(seed)
+        perturbations, recipes, graph = self._resolve_perturbations(perturbations)
+
+        sources, source_names, source_types, source_adata = self._source_cells(adata, cell_type, n_cells, rng)
+        if inplace:
+            self._check_keys_free(adata, perturbations, key_added, overwrite)
+
+        device = self.device
+        module = self.module
+        module.eval()
+        graph = graph.to(device)
+        recipes = recipes.to(device)
+        type_codes = torch.as_tensor(
+            [self.cell_types.index(t) for t in source_types], dtype=torch.long, device=device
+        )
+        embedding, mask_embedding = module.embed(recipes, graph)  # GAT once per call
+
+        # Latents of the source cells: once, shared by every perturbation (paper A.4).
+        n_sources = len(source_names)
+        chunks = list(range(0, n_sources, batch_size))
+        n_jobs = n_sources * len(perturbations)
+        job_chunks = list(range(0, n_jobs, batch_size))
+        show = n_jobs * n_steps > 200_000
+        latents, controls = [], []
+        for start in track(chunks, description="Inverting controls", disable=not show, style="tqdm"):
+            rows = sources[start : start + batch_size]
+            x = self._expression_rows(source_adata, rows).to(device)
+            controls.append(x)
+            latents.append(module.encode_latent(x, type_codes[start : start + batch_size], n_steps))
+        controls, latents = torch.cat(controls), torch.cat(latents)
+
+        reference = self._mask_reference()
+        low, high = mask_thresholds
+        outputs = {"continuous": [], "mask": [], "probs": []}
+        for start in track(job_chunks, description="Generating", disable=not show, style="tqdm"):
+            jobs = torch.arange(start, min(start + batch_size, n_jobs), device=device)
+            p_index, s_index = jobs // n_sources, jobs % n_sources
+            x_c, ct = controls[s_index], type_codes[s_index]
+            continuous = module.bridge(latents[s_index], x_c, ct, embedding[p_index], n_steps)
+            probs = module.activation_probabilities(x_c, ct, mask_embedding[p_index])
+            mask = sample_activation_mask(
+                probs, ct, reference, rng, mask_strategy, high, low, mask_reference_conditions
+            )
+            outputs["continuous"].append(continuous.clamp(min=0.0) * module.x_max)
+            outputs["mask"].append(mask)
+            outputs["probs"].append(probs)
+        continuous = torch.cat(outputs["continuous"]).cpu().numpy()
+        mask = torch.cat(outputs["mask"]).cpu().numpy().astype(np.float32)
+        probs = torch.cat(outputs["probs"]).cpu().numpy()
+        prediction = (mask * continuous).astype(np.float32)  # Eq. 17
+        latents = latents.cpu().numpy()
+
+        if inplace:
+            self._write_inplace(adata, perturbations, key_added, prediction, continuous, mask, probs, latents)
+            return None
+        return self._as_anndata(perturbations, source_names, source_types, prediction, continuous, mask, probs, latents)
+
+    def _source_cells(self, adata, cell_type, n_cells, rng):
+        """Rows, names and cell types of the control cells to start from, and the AnnData holding them."""
+        ct_key = self._setup_args.get("cell_type_key")
+        if adata is not None:
+            missing = self.adata.var_names.difference(adata.var_names)
+            if len(missing):
+                raise ValueError(f"adata lacks {len(missing)} of the model's genes, e.g. {list(missing[:5])}.")
+            if not adata.var_names.equals(self.adata.var_names):
+                raise ValueError("adata's genes must be the model's genes in the same order (subset adata[:, genes]).")
+            layer = self._setup_args.get("layer")
+            if layer is not None and layer not in adata.layers:
+                raise KeyError(f"adata has no layer {layer!r}, which the model was set up with.")
+            if ct_key is not None and ct_key in adata.obs:
+                types = adata.obs[ct_key].astype(str).to_numpy()
+                self._resolve_cell_types(sorted(set(types)))
+            else:
+                if cell_type is None and len(self.cell_types) > 1:
+                    raise ValueError(
+                        f"adata has no column {ct_key!r}; say which cell type its cells are with cell_type=."
+                    )
+                name = self._resolve_cell_types(cell_type)[0]
+                types = np.full(adata.n_obs, name)
+            return np.arange(adata.n_obs), list(adata.obs_names), list(types), adata
+
+        if n_cells < 1:
+            raise ValueError(f"n_cells must be at least 1, got {n_cells}.")
+        perturbation_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
+        is_control = self._summary.is_control[perturbation_codes]
+        rows, types = [], []
+        for name in self._resolve_cell_types(cell_type):
+            pool = np.flatnonzero(is_control & (type_codes == self.cell_types.index(name)))
+            rows.append(np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells)))
+            types += [name] * n_cells
+        rows = np.concatenate(rows)
+        return rows, list(self.adata.obs_names[rows]), types, self.adata
+
+    def _keys_for(self, key_added: str, perturbation: str) -> dict[str, tuple[str, str]]:
+        base = f"{key_added}_{perturbation}"
+        return {
+            "prediction": ("layers", base),
+            "continuous": ("layers", f"{base}_continuous"),
+            "mask": ("layers", f"{base}_mask"),
+            "probs": ("obsm", f"{base}_activation_prob"),
+        }
+
+    def _check_keys_free(self, adata, perturbations, key_added, overwrite):
+        if overwrite:
+            return
+        taken = [
+            f"{slot}[{key!r}]"
+            for p in perturbations
+            for slot, key in self._keys_for(key_added, p).values()
+            if key in getattr(adata, slot)
+        ]
+        if f"{key_added}_latent" in adata.obsm:
+            taken.append(f"obsm[{key_added + '_latent'!r}]")
+        if taken:
+            raise ValueError(f"adata already has {taken}; pass overwrite=True or another key_added.")
+
+    def _write_inplace(self, adata, perturbations, key_added, prediction, continuous, mask, probs, latents):
+        n = adata.n_obs
+        for i, p in enumerate(perturbations):
+            rows = slice(i * n, (i + 1) * n)
+            values = {"prediction": prediction, "continuous": continuous, "mask": mask, "probs": probs}
+            for name, (slot, key) in self._keys_for(key_added, p).items():
+                getattr(adata, slot)[key] = values[name][rows].astype(np.float32)
+        adata.obsm[f"{key_added}_latent"] = latents.astype(np.float32)
+
+    def _as_anndata(self, perturbations, source_names, source_types, prediction, continuous, mask, probs, latents):
+        n_sources = len(source_names)
+        setup = self._setup_args
+        pert_column = np.repeat(perturbations, n_sources)
+        type_column = np.tile(source_types, len(perturbations))
+        obs = pd.DataFrame(
+            {
+                "perturbation": pd.Categorical(pert_column, categories=perturbations),
+                "cell_type": pd.Categorical(type_column),
+                "dose": np.full(len(pert_column), np.nan),
+                "control_cell": np.tile(np.asarray(source_names, dtype=object), len(perturbations)),
+                "is_predicted": True,
+            }
+        )
+        # Also under the user's own column names, so predictions concatenate with their data.
+        for user_key, column in [(setup["perturbation_key"], "perturbation"), (setup.get("cell_type_key"), "cell_type")]:
+            if user_key is not None and user_key not in obs:
+                obs[user_key] = obs[column]
+        per_type_counter = obs.groupby(["perturbation", "cell_type"], observed=True).cumcount().to_numpy()
+        obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(pert_column, type_column, per_type_counter, strict=True)]
+        result = AnnData(X=prediction, obs=obs, var=self.adata.var.copy())
+        result.layers["doloris_continuous"] = continuous.astype(np.float32)
+        result.layers["doloris_mask"] = mask
+        result.obsm["doloris_latent"] = np.tile(latents, (len(perturbations), 1)).astype(np.float32)
+        result.obsm["doloris_activation_prob"] = probs.astype(np.float32)
+        return result
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs):
+        """Save the model to ``dir_path``.
+
+        Writes to a temporary directory beside ``dir_path`` and moves it into place, so an
+        interrupted save never leaves a half-written model; refuses an existing ``dir_path`` unless
+        ``overwrite=True``.
+        """
+        dir_path = os.path.abspath(dir_path)
+        if os.path.exists(dir_path) and not overwrite:
+            raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
+        parent = os.path.dirname(dir_path)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".doloris-save-", dir=parent)
+        try:
+            super().save(os.path.join(staging, "model"), prefix=prefix, save_anndata=save_anndata, **kwargs)
+            if os.path.exists(dir_path):
+                old = os.path.join(staging, "previous")
+                os.replace(dir_path, old)
+            os.replace(os.path.join(staging, "model"), dir_path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs) -> Doloris:
+        """Load a saved model; ``adata`` must have the model's genes in the same order.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData organised like the training data (``None``: the one saved with the model).
+        prefix
+            File-name prefix used when saving.
+        **kwargs
+            ``accelerator``, ``device``: where to put the model.
+        """
+        attr_dict, var_names, _, _ = _load_saved_files(dir_path, load_adata=False, prefix=prefix)
+        if adata is not None:
+            var_names = pd.Index(np.asarray(var_names).astype(str))
+            if not pd.Index(adata.var_names.astype(str)).equals(var_names):
+                missing = var_names.difference(adata.var_names)
+                extra = pd.Index(adata.var_names).difference(var_names)
+                raise ValueError(
+                    f"adata's genes differ from the model's ({len(var_names)} genes): missing {list(missing[:5])}"
+                    f"{' ...' if len(missing) > 5 else ''}, extra {list(extra[:5])}"
+                    f"{' ...' if len(extra) > 5 else ''}; order must match too."
+                )
+        token = _SAVED_SUMMARY.set(attr_dict["summary_"])
+        try:
+            model = super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
+        finally:
+            _SAVED_SUMMARY.reset(token)
+        model._summary = TrainingSummary(**model.summary_)
+        return model

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..diffusion import GaussianDiffusion
+from ..perturbation._encoder import GraphTensors, PerturbationEncoder
+from ._denoiser import Denoiser
+from ._mask_model import MaskModel
+
+
+class DolorisModule(nn.Module):
+    """The torch side of Doloris: denoiser, mask model, perturbation encoders and the diffusion math.
+
+    It knows tensors, not AnnData. Expression enters on the log1p scale and is divided by
+    ``x_max`` here (paper Sec. 3.2).
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes.
+    n_cell_types
+        Number of cell types.
+    graph
+        Gene graph tensors for the GAT.
+    n_categories
+        Perturbation components without a prior (learned embeddings).
+    train_recipes
+        ``(n_perturbation_codes, width)`` token rows of each registered perturbation label, ``-1``
+        padded; control labels are all ``-1``.
+    is_control
+        ``(n_perturbation_codes,)`` whether a registered label is a control.
+    control_mean, control_std
+        ``(n_cell_types, genes)`` statistics of the training controls on the ``[0, 1]`` scale (Eq. 12).
+    x_max
+        Maximum of the training expression.
+    n_hidden, n_blocks, n_hidden_mask, n_blocks_mask, n_perturbation, dropout
+        Network sizes.
+    n_timesteps
+        Diffusion steps ``T``.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_cell_types: int,
+        graph: GraphTensors,
+        n_categories: int,
+        train_recipes: torch.Tensor,
+        is_control: torch.Tensor,
+        control_mean: torch.Tensor,
+        control_std: torch.Tensor,
+        x_max: float,
+        n_hidden: int = 512,
+        n_blocks: int = 3,
+        n_hidden_mask: int = 256,
+        n_blocks_mask: int = 2,
+        n_perturbation: int = 128,
+        dropout: float = 0.1,
+        n_timesteps: int = 500,
+    ):
+        super().__init__()
+        self.diffusion = GaussianDiffusion(n_timesteps)
+        self.register_buffer("train_recipes", train_recipes.long())
+        self.register_buffer("is_control", is_control.bool())
+        self.register_buffer("control_mean", control_mean.float())
+        self.register_buffer("control_std", control_std.float())
+        self.register_buffer("x_max", torch.tensor(float(x_max)))
+        # Separate encoders: the mask model is trained independently of the diffusion model (Sec. 3.7).
+        self.encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
+        self.mask_encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
+        self.denoiser = Denoiser(n_genes, n_cell_types, n_perturbation, n_hidden, n_blocks, dropout)
+        self.mask_model = MaskModel(n_genes, n_cell_types, n_perturbation, n_hidden_mask, n_blocks_mask, dropout)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.x_max.device
+
+    def on_load(self, model, **kwargs):
+        """Hook called by scvi-tools' ``load``; nothing to restore beyond the state dict."""
+
+    # ------------------------------------------------------------------ training
+    def sample_control_information(self, cell_type: torch.Tensor) -> torch.Tensor:
+        """``mu_ct + sigma_ct * eps`` (paper Eq. 12)."""
+        mean = self.control_mean[cell_type]
+        return mean + self.control_std[cell_type] * torch.randn_like(mean)
+
+    def loss(self, x: torch.Tensor, perturbation: torch.Tensor, cell_type: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masked diffusion loss (Eq. 9, 13) and mask BCE (Eq. 14) of one batch.
+
+        Parameters
+        ----------
+        x
+            Log1p expression ``(n, genes)``.
+        perturbation
+            Registered perturbation codes ``(n,)``.
+        cell_type
+            Cell-type codes ``(n,)``.
+        """
+        x0 = x / self.x_max
+        is_target = ~self.is_control[perturbation]
+        recipes = self.train_recipes[perturbation]
+        control = self.sample_control_information(cell_type)
+
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
+        x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
+        x0_hat = self.denoiser(x_t, t, cell_type, is_target, self.encoder(recipes), control)
+        expressed = (x0 != 0).to(x0.dtype)
+        per_cell = (expressed * (x0 - x0_hat) ** 2).sum(dim=1) / expressed.sum(dim=1).clamp(min=1.0)
+        diffusion_loss = per_cell.mean()
+
+        if is_target.any():
+            logits = self.mask_model(
+                control[is_target], cell_type[is_target], self.mask_encoder(recipes[is_target])
+            )
+            mask_loss = nn.functional.binary_cross_entropy_with_logits(logits, expressed[is_target])
+        else:
+            mask_loss = x0.new_zeros(())
+        return {"loss": diffusion_loss + mask_loss, "diffusion_loss": diffusion_loss, "mask_loss": mask_loss}
+
+    # ------------------------------------------------------------------ inference
+    def _source_predictor(self, cell_type: torch.Tensor):
+        n = cell_type.shape[0]
+        is_target = torch.zeros(n, dtype=torch.bool, device=cell_type.device)
+        no_perturbation = torch.zeros(n, self.encoder.n_output, device=cell_type.device)
+
+        def predict(x_t, t):
+            return self.denoiser(x_t, t, cell_type, is_target, no_perturbation, torch.zeros_like(x_t))
+
+        return predict
+
+    @torch.no_grad()
+    def embed(self, recipes: torch.Tensor, graph: GraphTensors | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perturbation embeddings for the denoiser and the mask model (one GAT pass each)."""
+        return self.encoder(recipes, graph), self.mask_encoder(recipes, graph)
+
+    @torch.no_grad()
+    def encode_latent(
+        self, x_control: torch.Tensor, cell_type: torch.Tensor, n_steps: int = 50, spacing: str = "quadratic"
+    ) -> torch.Tensor:
+        """DDIM inversion of control cells with the source conditioning (Eq. 15)."""
+        return self.diffusion.invert(x_control / self.x_max, self._source_predictor(cell_type), n_steps, spacing)
+
+    @torch.no_grad()
+    def bridge(
+        self,
+        latent: torch.Tensor,
+        x_control: torch.Tensor,
+        cell_type: torch.Tensor,
+        perturbation_embedding: torch.Tensor,
+        n_steps: int = 50,
+        spacing: str = "quadratic",
+    ) -> torch.Tensor:
+        """DDIM sampling from the latent with the target conditioning (Eq. 16), on the ``[0, 1]`` scale."""
+        is_target = torch.ones(latent.shape[0], dtype=torch.bool, device=latent.device)
+        control = x_control / self.x_max  # the real source cell replaces Eq. 12 at inference
+
+        def predict(x_t, t):
+            return self.denoiser(x_t, t, cell_type, is_target, perturbation_embedding, control)
+
+        return self.diffusion.sample(latent, predict, n_steps, spacing)
+
+    @torch.no_grad()
+    def activation_probabilities(
+        self, x_control: torch.Tensor, cell_type: torch.Tensor, mask_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask-model probabilities that each gene is expressed (Sec. 3.6)."""
+        return torch.sigmoid(self.mask_model(x_control / self.x_max, cell_type, mask_embedding))

@@ -1,0 +1,103 @@
+"""Sampling a coherent binary activation mask from predicted probabilities (paper Sec. 3.6, A.11)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class MaskReference:
+    """Binary expression patterns of real training cells, grouped by training condition.
+
+    Parameters
+    ----------
+    frequencies
+        ``(conditions, genes)`` fraction of cells with ``x != 0`` in each training condition.
+    cell_types
+        ``(conditions,)`` cell-type code of each condition.
+    packed_masks
+        ``(cells, ceil(genes / 8))`` ``numpy.packbits`` of reference cells' ``x != 0``.
+    cell_condition
+        ``(cells,)`` condition of each reference cell, sorted ascending.
+    n_genes
+        Number of genes (to unpack).
+    """
+
+    def __init__(self, frequencies, cell_types, packed_masks, cell_condition, n_genes: int):
+        self.frequencies = torch.as_tensor(frequencies, dtype=torch.float32)
+        self.cell_types = torch.as_tensor(cell_types, dtype=torch.long)
+        self.packed_masks = np.asarray(packed_masks, dtype=np.uint8)
+        cell_condition = np.asarray(cell_condition, dtype=np.int64)
+        self.n_genes = n_genes
+        counts = np.bincount(cell_condition, minlength=len(self.frequencies))
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.counts = counts
+
+    def masks(self, rows: np.ndarray) -> np.ndarray:
+        """Unpacked boolean masks of reference cells ``rows``."""
+        return np.unpackbits(self.packed_masks[rows], axis=1, count=self.n_genes).astype(bool)
+
+
+def sample_activation_mask(
+    probs: torch.Tensor,
+    cell_type: torch.Tensor,
+    reference: MaskReference | None,
+    rng: np.random.Generator,
+    strategy: str = "reference",
+    high: float = 0.95,
+    low: float = 0.05,
+    n_reference_conditions: int = 1,
+) -> torch.Tensor:
+    """Binary activation masks for generated cells.
+
+    ``"reference"`` (paper A.11): per cell, the training conditions of its cell type whose
+    empirical non-zero frequencies are closest to ``probs`` in L2 (Eq. 25) form the reference
+    subset; a real cell is drawn uniformly from it (Eq. 26) and its pattern ``x != 0`` is overridden
+    to 1 where ``probs >= high`` and to 0 where ``probs <= low`` (Eq. 27). ``"bernoulli"`` draws each
+    gene independently (Eq. 23), which the paper shows to be globally incoherent.
+
+    Parameters
+    ----------
+    probs
+        ``(n, genes)`` predicted activation probabilities.
+    cell_type
+        ``(n,)`` cell-type codes.
+    reference
+        Reference cells; required for ``"reference"``.
+    rng
+        Seeded generator for the draws.
+    strategy
+        ``"reference"`` or ``"bernoulli"``.
+    high, low
+        Thresholds ``delta_h`` and ``delta_l``.
+    n_reference_conditions
+        Size of the reference subset, in nearest training conditions.
+
+    Returns
+    -------
+    Float tensor of 0/1, shape ``(n, genes)``, on the device of ``probs``.
+    """
+    p = probs.detach().float().cpu()
+    if strategy == "bernoulli":
+        sampled = torch.from_numpy(rng.random(tuple(p.shape)) < p.numpy())
+    elif strategy == "reference":
+        if reference is None:
+            raise ValueError("strategy='reference' needs the model's reference cells.")
+        distances = torch.cdist(p, reference.frequencies)  # Eq. 25
+        same_type = cell_type.cpu()[:, None] == reference.cell_types[None, :]
+        has_type = same_type.any(dim=1, keepdim=True)
+        distances = torch.where(same_type | ~has_type, distances, torch.inf)
+        k = min(n_reference_conditions, reference.frequencies.shape[0])
+        nearest = torch.topk(distances, k, dim=1, largest=False).indices.numpy()  # (n, k)
+        # Uniform over the union of the k conditions' cells (Eq. 26): pick a condition with
+        # probability proportional to its cells, then a cell within it.
+        weights = reference.counts[nearest].astype(np.float64)
+        cumulative = np.cumsum(weights, axis=1)
+        u = rng.random(len(p)) * cumulative[:, -1]
+        chosen = nearest[np.arange(len(p)), (u[:, None] >= cumulative).sum(axis=1).clip(max=k - 1)]
+        rows = reference.starts[chosen] + (rng.random(len(p)) * reference.counts[chosen]).astype(np.int64)
+        sampled = torch.from_numpy(reference.masks(rows))
+    else:
+        raise ValueError(f"strategy must be 'reference' or 'bernoulli', got {strategy!r}.")
+    mask = torch.where(p >= high, True, torch.where(p <= low, False, sampled))  # Eq. 27
+    return mask.to(device=probs.device, dtype=probs.dtype)

@@ -1,0 +1,15 @@
+"""Perturbation labels, gene-graph priors and the encoders that embed perturbations."""
+
+from ._encoder import PerturbationEncoder
+from ._gene_graph import GeneGraph, coexpression_edges, go_edges, resolve_gene_graph
+from ._vocabulary import PerturbationVocabulary, split_perturbation
+
+__all__ = [
+    "GeneGraph",
+    "PerturbationEncoder",
+    "PerturbationVocabulary",
+    "coexpression_edges",
+    "go_edges",
+    "resolve_gene_graph",
+    "split_perturbation",
+]

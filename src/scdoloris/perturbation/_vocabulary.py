@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+COMBINATION_SEPARATOR = "+"
+
+
+def split_perturbation(label: str, control_values: Iterable[str] = ()) -> list[str]:
+    """Split a perturbation label into its components.
+
+    Combinations are joined by ``"+"``; components equal to a control label (GEARS writes
+    ``"KLF1+ctrl"``) are dropped, so ``"ctrl"`` alone gives an empty list.
+
+    Examples
+    --------
+    >>> split_perturbation("KLF1+MAP2K6")
+    ['KLF1', 'MAP2K6']
+    >>> split_perturbation("KLF1+ctrl", control_values=["ctrl"])
+    ['KLF1']
+    """
+    controls = set(control_values)
+    parts = [part.strip() for part in str(label).split(COMBINATION_SEPARATOR)]
+    return [part for part in parts if part and part not in controls]
+
+
+@dataclass
+class PerturbationVocabulary:
+    """Maps perturbation components to rows of the encoders' token table.
+
+    Gene components are nodes of the gene graph (rows ``0 .. n_nodes - 1`` of the table), the
+    others are learned categories (rows ``n_nodes ..``).
+
+    Parameters
+    ----------
+    nodes
+        Gene-graph node names in table order.
+    categories
+        Components that have no prior and get a learned embedding.
+    """
+
+    nodes: Sequence[str]
+    categories: Sequence[str]
+
+    def __post_init__(self):
+        self._node_index = {name: i for i, name in enumerate(self.nodes)}
+        self._category_index = {name: len(self.nodes) + i for i, name in enumerate(self.categories)}
+
+    def token(self, component: str) -> int | None:
+        """Row of ``component`` in the token table, or ``None`` when unknown."""
+        index = self._node_index.get(component)
+        return index if index is not None else self._category_index.get(component)
+
+    def recipes(self, components: Sequence[Sequence[str]], width: int | None = None) -> np.ndarray:
+        """Token rows per perturbation, padded with ``-1`` (an empty list is the control).
+
+        Raises
+        ------
+        KeyError
+            Naming every component that is neither a graph node nor a known category.
+        """
+        unknown = sorted({c for comps in components for c in comps if self.token(c) is None})
+        if unknown:
+            raise KeyError(unknown)
+        width = max([1, *(len(c) for c in components)]) if width is None else width
+        out = np.full((len(components), width), -1, dtype=np.int64)
+        for i, comps in enumerate(components):
+            out[i, : len(comps)] = [self.token(c) for c in comps]
+        return out
