@@ -2,7 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, metrics
+from . import baselines, datasets, metrics
+from . import plotting as pl
 from . import preprocessing as pp
 from .model import Doloris
 
@@ -11,4 +12,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["Doloris", "datasets", "metrics", "pp"]
+__all__ = ["Doloris", "baselines", "datasets", "metrics", "pl", "pp"]

@@ -173,9 +173,7 @@ def summarize_training_data(
         gene_graph = _auto_graph(all_components, gene_names)
     specs = gene_graph if isinstance(gene_graph, list | tuple) else [gene_graph]
     needs_controls = any(isinstance(s, str) and s == "coexpression" for s in specs)
-    prior = resolve_gene_graph(
-        gene_graph, _dense_rows(X, control_rows) if needs_controls else None, gene_names
-    )
+    prior = resolve_gene_graph(gene_graph, _dense_rows(X, control_rows) if needs_controls else None, gene_names)
     graph = GeneGraph.build(prior, gene_names, all_components)
     node_set = set(graph.nodes)
     categories = [c for c in all_components if c not in node_set]

@@ -95,9 +95,7 @@ class GaussianDiffusion:
             grid[k] = min(grid[k], grid[k + 1] - 1)
         return grid
 
-    def ddim_step(
-        self, x: torch.Tensor, x0_hat: torch.Tensor, t_from: int, t_to: int
-    ) -> torch.Tensor:
+    def ddim_step(self, x: torch.Tensor, x0_hat: torch.Tensor, t_from: int, t_to: int) -> torch.Tensor:
         """Move ``x`` from noise level ``t_from`` to ``t_to`` along the DDIM ODE (eta = 0, Eq. 3).
 
         The noise implied by the x0 prediction (Eq. 6) is kept and the signal is re-scaled:

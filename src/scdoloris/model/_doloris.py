@@ -43,7 +43,10 @@ def _graph_tensors(summary: TrainingSummary, graph=None, node_features=None) -> 
     features = summary.node_features if node_features is None else node_features
     measured = np.arange(graph.n_nodes) < graph.n_measured
     return GraphTensors(
-        torch.as_tensor(features), torch.as_tensor(measured), torch.as_tensor(graph.edges), torch.as_tensor(graph.weights)
+        torch.as_tensor(features),
+        torch.as_tensor(measured),
+        torch.as_tensor(graph.edges),
+        torch.as_tensor(graph.weights),
     )
 
 
@@ -452,9 +455,7 @@ class Doloris(BaseModelClass):
         module.eval()
         graph = graph.to(device)
         recipes = recipes.to(device)
-        type_codes = torch.as_tensor(
-            [self.cell_types.index(t) for t in source_types], dtype=torch.long, device=device
-        )
+        type_codes = torch.as_tensor([self.cell_types.index(t) for t in source_types], dtype=torch.long, device=device)
         embedding, mask_embedding = module.embed(recipes, graph)  # GAT once per call
 
         # Latents of the source cells: once, shared by every perturbation (paper A.4).
@@ -581,7 +582,10 @@ class Doloris(BaseModelClass):
             }
         )
         # Also under the user's own column names, so predictions concatenate with their data.
-        for user_key, column in [(setup["perturbation_key"], "perturbation"), (setup.get("cell_type_key"), "cell_type")]:
+        for user_key, column in [
+            (setup["perturbation_key"], "perturbation"),
+            (setup.get("cell_type_key"), "cell_type"),
+        ]:
             if user_key is not None and user_key not in obs:
                 obs[user_key] = obs[column]
         per_type_counter = obs.groupby(["perturbation", "cell_type"], observed=True).cumcount().to_numpy()
@@ -594,7 +598,9 @@ class Doloris(BaseModelClass):
         return result
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs):
+    def save(
+        self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False, **kwargs
+    ):
         """Save the model to ``dir_path``.
 
         Writes to a temporary directory beside ``dir_path`` and moves it into place, so an

@@ -58,6 +58,9 @@ class Denoiser(nn.Module):
         is_target: torch.Tensor,
         perturbation: torch.Tensor,
         control: torch.Tensor,
+        abar: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
+        sigma_data: float = 0.2,
     ) -> torch.Tensor:
         """Predict ``x0``.
 
@@ -76,6 +79,19 @@ class Denoiser(nn.Module):
         control
             Control information ``(n, genes)``: ``mu + sigma * eps`` in training (Eq. 12), the
             real control cell at inference; ignored on source rows.
+        abar
+            ``(n,)`` signal level ``abar_t`` of each row. When given, the x0 prediction is
+            skip-connected (Karras et al. 2022, in variance-preserving form):
+            ``x0_hat = c_skip x_t / sqrt(abar) + (1 - c_skip) prior + c_out F`` with
+            ``s^2 = (1 - abar) / abar``, ``c_skip = sd^2 / (s^2 + sd^2)``, ``c_out = s sd / sqrt(s^2 + sd^2)``.
+            The network still predicts ``x0`` (the loss is Eq. 9/13 on ``x0``), but the noise that DDIM
+            derives from it (Eq. 6) stays bounded as ``t -> 0`` instead of amplifying the network's
+            error by ``1 / sqrt(1 - abar_0) ~ 70``, which made inverted latents far from Gaussian.
+        prior
+            Guess of ``x0`` at pure noise: the control input on target rows (the reference's residual on
+            the control), the cell type's control mean on source rows.
+        sigma_data
+            Typical spread of the data, ``sd`` above.
         """
         target = is_target.to(x_t.dtype)[:, None]
         control = control * target
@@ -88,4 +104,11 @@ class Denoiser(nn.Module):
         h = self.input(x_t) + self.control_input(control)
         for block in self.blocks:
             h = block(h, cond)
-        return self.output(h) + control
+        out = self.output(h)
+        if abar is None:
+            return out + control
+        abar = abar[:, None].to(x_t.dtype)
+        s2 = (1.0 - abar) / abar
+        c_skip = sigma_data**2 / (s2 + sigma_data**2)
+        c_out = s2.sqrt() * sigma_data / (s2 + sigma_data**2).sqrt()
+        return c_skip * x_t / abar.sqrt() + (1.0 - c_skip) * prior + c_out * out

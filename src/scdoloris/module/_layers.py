@@ -25,9 +25,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, n_hidden: int, dropout: float):
         super().__init__()
         self.cond = nn.Linear(n_hidden, n_hidden)
-        self.net = nn.Sequential(
-            nn.Linear(n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.SiLU(), nn.Dropout(dropout)
-        )
+        self.net = nn.Sequential(nn.Linear(n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.SiLU(), nn.Dropout(dropout))
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return h + self.net(h + self.cond(cond))

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+
+
+def no_change(control: ad.AnnData, perturbations: list[str], n_cells: int | None = None, seed: int = 0) -> ad.AnnData:
+    """The "no change" baseline: real control cells stand for every perturbation.
+
+    Parameters
+    ----------
+    control
+        Control cells.
+    perturbations
+        Perturbation labels to "predict".
+    n_cells
+        Cells per perturbation, drawn with ``seed`` (with replacement only when there are fewer
+        controls); all controls when ``None``.
+    seed
+        Seed of the draw.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations()
+    >>> pred = sd.baselines.no_change(adata[adata.obs.perturbation == "control"], ["G001"], n_cells=10)
+    >>> pred.n_obs
+    10
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    for p in perturbations:
+        rows = np.arange(control.n_obs)
+        if n_cells is not None:
+            rows = np.sort(rng.choice(control.n_obs, n_cells, replace=control.n_obs < n_cells))
+        part = control[rows].copy()
+        part.obs["perturbation"] = p
+        part.obs["control_cell"] = control.obs_names[rows].to_numpy()
+        part.obs_names = [f"{p}_no_change_{i}" for i in range(len(rows))]
+        parts.append(part)
+    return ad.concat(parts)

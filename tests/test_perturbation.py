@@ -1,0 +1,222 @@
+"""Perturbation labels, vocabulary, gene graph and the GAT encoder."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SMALL, TRAIN_KWARGS, training_subset
+
+import scdoloris as sd
+from scdoloris.perturbation import GeneGraph, PerturbationEncoder, PerturbationVocabulary, split_perturbation
+from scdoloris.perturbation._encoder import GraphTensors
+
+
+# ---------------------------------------------------------------------------------------- labels
+@pytest.mark.parametrize(
+    ("label", "controls", "expected"),
+    [
+        ("KLF1", (), ["KLF1"]),
+        ("KLF1+MAP2K6", (), ["KLF1", "MAP2K6"]),
+        ("A+B+C", (), ["A", "B", "C"]),
+        (" A + B ", (), ["A", "B"]),
+        ("KLF1+ctrl", ["ctrl"], ["KLF1"]),
+        ("ctrl+KLF1", ["ctrl"], ["KLF1"]),
+        ("ctrl", ["ctrl"], []),
+        ("control", ["control", "ctrl"], []),
+        ("ctrl", (), ["ctrl"]),
+    ],
+)
+def test_split_perturbation(label, controls, expected):
+    assert split_perturbation(label, controls) == expected
+
+
+# ---------------------------------------------------------------------------------------- vocabulary
+def test_vocabulary_tokens_and_padding():
+    vocab = PerturbationVocabulary(nodes=["G1", "G2", "G3"], categories=["stim", "drug"])
+    assert [vocab.token(c) for c in ["G1", "G3", "stim", "drug"]] == [0, 2, 3, 4]
+    assert vocab.token("nope") is None
+    recipes = vocab.recipes([["G1"], ["G2", "G3"], [], ["drug", "G1", "stim"]])
+    assert recipes.dtype == np.int64
+    np.testing.assert_array_equal(recipes, [[0, -1, -1], [1, 2, -1], [-1, -1, -1], [4, 0, 3]])
+    np.testing.assert_array_equal(vocab.recipes([["G2"]], width=4), [[1, -1, -1, -1]])
+    np.testing.assert_array_equal(vocab.recipes([[]]), [[-1]])
+
+
+def test_vocabulary_unknown_components_named():
+    vocab = PerturbationVocabulary(nodes=["G1"], categories=["stim"])
+    with pytest.raises(KeyError) as info:
+        vocab.recipes([["G1", "FOO"], ["BAR"], ["stim"]])
+    message = str(info.value)
+    assert "FOO" in message and "BAR" in message and "G1" not in message
+
+
+# ---------------------------------------------------------------------------------------- gene graph
+@pytest.fixture
+def prior():
+    # A, B, C measured; X unmeasured but known; Z only linked to A; Y unknown to the prior.
+    return pd.DataFrame(
+        {
+            "source": ["A", "B", "X", "Z", "W1"],
+            "target": ["B", "C", "A", "A", "W2"],
+            "weight": [0.5, 0.7, 0.9, 0.3, 1.0],
+        }
+    )
+
+
+def _edge_set(graph):
+    return {
+        (graph.nodes[s], graph.nodes[t], round(float(w), 6))
+        for s, t, w in zip(graph.edges[0], graph.edges[1], graph.weights, strict=True)
+    }
+
+
+def test_gene_graph_build(prior):
+    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X", "Y", "A"])
+    assert graph.nodes == ["A", "B", "C", "X"]  # measured first, in expression order; Y is unknown
+    assert graph.n_measured == 3 and graph.n_nodes == 4
+    assert "Y" not in graph.nodes
+    edges = _edge_set(graph)
+    # Messages flow both ways; edges to genes outside the graph are not edges of the graph.
+    assert edges == {
+        ("A", "B", 0.5),
+        ("B", "A", 0.5),
+        ("B", "C", 0.7),
+        ("C", "B", 0.7),
+        ("X", "A", 0.9),
+        ("A", "X", 0.9),
+    }
+    assert graph.knows("X") and graph.knows("Z") and graph.knows("A")
+    assert not graph.knows("Y") and not graph.knows("W1")
+
+
+def test_gene_graph_without_prior():
+    graph = GeneGraph.build(None, measured=["A", "B"], perturbed=["X"])
+    assert graph.nodes == ["A", "B"] and graph.n_measured == 2
+    assert graph.edges.shape == (2, 0)
+
+
+def test_gene_graph_extended(prior):
+    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X"])
+    bigger = graph.extended(["Z"])
+    assert bigger.nodes == ["A", "B", "C", "X", "Z"] and bigger.n_measured == 3
+    assert _edge_set(bigger) == _edge_set(graph) | {("Z", "A", 0.3), ("A", "Z", 0.3)}
+    assert not (bigger.outside_edges["gene"] == "Z").any()
+    # The original is untouched and genes already in the graph add nothing.
+    assert graph.nodes == ["A", "B", "C", "X"]
+    assert graph.extended(["A", "X"]).nodes == graph.nodes
+    with pytest.raises(KeyError, match="W1"):
+        graph.extended(["Z", "W1"])
+    with pytest.raises(KeyError, match="Y"):
+        graph.extended(["Y"])
+
+
+def test_gene_graph_round_trip(prior):
+    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X"])
+    again = GeneGraph.from_dict(graph.to_dict())
+    assert again.nodes == graph.nodes and again.n_measured == graph.n_measured
+    np.testing.assert_array_equal(again.edges, graph.edges)
+    np.testing.assert_array_equal(again.weights, graph.weights)
+    assert again.extended(["Z"]).nodes == graph.extended(["Z"]).nodes
+
+
+# ---------------------------------------------------------------------------------------- encoder
+@pytest.fixture
+def encoder():
+    rng = np.random.default_rng(0)
+    n_nodes = 12
+    edges = np.array([[i, (i + 1) % n_nodes] for i in range(n_nodes)]).T
+    edges = np.concatenate([edges, edges[::-1]], axis=1)
+    graph = GraphTensors(
+        torch.as_tensor(rng.normal(size=(n_nodes, 8)), dtype=torch.float32),
+        torch.arange(n_nodes) < 10,  # the last 2 nodes are unmeasured genes
+        torch.as_tensor(edges),
+        torch.ones(edges.shape[1]),
+    )
+    torch.manual_seed(0)
+    enc = PerturbationEncoder(graph, n_categories=2, n_hidden=16, n_output=8)
+    return enc.eval()
+
+
+def test_encoder_permutation_invariant(encoder):
+    out = encoder(torch.tensor([[0, 3], [3, 0], [0, -1], [10, 12], [12, 10]]))
+    assert out.shape == (5, 8)
+    torch.testing.assert_close(out[0], out[1])
+    torch.testing.assert_close(out[3], out[4])
+    assert not torch.allclose(out[0], out[2])  # A+B is not A
+    # Padding does not matter.
+    torch.testing.assert_close(encoder(torch.tensor([[0]]))[0], out[2])
+
+
+def test_encoder_control_is_zero(encoder):
+    out = encoder(torch.tensor([[-1, -1], [1, 2], [-1, -1]]))
+    assert torch.equal(out[0], torch.zeros(8)) and torch.equal(out[2], torch.zeros(8))
+    assert out[1].abs().sum() > 0
+
+
+def test_encoder_distinguishes_perturbations(encoder):
+    out = encoder(torch.arange(14)[:, None])  # 12 gene nodes and 2 categories
+    distances = torch.cdist(out, out)
+    off_diagonal = distances[~torch.eye(14, dtype=torch.bool)]
+    assert float(off_diagonal.min()) > 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 500])
+def test_gat_runs_once_per_forward(encoder, batch):
+    recipes = torch.randint(0, 12, (batch, 2), generator=torch.Generator().manual_seed(batch))
+    before = encoder.n_graph_evaluations
+    out = encoder(recipes)
+    assert encoder.n_graph_evaluations == before + 1
+    assert out.shape == (batch, 8)
+
+
+def test_encoder_on_extended_graph(encoder):
+    """A bigger graph (new gene nodes) runs through the same weights; old rows keep their embedding."""
+    graph = encoder.graph
+    extra_edges = torch.tensor([[12, 0], [0, 12]])
+    bigger = GraphTensors(
+        torch.cat([graph.node_features, torch.zeros(1, 8)]),
+        torch.cat([graph.measured, torch.tensor([False])]),
+        torch.cat([graph.edges, extra_edges], dim=1),
+        torch.cat([graph.weights, torch.ones(2)]),
+    )
+    out = encoder(torch.tensor([[12], [5], [13]]), bigger)  # new gene, old gene, first category
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], encoder(torch.tensor([[5]]))[0])
+    torch.testing.assert_close(out[2], encoder(torch.tensor([[12]]))[0])  # categories follow the nodes
+
+
+# ---------------------------------------------------------------------------------------- in the module
+@pytest.fixture(scope="module")
+def fresh_model(synthetic_two_types):
+    train = training_subset(synthetic_two_types)
+    return sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], **SMALL)
+
+
+def test_each_gat_runs_once_per_loss(fresh_model):
+    module = fresh_model.module
+    train = fresh_model.adata
+    labels = list(fresh_model.summary_["perturbation_labels"])
+    perturbed = np.flatnonzero((train.obs["perturbation"] != "control").to_numpy())[:64]
+    rows = np.concatenate([perturbed, np.flatnonzero((train.obs["perturbation"] == "control").to_numpy())[:16]])
+    x = torch.as_tensor(train.X[rows])
+    codes = torch.as_tensor([labels.index(p) for p in train.obs["perturbation"].iloc[rows]])
+    cell_types = torch.as_tensor(train.obs["cell_type"].cat.codes.to_numpy()[rows], dtype=torch.long)
+    encoders = [module.encoder, module.mask_encoder]
+    before = [e.n_graph_evaluations for e in encoders]
+    torch.manual_seed(0)
+    losses = module.loss(x, codes, cell_types)
+    assert [e.n_graph_evaluations for e in encoders] == [b + 1 for b in before]
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    # Both encoders' GATs receive gradients from that single pass.
+    for e in encoders:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in e.gat_layers.parameters())
+
+
+def test_gat_runs_once_per_training_step(fresh_model):
+    """Through Lightning: with no validation set, each optimizer step runs each encoder's GAT once."""
+    module = fresh_model.module
+    before = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
+    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, seed=0, **TRAIN_KWARGS)
+    after = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
+    assert after == (before[0] + 4, before[1] + 4)
