@@ -23,9 +23,7 @@ def training_subset(adata, exclude=()):
     train = adata[keep.to_numpy()].copy()
     for column in ("perturbation", "cell_type", "condition_type"):
         train.obs[column] = train.obs[column].cat.remove_unused_categories()
-    sd.Doloris.setup_anndata(
-        train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
-    )
+    sd.Doloris.setup_anndata(train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
     return train
 
 

@@ -129,7 +129,9 @@ def test_ddim_step_is_reversible_for_fixed_prediction(diffusion):
     x0 = torch.rand(5, 3, generator=generator, dtype=torch.float64)
     noise = torch.randn(5, 3, generator=generator, dtype=torch.float64)
     x_40 = diffusion.q_sample(x0, torch.full((5,), 40), noise)
-    torch.testing.assert_close(diffusion.ddim_step(x_40, x0, 40, 400), diffusion.q_sample(x0, torch.full((5,), 400), noise))
+    torch.testing.assert_close(
+        diffusion.ddim_step(x_40, x0, 40, 400), diffusion.q_sample(x0, torch.full((5,), 400), noise)
+    )
 
 
 # ---------------------------------------------------------------------------------------- inversion + sampling

@@ -154,7 +154,8 @@ def test_encoder_control_is_zero(encoder):
 
 
 def test_encoder_distinguishes_perturbations(encoder):
-    out = encoder(torch.arange(14)[:, None])  # 12 gene nodes and 2 categories
+    with torch.no_grad():
+        out = encoder(torch.arange(14)[:, None])  # 12 gene nodes and 2 categories
     distances = torch.cdist(out, out)
     off_diagonal = distances[~torch.eye(14, dtype=torch.bool)]
     assert float(off_diagonal.min()) > 1e-4
@@ -217,6 +218,7 @@ def test_gat_runs_once_per_training_step(fresh_model):
     """Through Lightning: with no validation set, each optimizer step runs each encoder's GAT once."""
     module = fresh_model.module
     before = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
-    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, seed=0, **TRAIN_KWARGS)
+    # No validation loop (it would run the GATs too); see test_model.py for train_size=1.0 itself.
+    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, check_val_every_n_epoch=None, seed=0, **TRAIN_KWARGS)
     after = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
     assert after == (before[0] + 4, before[1] + 4)

@@ -119,24 +119,27 @@ class Doloris(BaseModelClass):
         summary = TrainingSummary(**saved) if saved is not None else self._summarize(gene_graph, mask_reference_cells)
         self.summary_ = summary.to_dict()
         self._summary = summary
-        self.module = self._module_cls(
-            n_genes=len(summary.control_mean[0]),
-            n_cell_types=len(summary.cell_types),
-            graph=_graph_tensors(summary),
-            n_categories=len(summary.categories),
-            train_recipes=torch.as_tensor(summary.train_recipes),
-            is_control=torch.as_tensor(summary.is_control),
-            control_mean=torch.as_tensor(summary.control_mean),
-            control_std=torch.as_tensor(summary.control_std),
-            x_max=summary.x_max,
-            n_hidden=n_hidden,
-            n_blocks=n_blocks,
-            n_hidden_mask=n_hidden_mask,
-            n_blocks_mask=n_blocks_mask,
-            n_perturbation=n_perturbation,
-            dropout=dropout,
-            n_timesteps=n_timesteps,
-        )
+        # Initial weights come from the seed too, without disturbing the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_resolve_seed(None))
+            self.module = self._module_cls(
+                n_genes=len(summary.control_mean[0]),
+                n_cell_types=len(summary.cell_types),
+                graph=_graph_tensors(summary),
+                n_categories=len(summary.categories),
+                train_recipes=torch.as_tensor(summary.train_recipes),
+                is_control=torch.as_tensor(summary.is_control),
+                control_mean=torch.as_tensor(summary.control_mean),
+                control_std=torch.as_tensor(summary.control_std),
+                x_max=summary.x_max,
+                n_hidden=n_hidden,
+                n_blocks=n_blocks,
+                n_hidden_mask=n_hidden_mask,
+                n_blocks_mask=n_blocks_mask,
+                n_perturbation=n_perturbation,
+                dropout=dropout,
+                n_timesteps=n_timesteps,
+            )
         graph = summary.gene_graph
         n_genes_perturbed = len([n for n in graph.nodes[graph.n_measured :]])
         self._model_summary_string = (
@@ -291,18 +294,23 @@ class Doloris(BaseModelClass):
             max_epochs = math.ceil(max_steps / steps_per_epoch)
         if max_steps is None:
             max_steps = -1
+        # Our own seeded split: scvi-tools' splitter draws from scvi.settings.seed, which may be None.
+        n_cells = self.adata.n_obs
+        order = np.random.default_rng(seed).permutation(n_cells) if shuffle_set_split else np.arange(n_cells)
+        n_val = n_cells - n_train if validation_size is None else int(round(n_cells * validation_size))
+        splits = [order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]]
         data_splitter = DataSplitter(
             self.adata_manager,
-            train_size=train_size,
-            validation_size=validation_size,
-            shuffle_set_split=shuffle_set_split,
             batch_size=batch_size,
+            external_indexing=[np.sort(part) for part in splits],
             **(datasplitter_kwargs or {}),
         )
         training_plan = self._training_plan_cls(self.module, **(plan_kwargs or {}))
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        check_val = trainer_kwargs.pop("check_val_every_n_epoch", max(1, max_epochs // 20))
+        if train_size < 1.0 or validation_size:
+            # Validation loss about 20 times per run, not every epoch.
+            trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, max_epochs // 20))
         runner = self._train_runner_cls(
             self,
             training_plan=training_plan,
@@ -312,7 +320,6 @@ class Doloris(BaseModelClass):
             devices=devices,
             max_steps=max_steps,
             early_stopping=early_stopping,
-            check_val_every_n_epoch=check_val,
             **trainer_kwargs,
         )
         return runner()

@@ -1,0 +1,218 @@
+"""The torch module: masked diffusion loss (Eq. 9, 13) and sparsity-mask sampling (A.11)."""
+
+import numpy as np
+import pytest
+import torch
+
+from scdoloris.module import MaskReference, sample_activation_mask
+
+
+# ---------------------------------------------------------------------------------------- masked loss
+@pytest.fixture(scope="module")
+def perturbed_batch(trained_model):
+    """A batch of perturbed (target) cells: their loss is masked to expressed genes."""
+    train = trained_model.adata
+    labels = list(trained_model.summary_["perturbation_labels"])
+    rows = np.flatnonzero((train.obs["perturbation"] != "control").to_numpy())[::7][:48]
+    x = torch.as_tensor(np.asarray(train.X[rows]), dtype=torch.float32)
+    codes = torch.as_tensor([labels.index(p) for p in train.obs["perturbation"].iloc[rows]])
+    cell_types = torch.as_tensor(
+        [trained_model.cell_types.index(c) for c in train.obs["cell_type"].iloc[rows]], dtype=torch.long
+    )
+    assert not bool(trained_model.module.is_control[codes].any())
+    return x, codes, cell_types
+
+
+def _diffusion_loss_with(module, monkeypatch, batch, delta):
+    """Diffusion loss when the denoiser predicts exactly ``x0 + delta`` (fixed seed)."""
+    x, codes, cell_types = batch
+    x0 = x / module.x_max
+
+    def fake_forward(*args, **kwargs):
+        return x0 + delta
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module.denoiser, "forward", fake_forward)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(module.loss(x, codes, cell_types)["diffusion_loss"])
+
+
+def test_masked_loss_ignores_unexpressed_genes(trained_model, perturbed_batch, monkeypatch):
+    module = trained_model.module
+    x = perturbed_batch[0]
+    zeros = (x == 0).float()
+    assert 0.1 < float(zeros.mean()) < 0.9  # the batch has both expressed and silent genes
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(x.shape, generator=generator)
+    assert _diffusion_loss_with(module, monkeypatch, perturbed_batch, torch.zeros_like(x)) == 0.0
+    # Any error at silent genes is invisible to the loss.
+    assert _diffusion_loss_with(module, monkeypatch, perturbed_batch, 5.0 * noise * zeros) == 0.0
+    # An error at expressed genes is not.
+    assert _diffusion_loss_with(module, monkeypatch, perturbed_batch, 0.1 * noise * (1 - zeros)) > 1e-4
+
+
+def test_masked_loss_value(trained_model, perturbed_batch, monkeypatch):
+    """``||M (x0 - x0_hat)||^2 / sum(M)`` per cell, averaged over cells."""
+    module = trained_model.module
+    x = perturbed_batch[0]
+    expressed = (x != 0).double()
+    # A constant error on expressed genes gives exactly that error squared, whatever the sparsity.
+    loss = _diffusion_loss_with(module, monkeypatch, perturbed_batch, torch.full_like(x, 0.1))
+    assert loss == pytest.approx(0.01, rel=1e-5)
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    expected = ((expressed * delta.double() ** 2).sum(1) / expressed.sum(1)).mean()
+    assert _diffusion_loss_with(module, monkeypatch, perturbed_batch, delta) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_loss_terms_finite_and_positive(trained_model, perturbed_batch):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        losses = trained_model.module.loss(*perturbed_batch)
+    assert set(losses) >= {"loss", "diffusion_loss", "mask_loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["mask_loss"]) > 0 and float(losses["diffusion_loss"]) > 0
+    assert float(losses["loss"]) == pytest.approx(float(losses["diffusion_loss"] + losses["mask_loss"]), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- mask sampling
+N_GENES = 20
+
+
+def _reference(patterns_per_condition, cell_types):
+    """MaskReference from lists of boolean patterns, one list per condition."""
+    masks = np.concatenate([np.asarray(p, dtype=bool) for p in patterns_per_condition])
+    condition = np.concatenate([np.full(len(p), i) for i, p in enumerate(patterns_per_condition)])
+    frequencies = np.stack([np.asarray(p, dtype=float).mean(axis=0) for p in patterns_per_condition])
+    return MaskReference(frequencies, cell_types, np.packbits(masks, axis=1), condition, N_GENES)
+
+
+@pytest.fixture(scope="module")
+def two_conditions():
+    """Condition 0 expresses ~20% of genes per cell, condition 1 ~80%; distinct patterns."""
+    rng = np.random.default_rng(0)
+    low = rng.random((30, N_GENES)) < 0.2
+    high = rng.random((30, N_GENES)) < 0.8
+    return low, high
+
+
+def _rows_in(masks, patterns):
+    patterns = {tuple(p) for p in np.asarray(patterns, dtype=bool)}
+    return [tuple(m) in patterns for m in np.asarray(masks, dtype=bool)]
+
+
+def test_mask_reference_unpacks(two_conditions):
+    low, high = two_conditions
+    reference = _reference([low, high], [0, 0])
+    np.testing.assert_array_equal(reference.masks(np.arange(30)), low)
+    np.testing.assert_array_equal(reference.masks(np.array([30, 59])), high[[0, 29]])
+
+
+def test_thresholds_override_reference(two_conditions):
+    low, high = two_conditions
+    reference = _reference([np.zeros((5, N_GENES), bool), np.ones((5, N_GENES), bool)], [0, 0])
+    probs = torch.full((40, N_GENES), 0.5)
+    probs[:, :5] = 0.97  # forced on even when the drawn pattern is off
+    probs[:, 5:10] = 0.03  # forced off even when the drawn pattern is on
+    probs[:, 10] = 0.95  # thresholds are inclusive
+    probs[:, 11] = 0.05
+    mask = sample_activation_mask(probs, torch.zeros(40, dtype=torch.long), reference, np.random.default_rng(0))
+    assert mask.shape == probs.shape and mask.dtype == probs.dtype
+    assert bool((mask[:, :5] == 1).all()) and bool((mask[:, 10] == 1).all())
+    assert bool((mask[:, 5:10] == 0).all()) and bool((mask[:, 11] == 0).all())
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    # Custom thresholds.
+    mask = sample_activation_mask(
+        probs, torch.zeros(40, dtype=torch.long), reference, np.random.default_rng(0), high=0.99, low=0.01
+    )
+    # Nothing is beyond them now: every cell keeps its drawn pattern, which is constant across genes here.
+    assert bool((mask == mask[:, :1]).all())
+
+
+def test_reference_patterns_are_real_cells(two_conditions):
+    low, high = two_conditions
+    reference = _reference([low, high], [0, 0])
+    probs = torch.full((200, N_GENES), 0.7)  # strictly between the thresholds: no override
+    mask = sample_activation_mask(probs, torch.zeros(200, dtype=torch.long), reference, np.random.default_rng(0))
+    assert all(_rows_in(mask.numpy(), np.concatenate([low, high])))
+    assert len({tuple(m) for m in mask.numpy().astype(bool)}) > 10  # a real draw, not one fixed cell
+
+
+def test_nearest_condition_is_chosen(two_conditions):
+    low, high = two_conditions
+    reference = _reference([low, high], [0, 0])
+    cell_types = torch.zeros(100, dtype=torch.long)
+    near_high = sample_activation_mask(
+        torch.full((100, N_GENES), 0.75), cell_types, reference, np.random.default_rng(0)
+    )
+    assert all(_rows_in(near_high.numpy(), high))
+    near_low = sample_activation_mask(torch.full((100, N_GENES), 0.25), cell_types, reference, np.random.default_rng(0))
+    assert all(_rows_in(near_low.numpy(), low))
+    # Per cell: mixed batch.
+    probs = torch.cat([torch.full((50, N_GENES), 0.25), torch.full((50, N_GENES), 0.75)])
+    mixed = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(0)).numpy()
+    assert all(_rows_in(mixed[:50], low)) and all(_rows_in(mixed[50:], high))
+
+
+def test_nearest_condition_within_cell_type(two_conditions):
+    low, high = two_conditions
+    reference = _reference([low, high], [0, 1])
+    probs = torch.full((60, N_GENES), 0.75)  # nearest overall is condition 1 (cell type 1)
+    mask = sample_activation_mask(probs, torch.zeros(60, dtype=torch.long), reference, np.random.default_rng(0))
+    assert all(_rows_in(mask.numpy(), low))  # but cell type 0 only has condition 0
+
+
+def test_reference_subset_of_several_conditions(two_conditions):
+    low, high = two_conditions
+    reference = _reference([low, high], [0, 0])
+    mask = sample_activation_mask(
+        torch.full((400, N_GENES), 0.75),
+        torch.zeros(400, dtype=torch.long),
+        reference,
+        np.random.default_rng(0),
+        n_reference_conditions=2,
+    ).numpy()
+    from_low = np.array(_rows_in(mask, low))
+    from_high = np.array(_rows_in(mask, high))
+    assert (from_low | from_high).all()
+    assert 0.35 < from_low.mean() < 0.65  # uniform over the union of both conditions' cells
+
+
+def test_bernoulli_mean_matches_probabilities():
+    p = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9] * 4)
+    probs = p.expand(20_000, N_GENES).clone()
+    mask = sample_activation_mask(
+        probs,
+        torch.zeros(20_000, dtype=torch.long),
+        None,
+        np.random.default_rng(0),
+        strategy="bernoulli",
+        high=1.1,
+        low=-0.1,
+    )
+    np.testing.assert_allclose(mask.mean(0).numpy(), p.numpy(), atol=0.015)
+    # Genes are drawn independently: no two columns agree on every cell.
+    assert not bool((mask[:, 2] == mask[:, 7]).all())
+
+
+def test_mask_sampling_deterministic_given_seed(two_conditions):
+    low, high = two_conditions
+    reference = _reference([low, high], [0, 0])
+    probs = torch.rand(80, N_GENES, generator=torch.Generator().manual_seed(0))
+    cell_types = torch.zeros(80, dtype=torch.long)
+    for strategy in ("reference", "bernoulli"):
+        a = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(5), strategy)
+        b = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(5), strategy)
+        c = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(6), strategy)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_mask_sampling_errors(two_conditions):
+    probs = torch.full((4, N_GENES), 0.5)
+    cell_types = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reference"):
+        sample_activation_mask(probs, cell_types, None, np.random.default_rng(0), "reference")
+    reference = _reference(list(two_conditions), [0, 0])
+    with pytest.raises(ValueError, match="strategy"):
+        sample_activation_mask(probs, cell_types, reference, np.random.default_rng(0), "gumbel")
