@@ -5,6 +5,7 @@ Trained models are session-scoped so that every test file reuses them; tests mus
 """
 
 import pytest
+import scvi
 import torch
 
 import scdoloris as sd
@@ -12,6 +13,8 @@ import scdoloris as sd
 # The models here are tiny: extra intra-op threads only add contention on a busy 2-core machine
 # (measured: 3 ms per training step with 1 thread, up to 100x slower with 2 under load).
 torch.set_num_threads(1)
+# A deterministic suite: scvi-tools' global seed also fixes the train/validation split.
+scvi.settings.seed = 0
 
 SMALL = {"n_hidden": 64, "n_hidden_mask": 64, "n_perturbation": 32}
 TRAIN_KWARGS = {"enable_progress_bar": False}

@@ -218,7 +218,6 @@ def test_gat_runs_once_per_training_step(fresh_model):
     """Through Lightning: with no validation set, each optimizer step runs each encoder's GAT once."""
     module = fresh_model.module
     before = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
-    # No validation loop (it would run the GATs too); see test_model.py for train_size=1.0 itself.
-    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, check_val_every_n_epoch=None, seed=0, **TRAIN_KWARGS)
+    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, seed=0, **TRAIN_KWARGS)
     after = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
     assert after == (before[0] + 4, before[1] + 4)
