@@ -266,11 +266,6 @@ def test_training_reproducible_with_scvi_seed(tiny_data, monkeypatch):
     assert not np.allclose(a.layers["doloris_continuous"], c.layers["doloris_continuous"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: with scvi.settings.seed None (the scvi-tools default) DataSplitter draws the train/validation "
-    "split from np.random.RandomState(None), unseeded; train(seed=) does not reach it.",
-)
 def test_training_reproducible_with_train_seed(tiny_data, monkeypatch):
     monkeypatch.setattr(scvi.settings, "seed", None)  # the scvi-tools default: only seed= is given
     first = _predict(_train_tiny(tiny_data, seed=4), [_double(tiny_data)], seed=0)
