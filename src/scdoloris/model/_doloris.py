@@ -141,7 +141,7 @@ class Doloris(BaseModelClass):
                 n_timesteps=n_timesteps,
             )
         graph = summary.gene_graph
-        n_genes_perturbed = len([n for n in graph.nodes[graph.n_measured :]])
+        n_genes_perturbed = graph.n_nodes - graph.n_measured
         self._model_summary_string = (
             f"Doloris model: {len(summary.control_mean[0])} genes, {len(summary.cell_types)} cell type(s), "
             f"{int((~summary.is_control).sum())} training perturbation(s); gene graph of {graph.n_nodes} nodes "

@@ -76,6 +76,8 @@ class DolorisModule(nn.Module):
         # Typical per-gene spread of control cells on the [0, 1] scale, for the skip parametrization.
         self.sigma_data = max(float(control_std.float().mean()), 0.05)
         self.diffusion = GaussianDiffusion(n_timesteps)
+        # A buffer, so it moves with the module once instead of being copied to the device every call.
+        self.register_buffer("alphas_cumprod", self.diffusion.alphas_cumprod.float(), persistent=False)
         self.register_buffer("train_recipes", train_recipes.long())
         self.register_buffer("is_control", is_control.bool())
         self.register_buffer("control_mean", control_mean.float())
@@ -98,7 +100,7 @@ class DolorisModule(nn.Module):
     def _predict_x0(self, x_t, t, cell_type, is_target, perturbation, control) -> torch.Tensor:
         """The denoiser with its skip-connected parametrization (see :class:`Denoiser`)."""
         prior = torch.where(is_target[:, None], control, self.control_mean[cell_type])
-        abar = self.diffusion.alphas_cumprod.to(x_t.device)[t]
+        abar = self.alphas_cumprod[t]
         return self.denoiser(
             x_t, t, cell_type, is_target, perturbation, control, abar=abar, prior=prior, sigma_data=self.sigma_data
         )
