@@ -49,8 +49,11 @@ def test_auto_graph_is_go(norman_model):
     assert summary["categories"] == ["IER5L"]
     nodes = graph["nodes"]
     assert nodes[:500] == list(norman_model.adata.var_names) and graph["n_measured"] == 500
-    assert set(nodes[500:]) == trained_genes - {"IER5L", "TMSB4X"}  # TMSB4X is a measured gene
-    assert "TMSB4X" in nodes[:500]
+    # Trained unmeasured genes follow the measured ones, then their bridges (GO neighbours that touch a
+    # measured gene); TMSB4X is a measured gene.
+    perturbed_nodes = trained_genes - {"IER5L", "TMSB4X"}
+    assert set(nodes[500 : 500 + len(perturbed_nodes)]) == perturbed_nodes
+    assert "TMSB4X" in nodes[:500] and len(nodes) > 500 + len(perturbed_nodes)
     # CBL and CNN1 are neither measured nor trained: they join the graph at prediction.
     assert "CBL" not in nodes and "CNN1" not in nodes and "CNN1" not in summary["categories"]
     # Same graph as asking for GO explicitly.
@@ -81,11 +84,6 @@ def test_norman_predicts_held_out_doubles(norman_model, norman):
     assert np.abs(a - b).mean() > 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: GeneGraph only links a new gene by a direct prior edge to a graph node; CBL (and CEBPE, "
-    "FOXL2, HOXB9, ...) are in GO but none of their GO neighbours is a node, so prediction raises ValueError.",
-)
 def test_norman_predicts_every_double(norman_model, norman):
     labels = norman.obs["perturbation"].astype(str)
     doubles = sorted(set(labels[labels.str.contains("+", regex=False)]))
@@ -94,12 +92,8 @@ def test_norman_predicts_every_double(norman_model, norman):
     assert pred.n_obs == 45 and np.isfinite(pred.X).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: perturbed genes without a measured GO neighbour (FOXO4, KMT2A, NIT1, PLK4, SLC38A2) are "
-    "isolated nodes sharing the 'unmeasured' feature, so the GAT gives them identical embeddings.",
-)
 def test_norman_trained_genes_have_distinct_embeddings(norman_model):
+    """FOXO4, KMT2A, NIT1, PLK4 and SLC38A2 have no measured GO neighbour; bridges set them apart."""
     import torch
 
     summary = norman_model.summary_
@@ -107,7 +101,8 @@ def test_norman_trained_genes_have_distinct_embeddings(norman_model):
     recipes = torch.as_tensor(summary["train_recipes"])[[summary["perturbation_labels"].index(p) for p in labels]]
     embedding, _ = norman_model.module.embed(recipes)
     distances = torch.cdist(embedding, embedding)[~torch.eye(len(labels), dtype=torch.bool)]
-    assert float(distances.min()) > 1e-6
+    # Untrained weights: embeddings are small, so compare with the typical distance between them.
+    assert float(distances.min()) > 1e-3 * float(distances.median())
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "norman2019" / NORMAN_FILE).exists(), reason="../shared/data is absent")

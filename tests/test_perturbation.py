@@ -7,7 +7,15 @@ import torch
 from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
-from scdoloris.perturbation import GeneGraph, PerturbationEncoder, PerturbationVocabulary, split_perturbation
+from scdoloris.perturbation import (
+    GeneGraph,
+    PerturbationEncoder,
+    PerturbationVocabulary,
+    freeze_prior,
+    go_edges,
+    split_perturbation,
+    thaw_prior,
+)
 from scdoloris.perturbation._encoder import GraphTensors
 
 
@@ -53,12 +61,13 @@ def test_vocabulary_unknown_components_named():
 # ---------------------------------------------------------------------------------------- gene graph
 @pytest.fixture
 def prior():
-    # A, B, C measured; X unmeasured but known; Z only linked to A; Y unknown to the prior.
+    # A, B, C measured; X unmeasured, linked to A; P two steps from C through the bridge Q;
+    # Z only linked to A; W1-W2 apart from everything; Y unknown to the prior.
     return pd.DataFrame(
         {
-            "source": ["A", "B", "X", "Z", "W1"],
-            "target": ["B", "C", "A", "A", "W2"],
-            "weight": [0.5, 0.7, 0.9, 0.3, 1.0],
+            "source": ["A", "B", "X", "Z", "W1", "P", "Q"],
+            "target": ["B", "C", "A", "A", "W2", "Q", "C"],
+            "weight": [0.5, 0.7, 0.9, 0.3, 1.0, 0.6, 0.8],
         }
     )
 
@@ -70,40 +79,54 @@ def _edge_set(graph):
     }
 
 
+MEASURED_EDGES = {("A", "B", 0.5), ("B", "A", 0.5), ("B", "C", 0.7), ("C", "B", 0.7)}
+
+
 def test_gene_graph_build(prior):
-    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X", "Y", "A"])
-    assert graph.nodes == ["A", "B", "C", "X"]  # measured first, in expression order; Y is unknown
-    assert graph.n_measured == 3 and graph.n_nodes == 4
-    assert "Y" not in graph.nodes
-    edges = _edge_set(graph)
-    # Messages flow both ways; edges to genes outside the graph are not edges of the graph.
-    assert edges == {
-        ("A", "B", 0.5),
-        ("B", "A", 0.5),
-        ("B", "C", 0.7),
-        ("C", "B", 0.7),
-        ("X", "A", 0.9),
+    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X", "Y", "A", "P"])
+    # Measured first in expression order, then perturbed genes, then bridges; Y is unknown.
+    assert graph.nodes == ["A", "B", "C", "X", "P", "Q"]
+    assert graph.n_measured == 3 and graph.n_nodes == 6
+    # Measured genes talk both ways; added nodes only listen (to the graph and to each other).
+    assert _edge_set(graph) == MEASURED_EDGES | {
         ("A", "X", 0.9),
+        ("C", "Q", 0.8),
+        ("Q", "P", 0.6),
+        ("P", "Q", 0.6),
     }
-    assert graph.knows("X") and graph.knows("Z") and graph.knows("A")
-    assert not graph.knows("Y") and not graph.knows("W1")
+
+
+def test_gene_graph_isolated_training_gene_is_kept(prior):
+    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["W1"])
+    assert graph.nodes == ["A", "B", "C", "W1"]
+    assert _edge_set(graph) == MEASURED_EDGES
 
 
 def test_gene_graph_without_prior():
     graph = GeneGraph.build(None, measured=["A", "B"], perturbed=["X"])
     assert graph.nodes == ["A", "B"] and graph.n_measured == 2
     assert graph.edges.shape == (2, 0)
+    with pytest.raises(KeyError, match="X"):
+        graph.extended(["X"])
 
 
 def test_gene_graph_extended(prior):
     graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X"])
-    bigger = graph.extended(["Z"])
-    assert bigger.nodes == ["A", "B", "C", "X", "Z"] and bigger.n_measured == 3
-    assert _edge_set(bigger) == _edge_set(graph) | {("Z", "A", 0.3), ("A", "Z", 0.3)}
-    assert not (bigger.outside_edges["gene"] == "Z").any()
+    assert graph.nodes == ["A", "B", "C", "X"]
+    bigger = graph.extended(["Z", "P"])
+    assert bigger.nodes == ["A", "B", "C", "X", "Z", "P", "Q"] and bigger.n_measured == 3
+    assert _edge_set(bigger) == _edge_set(graph) | {
+        ("A", "Z", 0.3),
+        ("C", "Q", 0.8),
+        ("Q", "P", 0.6),
+        ("P", "Q", 0.6),
+    }
+    # Adding a gene at prediction joins it exactly as training would have.
+    trained = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X", "Z", "P"])
+    assert _edge_set(trained) == _edge_set(bigger)
     # The original is untouched and genes already in the graph add nothing.
     assert graph.nodes == ["A", "B", "C", "X"]
-    assert graph.extended(["A", "X"]).nodes == graph.nodes
+    assert graph.extended(["A", "X"]) is graph
     with pytest.raises(KeyError, match="W1"):
         graph.extended(["Z", "W1"])
     with pytest.raises(KeyError, match="Y"):
@@ -111,12 +134,19 @@ def test_gene_graph_extended(prior):
 
 
 def test_gene_graph_round_trip(prior):
-    graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["X"])
+    frozen = freeze_prior(prior)
+    graph = GeneGraph.build(thaw_prior(frozen), measured=["A", "B", "C"], perturbed=["X"], frozen=frozen)
     again = GeneGraph.from_dict(graph.to_dict())
     assert again.nodes == graph.nodes and again.n_measured == graph.n_measured
     np.testing.assert_array_equal(again.edges, graph.edges)
     np.testing.assert_array_equal(again.weights, graph.weights)
-    assert again.extended(["Z"]).nodes == graph.extended(["Z"]).nodes
+    assert _edge_set(again.extended(["P"])) == _edge_set(graph.extended(["P"]))
+
+
+def test_frozen_go_prior_is_kept_by_name():
+    assert freeze_prior("go") == ["go"]
+    assert freeze_prior(None) == [] and thaw_prior([]) is None
+    assert len(thaw_prior(["go"])) == len(go_edges())
 
 
 # ---------------------------------------------------------------------------------------- encoder

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import sparse
 
-from ..perturbation import GeneGraph, PerturbationVocabulary, resolve_gene_graph, split_perturbation
+from ..perturbation import GeneGraph, PerturbationVocabulary, freeze_prior, split_perturbation, thaw_prior
 
 N_NODE_FEATURES = 32
 CHUNK_ROWS = 4096
@@ -173,8 +173,8 @@ def summarize_training_data(
         gene_graph = _auto_graph(all_components, gene_names)
     specs = gene_graph if isinstance(gene_graph, list | tuple) else [gene_graph]
     needs_controls = any(isinstance(s, str) and s == "coexpression" for s in specs)
-    prior = resolve_gene_graph(gene_graph, _dense_rows(X, control_rows) if needs_controls else None, gene_names)
-    graph = GeneGraph.build(prior, gene_names, all_components)
+    frozen = freeze_prior(gene_graph, _dense_rows(X, control_rows) if needs_controls else None, gene_names)
+    graph = GeneGraph.build(thaw_prior(frozen), gene_names, all_components, frozen)
     node_set = set(graph.nodes)
     categories = [c for c in all_components if c not in node_set]
     vocabulary = PerturbationVocabulary(graph.nodes, categories)

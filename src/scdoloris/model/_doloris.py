@@ -357,14 +357,14 @@ class Doloris(BaseModelClass):
         graph = summary.gene_graph
         known = set(graph.nodes) | set(summary.categories)
         new_genes = sorted({c for comps in components for c in comps if c not in known})
-        linkable = [g for g in new_genes if graph.knows(g)]
-        unknown = sorted(set(new_genes) - set(linkable))
-        if unknown:
+        try:
+            graph = graph.extended(new_genes)
+        except KeyError as error:
+            unknown = error.args[0]
             raise ValueError(
-                f"Unknown perturbation component(s) {unknown}: not a gene of the model's gene graph "
-                f"({graph.n_nodes} nodes) and not a perturbation seen in training."
-            )
-        graph = graph.extended(linkable)
+                f"Unknown perturbation component(s) {unknown}: not a perturbation seen in training, and not a gene "
+                f"that the model's gene-graph prior links to its {graph.n_measured} measured genes within two steps."
+            ) from None
         recipes = summary.vocabulary(graph).recipes(components)
         features = np.zeros((graph.n_nodes, summary.node_features.shape[1]), dtype=np.float32)
         features[: summary.node_features.shape[0]] = summary.node_features

@@ -1,7 +1,7 @@
 """Perturbation labels, gene-graph priors and the encoders that embed perturbations."""
 
 from ._encoder import PerturbationEncoder
-from ._gene_graph import GeneGraph, coexpression_edges, go_edges, resolve_gene_graph
+from ._gene_graph import GeneGraph, coexpression_edges, freeze_prior, go_edges, resolve_gene_graph, thaw_prior
 from ._vocabulary import PerturbationVocabulary, split_perturbation
 
 __all__ = [
@@ -11,5 +11,7 @@ __all__ = [
     "coexpression_edges",
     "go_edges",
     "resolve_gene_graph",
+    "freeze_prior",
+    "thaw_prior",
     "split_perturbation",
 ]
