@@ -404,7 +404,11 @@ QUALITY_STEPS = 1500
 
 @pytest.fixture(scope="module")
 def quality_run():
-    """Train on control + singles of the default synthetic data; predict the held-out doubles."""
+    """Train on control + singles of the default synthetic data; predict 4 seen singles and the 6 held-out doubles.
+
+    'No change' is the same control cells the predictions started from (like with like: the
+    E-distance of Eq. 20 grows as the sets shrink, so a baseline with 3x the cells would be favoured).
+    """
     adata = sd.datasets.synthetic_perturbations(seed=0)
     model = sd.Doloris(
         training_subset(adata),
@@ -416,17 +420,24 @@ def quality_run():
     model.train(max_steps=QUALITY_STEPS, seed=0, **TRAIN_KWARGS)
     obs = adata.obs
     doubles = sorted(obs.loc[obs["condition_type"] == "double", "perturbation"].unique())
-    pred = model.predict_perturbation(doubles, n_cells=100, n_steps=50, seed=0)
-    control = adata.X[(obs["perturbation"] == "control").to_numpy()]
+    singles = ["G000", "G001", "G002", "G003"]
+    pred = model.predict_perturbation(singles + doubles, n_cells=100, n_steps=50, seed=0)
+    effects = adata.uns["synthetic"]["effects"]
     rows = []
-    for p in doubles:
+    for p in singles + doubles:
         real = adata.X[(obs["perturbation"] == p).to_numpy()]
-        predicted = pred.X[(pred.obs["perturbation"] == p).to_numpy()]
+        generated = (pred.obs["perturbation"] == p).to_numpy()
+        predicted = pred.X[generated]
+        sources = adata[pred.obs["control_cell"][generated].to_numpy()].X
+        truth = sum(effects.loc[g].to_numpy() for g in p.split("+"))
         rows.append(
             {
                 "perturbation": p,
+                "kind": "double" if "+" in p else "single",
                 "doloris": sd.metrics.edistance(predicted, real),
-                "no_change": sd.metrics.edistance(control, real),
+                "no_change": sd.metrics.edistance(sources, real),
+                # Does the predicted mean shift follow the true (additive) shift of the simulation?
+                "shift_r": np.corrcoef(predicted.mean(0) - sources.mean(0), truth)[0, 1],
             }
         )
     return pd.DataFrame(rows).set_index("perturbation"), pred
@@ -437,13 +448,29 @@ def test_quality_prediction_valid(quality_run):
     assert np.isfinite(pred.X).all() and (pred.X >= 0).all()
 
 
+def test_quality_seen_singles_beat_no_change(quality_run):
+    """Measured at 1,500 steps: mean E-distance 0.18 vs 0.31 for no change."""
+    table, _ = quality_run
+    singles = table[table["kind"] == "single"]
+    print(singles.to_string())
+    assert singles["doloris"].mean() < 0.8 * singles["no_change"].mean()
+
+
+def test_quality_doubles_follow_true_shift(quality_run):
+    """Held-out doubles: the predicted mean shift correlates with the simulated one (measured r 0.13-0.71)."""
+    table, _ = quality_run
+    doubles = table[table["kind"] == "double"]
+    print(doubles.to_string())
+    assert doubles["shift_r"].mean() > 0.3 and (doubles["shift_r"] > 0).all()
+
+
 @pytest.mark.xfail(
-    strict=True,
-    reason="model quality: held-out doubles are predicted worse than 'no change' (mean E-distance over the 6 "
-    "doubles at commit 17164aa: 0.667 vs 0.290 with this test's 1,500 steps, n_hidden=128; still 0.417 vs 0.290 "
-    "at 3,000 steps, n_hidden=256).",
+    strict=False,
+    reason="model quality: held-out doubles are not yet predicted better than 'no change' by E-distance "
+    "(1,500 steps: 0.392 vs 0.352 over the same source cells; 4,000 steps: 0.349 vs 0.352). The simulated "
+    "double shifts are small against the noise (E-distance between two halves of a double's real cells: 0.50-0.55).",
 )
 def test_quality_doubles_beat_no_change(quality_run):
     table, _ = quality_run
-    print(table.to_string())
-    assert table["doloris"].mean() < table["no_change"].mean()
+    doubles = table[table["kind"] == "double"]
+    assert doubles["doloris"].mean() < doubles["no_change"].mean()

@@ -75,6 +75,45 @@ def test_loss_terms_finite_and_positive(trained_model, perturbed_batch):
     assert float(losses["loss"]) == pytest.approx(float(losses["diffusion_loss"] + losses["mask_loss"]), rel=1e-6)
 
 
+def test_target_zeros_imputed_from_condition(trained_model, perturbed_batch):
+    """Zeros of perturbed cells become draws from the condition's nonzero values; nothing else changes."""
+    module = trained_model.module
+    x, codes, cell_types = perturbed_batch
+    x0 = (x / module.x_max).repeat(50, 1)
+    codes, cell_types = codes.repeat(50), cell_types.repeat(50)
+    is_target = torch.arange(len(codes)) % 2 == 0  # pretend every other row is a control row
+    torch.manual_seed(0)
+    filled = module._impute_target_zeros(x0, codes, cell_types, is_target)
+    kept = (x0 != 0) | ~is_target[:, None]
+    assert torch.equal(filled[kept], x0[kept])
+    imputed = (x0 == 0) & is_target[:, None]
+    assert bool((filled[imputed] >= 0).all()) and float((filled[imputed] > 0).float().mean()) > 0.9
+    # Draws centre on the condition's nonzero mean (clamping at 0 only raises the mean).
+    condition = module.condition_lookup[codes, cell_types]
+    expected = module.expressed_mean[condition][imputed]
+    assert float((filled[imputed] - expected).mean()) == pytest.approx(0.0, abs=0.01)
+
+
+def test_skip_parametrization_is_gaussian_posterior_mean():
+    """With the network's output at zero, the denoiser is E[x0 | x_t] for independent Gaussian genes."""
+    from scdoloris.diffusion import GaussianDiffusion
+    from scdoloris.module._denoiser import Denoiser
+
+    torch.manual_seed(0)
+    n, genes = 6, 5
+    denoiser = Denoiser(genes, n_cell_types=1, n_perturbation=3, n_hidden=8, n_blocks=1)
+    torch.nn.init.zeros_(denoiser.output[1].weight)
+    torch.nn.init.zeros_(denoiser.output[1].bias)
+    mu, sd = torch.rand(n, genes), 0.05 + torch.rand(n, genes) / 3
+    abar = GaussianDiffusion(500).alphas_cumprod.float()[torch.tensor([0, 10, 100, 250, 400, 499])]
+    x_t = torch.randn(n, genes)
+    t = torch.zeros(n, dtype=torch.long)
+    out = denoiser(x_t, t, t, t.bool(), torch.zeros(n, 3), torch.zeros(n, genes), abar=abar, prior=mu, sigma_data=sd)
+    a = abar[:, None]
+    posterior = mu + sd**2 * a.sqrt() / (a * sd**2 + 1 - a) * (x_t - a.sqrt() * mu)
+    torch.testing.assert_close(out, posterior, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- mask sampling
 N_GENES = 20
 

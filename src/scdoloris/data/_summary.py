@@ -30,6 +30,8 @@ class TrainingSummary:
     cell_types: list[str]
     control_mean: np.ndarray  # (cell types, genes), [0, 1] scale
     control_std: np.ndarray
+    control_expressed_mean: np.ndarray  # (cell types, genes) moments of the nonzero control values
+    control_expressed_std: np.ndarray
     perturbation_labels: list[str]  # registered labels, in code order
     is_control: np.ndarray  # (labels,)
     categories: list[str]
@@ -39,6 +41,8 @@ class TrainingSummary:
     condition_perturbation: np.ndarray  # (conditions,) label code
     condition_cell_type: np.ndarray  # (conditions,)
     condition_frequencies: np.ndarray  # (conditions, genes) fraction with x != 0
+    condition_expressed_mean: np.ndarray  # (conditions, genes) mean of the nonzero values, [0, 1] scale
+    condition_expressed_std: np.ndarray  # (conditions, genes) their standard deviation
     reference_masks: np.ndarray  # packbits of reference cells' x != 0
     reference_condition: np.ndarray  # (reference cells,)
     control_values: list[str]
@@ -66,6 +70,23 @@ def _pca_node_features(pseudobulk: np.ndarray, n_components: int = N_NODE_FEATUR
     scale = features.std()
     features = features / scale if scale > 0 else features
     return np.pad(features, ((0, 0), (0, n_components - k))).astype(np.float32)
+
+
+def _expressed_moments(sums, squares, nonzero, x_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the nonzero values per condition and gene, on the ``[0, 1]`` scale.
+
+    Zeros add nothing to the sums, so the nonzero moments come from the same accumulators. A gene
+    never expressed in a condition takes its moments over all conditions (0 if never expressed).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / nonzero
+        var = np.maximum(squares / nonzero - mean**2, 0.0)
+        overall_mean = sums.sum(axis=0) / nonzero.sum(axis=0)
+        overall_var = np.maximum(squares.sum(axis=0) / nonzero.sum(axis=0) - overall_mean**2, 0.0)
+    empty = nonzero == 0
+    mean = np.where(empty, np.nan_to_num(overall_mean)[None, :], mean)
+    var = np.where(empty, np.nan_to_num(overall_var)[None, :], var)
+    return (mean / x_max).astype(np.float32), (np.sqrt(var) / x_max).astype(np.float32)
 
 
 def summarize_training_data(
@@ -137,16 +158,24 @@ def summarize_training_data(
         raise ValueError("The expression matrix is all zeros.")
     means = sums / counts[:, None]
     frequencies = nonzero / counts[:, None]
+    expressed_mean, expressed_std = _expressed_moments(sums, squares, nonzero, x_max)
 
     # Control statistics per cell type on the [0, 1] scale (Eq. 12).
     control_mean = np.zeros((n_types, n_genes))
     control_std = np.zeros((n_types, n_genes))
-    for c in range(n_types):
-        groups = np.flatnonzero(is_control[condition_keys[:, 0]] & (condition_keys[:, 1] == c))
+    is_control_condition = is_control[condition_keys[:, 0]]
+    control_groups = [np.flatnonzero(is_control_condition & (condition_keys[:, 1] == c)) for c in range(n_types)]
+    for c, groups in enumerate(control_groups):
         n = counts[groups].sum()
         mean = sums[groups].sum(axis=0) / n
         var = np.maximum(squares[groups].sum(axis=0) / n - mean**2, 0.0)
         control_mean[c], control_std[c] = mean / x_max, np.sqrt(var) / x_max
+    control_expressed_mean, control_expressed_std = _expressed_moments(
+        np.stack([sums[g].sum(axis=0) for g in control_groups]),
+        np.stack([squares[g].sum(axis=0) for g in control_groups]),
+        np.stack([nonzero[g].sum(axis=0) for g in control_groups]),
+        x_max,
+    )
 
     # Reference cells for the mask (A.11), grouped by condition.
     reference_rows = []
@@ -187,6 +216,8 @@ def summarize_training_data(
         cell_types=[str(c) for c in cell_types],
         control_mean=control_mean.astype(np.float32),
         control_std=control_std.astype(np.float32),
+        control_expressed_mean=control_expressed_mean,
+        control_expressed_std=control_expressed_std,
         perturbation_labels=[str(p) for p in perturbation_labels],
         is_control=is_control,
         categories=categories,
@@ -196,6 +227,8 @@ def summarize_training_data(
         condition_perturbation=condition_keys[:, 0],
         condition_cell_type=condition_keys[:, 1],
         condition_frequencies=frequencies.astype(np.float32),
+        condition_expressed_mean=expressed_mean,
+        condition_expressed_std=expressed_std,
         reference_masks=reference_masks,
         reference_condition=reference_condition,
         control_values=list(control_values),

@@ -50,6 +50,13 @@ def _graph_tensors(summary: TrainingSummary, graph=None, node_features=None) -> 
     )
 
 
+def _condition_lookup(summary: TrainingSummary) -> np.ndarray:
+    """Row of each (perturbation code, cell-type code) pair in the per-condition tables, -1 if untrained."""
+    lookup = np.full((len(summary.perturbation_labels), len(summary.cell_types)), -1, dtype=np.int64)
+    lookup[summary.condition_perturbation, summary.condition_cell_type] = np.arange(len(summary.condition_perturbation))
+    return lookup
+
+
 def _resolve_seed(seed: int | None) -> int:
     """An explicit seed, else ``scvi.settings.seed``, else 0: nothing runs unseeded."""
     if seed is None:
@@ -132,6 +139,11 @@ class Doloris(BaseModelClass):
                 control_mean=torch.as_tensor(summary.control_mean),
                 control_std=torch.as_tensor(summary.control_std),
                 x_max=summary.x_max,
+                control_expressed_mean=torch.as_tensor(summary.control_expressed_mean),
+                control_expressed_std=torch.as_tensor(summary.control_expressed_std),
+                condition_lookup=torch.as_tensor(_condition_lookup(summary)),
+                expressed_mean=torch.as_tensor(summary.condition_expressed_mean),
+                expressed_std=torch.as_tensor(summary.condition_expressed_std),
                 n_hidden=n_hidden,
                 n_blocks=n_blocks,
                 n_hidden_mask=n_hidden_mask,

@@ -8,6 +8,10 @@ from ..perturbation._encoder import GraphTensors, PerturbationEncoder
 from ._denoiser import Denoiser
 from ._mask_model import MaskModel
 
+# Floor of the per-gene spread in the skip parametrization ([0, 1] scale): a gene silent in the
+# controls must still be able to move when a perturbation switches it on.
+MIN_SIGMA_DATA = 0.02
+
 
 class DolorisModule(nn.Module):
     """The torch side of Doloris: denoiser, mask model, perturbation encoders and the diffusion math.
@@ -43,6 +47,22 @@ class DolorisModule(nn.Module):
         With the masked loss the source model's predictions at a cell's zero genes are
         unconstrained, and the DDIM inversion turns them into latents far from Gaussian (measured on
         synthetic data: latent mean -6.6, std 11.7 instead of 0 and 1). Target rows keep Eq. 13.
+    control_expressed_mean, control_expressed_std
+        ``(n_cell_types, genes)`` moments of the nonzero values of the training controls, ``[0, 1]``
+        scale: the per-gene prior of the target model, which models expressed values.
+    condition_lookup
+        ``(n_perturbation_codes, n_cell_types)`` row of each training condition in the two tables
+        below, ``-1`` where the pair was not trained.
+    expressed_mean, expressed_std
+        ``(conditions, genes)`` moments of the nonzero values of each training condition, ``[0, 1]`` scale.
+    impute_target_zeros
+        Train the target model on perturbed cells whose zeros are replaced by draws from the
+        condition's nonzero values (normal with the moments above); the loss stays on the truly
+        expressed genes (Eq. 13). With zeros left in, the target model is never taught what to
+        do where a trajectory runs through the zeros' region, and its generated values spread
+        almost twice as wide as the real nonzero values (measured: per-gene std 0.87 vs 0.46 on
+        synthetic data). Dense inputs make it a model of the expressed values, which the mask
+        then zeroes (Sec. 3.6).
     impute_control_zeros
         At inference, replace the zeros of the real control cell by the cell type's control mean
         before using it as control information: in training that input is ``mu + sigma * eps``
@@ -67,14 +87,23 @@ class DolorisModule(nn.Module):
         n_perturbation: int = 128,
         dropout: float = 0.1,
         n_timesteps: int = 500,
+        control_expressed_mean: torch.Tensor | None = None,
+        control_expressed_std: torch.Tensor | None = None,
+        condition_lookup: torch.Tensor | None = None,
+        expressed_mean: torch.Tensor | None = None,
+        expressed_std: torch.Tensor | None = None,
         full_source_loss: bool = True,
+        impute_target_zeros: bool = True,
         impute_control_zeros: bool = True,
     ):
         super().__init__()
         self.full_source_loss = full_source_loss
         self.impute_control_zeros = impute_control_zeros
-        # Typical per-gene spread of control cells on the [0, 1] scale, for the skip parametrization.
-        self.sigma_data = max(float(control_std.float().mean()), 0.05)
+        self.impute_target_zeros = impute_target_zeros and expressed_mean is not None
+        if self.impute_target_zeros:
+            self.register_buffer("condition_lookup", condition_lookup.long())
+            self.register_buffer("expressed_mean", expressed_mean.float())
+            self.register_buffer("expressed_std", expressed_std.float())
         self.diffusion = GaussianDiffusion(n_timesteps)
         # A buffer, so it moves with the module once instead of being copied to the device every call.
         self.register_buffer("alphas_cumprod", self.diffusion.alphas_cumprod.float(), persistent=False)
@@ -83,6 +112,15 @@ class DolorisModule(nn.Module):
         self.register_buffer("control_mean", control_mean.float())
         self.register_buffer("control_std", control_std.float())
         self.register_buffer("x_max", torch.tensor(float(x_max)))
+        # Per-gene prior of each model for the skip parametrization (Denoiser): source rows model
+        # control cells, zeros included; target rows model expressed values when their zeros are imputed.
+        if self.impute_target_zeros and control_expressed_mean is not None:
+            target_mean, target_std = control_expressed_mean, control_expressed_std
+        else:
+            target_mean, target_std = control_mean, control_std
+        self.register_buffer("target_prior_mean", target_mean.float())
+        self.register_buffer("target_prior_std", target_std.float().clamp(min=MIN_SIGMA_DATA))
+        self.register_buffer("source_prior_std", control_std.float().clamp(min=MIN_SIGMA_DATA))
         # Separate encoders: the mask model is trained independently of the diffusion model (Sec. 3.7).
         self.encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
         self.mask_encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
@@ -99,10 +137,12 @@ class DolorisModule(nn.Module):
 
     def _predict_x0(self, x_t, t, cell_type, is_target, perturbation, control) -> torch.Tensor:
         """The denoiser with its skip-connected parametrization (see :class:`Denoiser`)."""
-        prior = torch.where(is_target[:, None], control, self.control_mean[cell_type])
+        target = is_target[:, None]
+        prior = torch.where(target, self.target_prior_mean[cell_type], self.control_mean[cell_type])
+        sigma = torch.where(target, self.target_prior_std[cell_type], self.source_prior_std[cell_type])
         abar = self.alphas_cumprod[t]
         return self.denoiser(
-            x_t, t, cell_type, is_target, perturbation, control, abar=abar, prior=prior, sigma_data=self.sigma_data
+            x_t, t, cell_type, is_target, perturbation, control, abar=abar, prior=prior, sigma_data=sigma
         )
 
     # ------------------------------------------------------------------ training
@@ -128,10 +168,13 @@ class DolorisModule(nn.Module):
         recipes = self.train_recipes[perturbation]
         control = self.sample_control_information(cell_type)
 
+        expressed = (x0 != 0).to(x0.dtype)
+        if self.impute_target_zeros:
+            x0 = self._impute_target_zeros(x0, perturbation, cell_type, is_target)
+
         t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
         x0_hat = self._predict_x0(x_t, t, cell_type, is_target, self.encoder(recipes), control)
-        expressed = (x0 != 0).to(x0.dtype)
         weight = (
             torch.where(is_target[:, None], expressed, torch.ones_like(expressed))
             if self.full_source_loss
@@ -146,6 +189,13 @@ class DolorisModule(nn.Module):
         else:
             mask_loss = x0.new_zeros(())
         return {"loss": diffusion_loss + mask_loss, "diffusion_loss": diffusion_loss, "mask_loss": mask_loss}
+
+    def _impute_target_zeros(self, x0, perturbation, cell_type, is_target) -> torch.Tensor:
+        """Zeros of perturbed cells replaced by draws from their condition's nonzero values."""
+        condition = self.condition_lookup[perturbation, cell_type].clamp(min=0)
+        draw = self.expressed_mean[condition] + self.expressed_std[condition] * torch.randn_like(x0)
+        fill = (is_target[:, None]) & (x0 == 0)
+        return torch.where(fill, draw.clamp(0.0, 1.0), x0)
 
     # ------------------------------------------------------------------ inference
     def _source_predictor(self, cell_type: torch.Tensor):

@@ -110,6 +110,6 @@ class PerturbationEncoder(nn.Module):
         present = recipes >= 0
         uses_nodes = bool((present & (recipes < graph.n_nodes)).any())
         table = self.token_table(graph, with_nodes=uses_nodes)
-        tokens = table[recipes.clamp(min=0)] * present[..., None]
-        embedding = self.pool(tokens.sum(dim=1))
-        return embedding * present.any(dim=1, keepdim=True)
+        # Each component through the MLP, then summed: a combination's conditioning is the sum of its
+        # components', which is what lets doubles be predicted from singles (and padding adds nothing).
+        return (self.pool(table[recipes.clamp(min=0)]) * present[..., None]).sum(dim=1)
