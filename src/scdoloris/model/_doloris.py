@@ -153,11 +153,15 @@ class Doloris(BaseModelClass):
                 n_timesteps=n_timesteps,
             )
         graph = summary.gene_graph
-        n_genes_perturbed = graph.n_nodes - graph.n_measured
+        components = {
+            c for label in summary.perturbation_labels for c in split_perturbation(label, self.control_values)
+        }
+        n_unmeasured = len(components & set(graph.nodes[graph.n_measured :]))
+        n_bridges = graph.n_nodes - graph.n_measured - n_unmeasured
         self._model_summary_string = (
             f"Doloris model: {len(summary.control_mean[0])} genes, {len(summary.cell_types)} cell type(s), "
             f"{int((~summary.is_control).sum())} training perturbation(s); gene graph of {graph.n_nodes} nodes "
-            f"({n_genes_perturbed} unmeasured perturbed genes) and {graph.edges.shape[1]} edges; "
+            f"({n_unmeasured} unmeasured perturbed genes, {n_bridges} bridge genes) and {graph.edges.shape[1]} edges; "
             f"{len(summary.categories)} learned categories; T={n_timesteps}, n_hidden={n_hidden}."
         )
         self.init_params_ = self._get_init_params(locals())
