@@ -161,3 +161,29 @@ def test_kang_like_learned_category(kang_like):
     assert only_b.n_obs == 5 and (only_b.obs["cell_type"] == "B").all()
     with pytest.raises(ValueError, match="interferon"):
         model.predict_perturbation("interferon", n_steps=10)
+
+
+def test_design_section_1_user_code(tmp_path):
+    """The user's code of DESIGN section 1, as written, on the full bundled subset (4 cell types), few steps."""
+    import scanpy as sc
+
+    adata = sd.datasets.norman2019_subset()
+    sd.Doloris.setup_anndata(
+        adata,
+        perturbation_key="perturbation",
+        control_value="control",
+        cell_type_key="cell_type",
+        dose_key=None,
+        smiles_key=None,
+        layer=None,
+    )
+    model = sd.Doloris(adata, gene_graph="go", **SMALL)
+    model.train(max_steps=20, **TRAIN_KWARGS)
+    pred = model.predict_perturbation(["KLF1+MAP2K6", "CBL+CNN1"], cell_type="k562", n_cells=200, n_steps=5)
+    assert pred.shape == (400, 500) and set(pred.obs["cell_type"]) == {"k562"}
+    sc.pp.pca(pred)
+    assert pred.obsm["X_pca"].shape[0] == 400
+    model.save(str(tmp_path / "norman_model/"))
+    model = sd.Doloris.load(str(tmp_path / "norman_model/"), adata)
+    again = model.predict_perturbation(["KLF1+MAP2K6", "CBL+CNN1"], cell_type="k562", n_cells=200, n_steps=5)
+    assert again.shape == (400, 500)
