@@ -9,6 +9,8 @@ from scipy import sparse
 from ..perturbation import GeneGraph, PerturbationVocabulary, freeze_prior, split_perturbation, thaw_prior
 
 N_NODE_FEATURES = 32
+# Pseudo-count of nonzero values with which per-condition moments lean on their cell type's.
+EXPRESSED_PRIOR_STRENGTH = 10.0
 CHUNK_ROWS = 4096
 MAX_COEXPRESSION_CELLS = 5000
 
@@ -30,8 +32,8 @@ class TrainingSummary:
     cell_types: list[str]
     control_mean: np.ndarray  # (cell types, genes), [0, 1] scale
     control_std: np.ndarray
-    control_expressed_mean: np.ndarray  # (cell types, genes) moments of the nonzero control values
-    control_expressed_std: np.ndarray
+    cell_type_expressed_mean: np.ndarray  # (cell types, genes) moments of the nonzero values, all conditions
+    cell_type_expressed_std: np.ndarray
     perturbation_labels: list[str]  # registered labels, in code order
     is_control: np.ndarray  # (labels,)
     categories: list[str]
@@ -72,21 +74,30 @@ def _pca_node_features(pseudobulk: np.ndarray, n_components: int = N_NODE_FEATUR
     return np.pad(features, ((0, 0), (0, n_components - k))).astype(np.float32)
 
 
-def _expressed_moments(sums, squares, nonzero, x_max: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the nonzero values per condition and gene, on the ``[0, 1]`` scale.
+def _expressed_moments(
+    sums: np.ndarray,
+    squares: np.ndarray,
+    nonzero: np.ndarray,
+    prior_mean: np.ndarray | None = None,
+    prior_var: np.ndarray | None = None,
+    strength: float = EXPRESSED_PRIOR_STRENGTH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the nonzero values per group (row) and gene.
 
-    Zeros add nothing to the sums, so the nonzero moments come from the same accumulators. A gene
-    never expressed in a condition takes its moments over all conditions (0 if never expressed).
+    Zeros add nothing to the sums, so the nonzero moments come from the same accumulators. With a
+    prior, each group's moments are shrunk towards it as if ``strength`` more nonzero values had
+    been seen there: at 93-97% zeros a condition of 100 cells holds 3-7 nonzero values of a gene,
+    too few for a variance on their own. Without a prior, a gene never expressed gets 0 and 0.
     """
+    if prior_mean is None:
+        prior_mean, prior_var, strength = np.zeros(sums.shape[1]), np.zeros(sums.shape[1]), 0.0
+    weight = nonzero + strength
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums / nonzero
-        var = np.maximum(squares / nonzero - mean**2, 0.0)
-        overall_mean = sums.sum(axis=0) / nonzero.sum(axis=0)
-        overall_var = np.maximum(squares.sum(axis=0) / nonzero.sum(axis=0) - overall_mean**2, 0.0)
-    empty = nonzero == 0
-    mean = np.where(empty, np.nan_to_num(overall_mean)[None, :], mean)
-    var = np.where(empty, np.nan_to_num(overall_var)[None, :], var)
-    return (mean / x_max).astype(np.float32), (np.sqrt(var) / x_max).astype(np.float32)
+        mean = (sums + strength * prior_mean) / weight
+        second = (squares + strength * (prior_var + prior_mean**2)) / weight
+    mean = np.nan_to_num(mean)
+    var = np.maximum(np.nan_to_num(second) - mean**2, 0.0)
+    return mean, var
 
 
 def summarize_training_data(
@@ -158,7 +169,6 @@ def summarize_training_data(
         raise ValueError("The expression matrix is all zeros.")
     means = sums / counts[:, None]
     frequencies = nonzero / counts[:, None]
-    expressed_mean, expressed_std = _expressed_moments(sums, squares, nonzero, x_max)
 
     # Control statistics per cell type on the [0, 1] scale (Eq. 12).
     control_mean = np.zeros((n_types, n_genes))
@@ -170,11 +180,19 @@ def summarize_training_data(
         mean = sums[groups].sum(axis=0) / n
         var = np.maximum(squares[groups].sum(axis=0) / n - mean**2, 0.0)
         control_mean[c], control_std[c] = mean / x_max, np.sqrt(var) / x_max
-    control_expressed_mean, control_expressed_std = _expressed_moments(
-        np.stack([sums[g].sum(axis=0) for g in control_groups]),
-        np.stack([squares[g].sum(axis=0) for g in control_groups]),
-        np.stack([nonzero[g].sum(axis=0) for g in control_groups]),
-        x_max,
+    # Nonzero moments: per cell type over all its training cells, then per condition shrunk towards them.
+    type_of_condition = condition_keys[:, 1]
+    type_sums = np.stack([sums[type_of_condition == c].sum(axis=0) for c in range(n_types)])
+    type_squares = np.stack([squares[type_of_condition == c].sum(axis=0) for c in range(n_types)])
+    type_nonzero = np.stack([nonzero[type_of_condition == c].sum(axis=0) for c in range(n_types)])
+    overall_mean, overall_var = _expressed_moments(
+        type_sums.sum(axis=0, keepdims=True),
+        type_squares.sum(axis=0, keepdims=True),
+        type_nonzero.sum(axis=0, keepdims=True),
+    )
+    type_mean, type_var = _expressed_moments(type_sums, type_squares, type_nonzero, overall_mean[0], overall_var[0])
+    expressed_mean, expressed_var = _expressed_moments(
+        sums, squares, nonzero, type_mean[type_of_condition], type_var[type_of_condition]
     )
 
     # Reference cells for the mask (A.11), grouped by condition.
@@ -216,8 +234,8 @@ def summarize_training_data(
         cell_types=[str(c) for c in cell_types],
         control_mean=control_mean.astype(np.float32),
         control_std=control_std.astype(np.float32),
-        control_expressed_mean=control_expressed_mean,
-        control_expressed_std=control_expressed_std,
+        cell_type_expressed_mean=(type_mean / x_max).astype(np.float32),
+        cell_type_expressed_std=(np.sqrt(type_var) / x_max).astype(np.float32),
         perturbation_labels=[str(p) for p in perturbation_labels],
         is_control=is_control,
         categories=categories,
@@ -227,8 +245,8 @@ def summarize_training_data(
         condition_perturbation=condition_keys[:, 0],
         condition_cell_type=condition_keys[:, 1],
         condition_frequencies=frequencies.astype(np.float32),
-        condition_expressed_mean=expressed_mean,
-        condition_expressed_std=expressed_std,
+        condition_expressed_mean=(expressed_mean / x_max).astype(np.float32),
+        condition_expressed_std=(np.sqrt(expressed_var) / x_max).astype(np.float32),
         reference_masks=reference_masks,
         reference_condition=reference_condition,
         control_values=list(control_values),

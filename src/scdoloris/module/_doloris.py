@@ -47,14 +47,15 @@ class DolorisModule(nn.Module):
         With the masked loss the source model's predictions at a cell's zero genes are
         unconstrained, and the DDIM inversion turns them into latents far from Gaussian (measured on
         synthetic data: latent mean -6.6, std 11.7 instead of 0 and 1). Target rows keep Eq. 13.
-    control_expressed_mean, control_expressed_std
-        ``(n_cell_types, genes)`` moments of the nonzero values of the training controls, ``[0, 1]``
-        scale: the per-gene prior of the target model, which models expressed values.
+    expressed_prior_mean, expressed_prior_std
+        ``(n_cell_types, genes)`` moments of the nonzero values of each cell type's training cells,
+        ``[0, 1]`` scale: the per-gene prior of the target model, which models expressed values.
     condition_lookup
         ``(n_perturbation_codes, n_cell_types)`` row of each training condition in the two tables
         below, ``-1`` where the pair was not trained.
     expressed_mean, expressed_std
-        ``(conditions, genes)`` moments of the nonzero values of each training condition, ``[0, 1]`` scale.
+        ``(conditions, genes)`` moments of the nonzero values of each training condition, ``[0, 1]``
+        scale, shrunk towards their cell type's where a condition has few nonzero values.
     impute_target_zeros
         Train the target model on perturbed cells whose zeros are replaced by draws from the
         condition's nonzero values (normal with the moments above); the loss stays on the truly
@@ -87,8 +88,8 @@ class DolorisModule(nn.Module):
         n_perturbation: int = 128,
         dropout: float = 0.1,
         n_timesteps: int = 500,
-        control_expressed_mean: torch.Tensor | None = None,
-        control_expressed_std: torch.Tensor | None = None,
+        expressed_prior_mean: torch.Tensor | None = None,
+        expressed_prior_std: torch.Tensor | None = None,
         condition_lookup: torch.Tensor | None = None,
         expressed_mean: torch.Tensor | None = None,
         expressed_std: torch.Tensor | None = None,
@@ -114,8 +115,8 @@ class DolorisModule(nn.Module):
         self.register_buffer("x_max", torch.tensor(float(x_max)))
         # Per-gene prior of each model for the skip parametrization (Denoiser): source rows model
         # control cells, zeros included; target rows model expressed values when their zeros are imputed.
-        if self.impute_target_zeros and control_expressed_mean is not None:
-            target_mean, target_std = control_expressed_mean, control_expressed_std
+        if self.impute_target_zeros and expressed_prior_mean is not None:
+            target_mean, target_std = expressed_prior_mean, expressed_prior_std
         else:
             target_mean, target_std = control_mean, control_std
         self.register_buffer("target_prior_mean", target_mean.float())
