@@ -1,14 +1,27 @@
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy.stats import wasserstein_distance
 
-from scdoloris.metrics._distances import edistance, emd, rmse_mean
+import scdoloris as sd
+import scdoloris.metrics._distances as dist_mod
+from scdoloris.metrics import de_genes, e_distance, emd, evaluate, mean_rmse, pearson_delta
 
 
-def _brute_edistance(x, y):
+def _brute_e_distance(x, y):
+    """Paper Eq. 20 with explicit loops over all pairs (i == j included)."""
+
     def mean_dist(a, b):
-        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).mean()
+        total = 0.0
+        for i in range(a.shape[0]):
+            for j in range(b.shape[0]):
+                total += np.sqrt(np.sum((a[i] - b[j]) ** 2))
+        return total / (a.shape[0] * b.shape[0])
 
     return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
 
@@ -22,38 +35,94 @@ def rng():
     return np.random.default_rng(0)
 
 
-def test_edistance_self_is_zero(rng):
+def test_public_api():
+    assert set(sd.metrics.__all__) == {"e_distance", "emd", "mean_rmse", "pearson_delta", "de_genes", "evaluate"}
+    assert not hasattr(sd.metrics, "edistance")
+    assert not hasattr(sd.metrics, "rmse_mean")
+
+
+# --- E-distance ---------------------------------------------------------------------------------
+
+
+def test_e_distance_self_is_zero(rng):
     x = rng.normal(size=(40, 8))
-    assert edistance(x, x) == pytest.approx(0.0, abs=1e-12)
-    assert edistance(x, x, squared=False) == pytest.approx(0.0, abs=1e-6)
+    assert e_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert e_distance(x, x, sqrt=True) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_edistance_symmetric_and_matches_brute_force(rng):
+def test_e_distance_symmetric_and_matches_brute_force(rng):
     x = rng.normal(size=(23, 7))
     y = rng.normal(0.3, 1.2, size=(31, 7))
-    expected = _brute_edistance(x, y)
+    expected = _brute_e_distance(x, y)
     assert expected > 0
-    assert edistance(x, y) == pytest.approx(expected, rel=1e-12)
-    assert edistance(y, x) == pytest.approx(edistance(x, y), rel=1e-12)
-    assert edistance(x, y, squared=False) == pytest.approx(np.sqrt(expected), rel=1e-12)
+    assert e_distance(x, y) == pytest.approx(expected, rel=1e-12)
+    assert e_distance(y, x) == pytest.approx(e_distance(x, y), rel=1e-12)
 
 
-def test_edistance_grows_with_shift(rng):
+def test_e_distance_sqrt_option(rng):
+    x = rng.normal(size=(17, 5))
+    y = rng.normal(0.5, size=(12, 5))
+    expected = _brute_e_distance(x, y)
+    assert e_distance(x, y, sqrt=False) == pytest.approx(expected, rel=1e-12)
+    assert e_distance(x, y, sqrt=True) == pytest.approx(np.sqrt(expected), rel=1e-12)
+    # Default is the paper's Eq. 20, not the square root.
+    assert e_distance(x, y) == e_distance(x, y, sqrt=False)
+
+
+def test_e_distance_single_cells_is_twice_the_distance():
+    # One cell each: the within terms vanish, E = 2 ||x - y||.
+    assert e_distance([[0.0, 0.0]], [[3.0, 4.0]]) == pytest.approx(10.0)
+
+
+def test_e_distance_grows_with_shift(rng):
     x = rng.normal(size=(60, 10))
     noise = rng.normal(size=(60, 10))
-    values = [edistance(x, noise + shift) for shift in (0.0, 0.5, 1.0, 2.0)]
+    values = [e_distance(x, noise + shift) for shift in (0.0, 0.5, 1.0, 2.0)]
     assert values[0] > 0
     assert all(a < b for a, b in zip(values, values[1:], strict=False))
 
 
-def test_edistance_blocks_match_unblocked(rng, monkeypatch):
-    import scdoloris.metrics._distances as mod
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunked_matches_unchunked(rng, monkeypatch, sparse):
+    x = rng.normal(size=(50, 6)) * (rng.random((50, 6)) > 0.3)
+    y = rng.normal(1.0, size=(45, 6)) * (rng.random((45, 6)) > 0.3)
+    if sparse:
+        x, y = sp.csr_matrix(x), sp.csc_matrix(y)
+    full_e, full_emd = e_distance(x, y), emd(x, y)
+    # Tiny blocks: 3 cells per distance block, 1 gene per EMD block.
+    monkeypatch.setattr(dist_mod, "_BLOCK_ENTRIES", 10)
+    assert dist_mod._rows_per_block(6) == 1
+    monkeypatch.setattr(dist_mod, "_BLOCK_ENTRIES", 20)
+    assert dist_mod._rows_per_block(6) == 3
+    assert e_distance(x, y) == pytest.approx(full_e, rel=1e-12)
+    assert emd(x, y) == pytest.approx(full_emd, abs=1e-12)
 
-    x = rng.normal(size=(50, 6))
-    y = rng.normal(1.0, size=(45, 6))
-    full = edistance(x, y)
-    monkeypatch.setattr(mod, "_BLOCK_ENTRIES", 100)
-    assert edistance(x, y) == pytest.approx(full, rel=1e-12)
+
+def test_pairwise_distances_are_never_materialised_in_full(rng, monkeypatch):
+    """Every distance block computed stays within the block budget, far below n x m."""
+    sizes = []
+    real_cdist, real_pdist = dist_mod.cdist, dist_mod.pdist
+
+    def spy_cdist(a, b, **kwargs):
+        sizes.append(a.shape[0] * b.shape[0])
+        assert a.dtype == b.dtype == np.float64
+        return real_cdist(a, b, **kwargs)
+
+    def spy_pdist(a, **kwargs):
+        sizes.append(a.shape[0] ** 2)
+        return real_pdist(a, **kwargs)
+
+    monkeypatch.setattr(dist_mod, "cdist", spy_cdist)
+    monkeypatch.setattr(dist_mod, "pdist", spy_pdist)
+    monkeypatch.setattr(dist_mod, "_BLOCK_ENTRIES", 400)
+    x = rng.normal(size=(130, 4)).astype(np.float32)
+    y = sp.csr_matrix(rng.normal(size=(90, 4)))
+    value = e_distance(x, y)
+    assert max(sizes) <= 400
+    assert value == pytest.approx(_brute_e_distance(x.astype(float), y.toarray()), rel=1e-10)
+
+
+# --- EMD ----------------------------------------------------------------------------------------
 
 
 def test_emd_matches_scipy(rng):
@@ -76,32 +145,67 @@ def test_emd_pure_shift(rng):
     assert emd(x + 0.7, x) == pytest.approx(0.7, abs=1e-10)
 
 
-def test_rmse_mean(rng):
+# --- mean RMSE and Pearson delta ----------------------------------------------------------------
+
+
+def test_mean_rmse(rng):
     x = rng.normal(size=(30, 5))
     y = rng.normal(size=(20, 5))
     expected = np.sqrt(np.mean((x.mean(0) - y.mean(0)) ** 2))
-    assert rmse_mean(x, y) == pytest.approx(expected, rel=1e-12)
-    assert rmse_mean(x, x + 1.5) == pytest.approx(1.5)
+    assert mean_rmse(x, y) == pytest.approx(expected, rel=1e-12)
+    assert mean_rmse(x, x + 1.5) == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("fmt", ["csr", "csc"])
-def test_sparse_input(rng, fmt):
+def test_pearson_delta(rng):
+    control = rng.normal(size=(40, 30))
+    real = rng.normal(size=(25, 30)) + rng.normal(size=30)
+    pred = rng.normal(size=(35, 30)) + rng.normal(size=30)
+    expected = np.corrcoef(pred.mean(0) - control.mean(0), real.mean(0) - control.mean(0))[0, 1]
+    assert pearson_delta(pred, real, control) == pytest.approx(expected, rel=1e-12)
+    # Scale-free and signed.
+    shift = rng.normal(size=30)
+    assert pearson_delta(control + 3 * shift, control + shift, control) == pytest.approx(1.0)
+    assert pearson_delta(control - shift, control + shift, control) == pytest.approx(-1.0)
+    # Undefined when the predicted change is constant over genes.
+    assert np.isnan(pearson_delta(control + 1.0, real, control))
+
+
+# --- input kinds and errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+def test_sparse_input_equals_dense(rng, fmt):
     x = rng.exponential(size=(40, 9)) * (rng.random((40, 9)) > 0.6)
     y = rng.exponential(size=(35, 9)) * (rng.random((35, 9)) > 0.4)
-    xs, ys = sp.csr_matrix(x).asformat(fmt), sp.csr_array(y).asformat(fmt)
-    assert edistance(xs, ys) == pytest.approx(edistance(x, y), rel=1e-12)
+    c = rng.exponential(size=(20, 9)) * (rng.random((20, 9)) > 0.5)
+    xs, ys, cs = sp.csr_matrix(x).asformat(fmt), sp.csr_array(y).asformat(fmt), sp.csr_matrix(c).asformat(fmt)
+    assert e_distance(xs, ys) == pytest.approx(e_distance(x, y), rel=1e-12)
+    assert e_distance(xs, y) == pytest.approx(e_distance(x, y), rel=1e-12)
     assert emd(xs, ys) == pytest.approx(emd(x, y), abs=1e-12)
-    assert rmse_mean(xs, ys) == pytest.approx(rmse_mean(x, y), rel=1e-12)
-    assert edistance(xs, y) == pytest.approx(edistance(x, y), rel=1e-12)
+    assert mean_rmse(xs, ys) == pytest.approx(mean_rmse(x, y), rel=1e-12)
+    assert pearson_delta(xs, ys, cs) == pytest.approx(pearson_delta(x, y, c), rel=1e-12)
+
+
+def test_anndata_input(rng):
+    x = rng.normal(size=(20, 6))
+    y = rng.normal(size=(15, 6))
+    c = rng.normal(size=(10, 6))
+    ax, ay, ac = ad.AnnData(x), ad.AnnData(sp.csr_matrix(y)), ad.AnnData(c)
+    assert e_distance(ax, ay) == pytest.approx(e_distance(x, y), rel=1e-12)
+    assert e_distance(ax.X, ay.X) == pytest.approx(e_distance(x, y), rel=1e-12)
+    assert emd(ax, ay) == pytest.approx(emd(x, y), abs=1e-12)
+    assert mean_rmse(ax, ay) == pytest.approx(mean_rmse(x, y), rel=1e-12)
+    assert pearson_delta(ax, ay, ac) == pytest.approx(pearson_delta(x, y, c), rel=1e-12)
 
 
 def test_float32_input(rng):
     x = rng.normal(size=(30, 4)).astype(np.float32)
     y = rng.normal(size=(30, 4)).astype(np.float32)
-    assert edistance(x, y) == pytest.approx(_brute_edistance(x.astype(float), y.astype(float)), rel=1e-10)
+    assert e_distance(x, y) == pytest.approx(_brute_e_distance(x.astype(float), y.astype(float)), rel=1e-10)
+    assert emd(x, y) == pytest.approx(_scipy_emd(x.astype(float), y.astype(float)), abs=1e-10)
 
 
-@pytest.mark.parametrize("func", [edistance, emd, rmse_mean])
+@pytest.mark.parametrize("func", [e_distance, emd, mean_rmse, lambda a, b: pearson_delta(a, b, b)])
 def test_errors(rng, func):
     x = rng.normal(size=(10, 5))
     with pytest.raises(ValueError, match="same number of genes"):
@@ -114,11 +218,233 @@ def test_errors(rng, func):
         func(x[0], x)
 
 
-def test_emd_fast_enough(rng):
-    import time
+def test_pearson_delta_checks_control_genes(rng):
+    x = rng.normal(size=(10, 5))
+    with pytest.raises(ValueError, match="same number of genes"):
+        pearson_delta(x, x, rng.normal(size=(10, 4)))
 
-    x = rng.normal(size=(200, 500))
-    y = rng.normal(size=(200, 500))
-    start = time.perf_counter()
-    emd(x, y)
-    assert time.perf_counter() - start < 0.5
+
+# --- property tests -----------------------------------------------------------------------------
+
+_values = st.floats(-10, 10, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+
+
+@st.composite
+def _cell_sets(draw):
+    """Two sets of cells sharing the gene axis, and a random row permutation of each."""
+    n_genes = draw(st.integers(1, 5))
+    x = draw(hnp.arrays(np.float64, (draw(st.integers(1, 8)), n_genes), elements=_values))
+    y = draw(hnp.arrays(np.float64, (draw(st.integers(1, 8)), n_genes), elements=_values))
+    perm_x = draw(st.permutations(range(x.shape[0])))
+    perm_y = draw(st.permutations(range(y.shape[0])))
+    return x, y, np.asarray(perm_x), np.asarray(perm_y)
+
+
+_prop = settings(max_examples=60, deadline=None)
+
+
+@_prop
+@given(_cell_sets())
+def test_property_e_distance(sets):
+    x, y, perm_x, perm_y = sets
+    value = e_distance(x, y)
+    assert value >= 0.0
+    assert value == pytest.approx(_brute_e_distance(x, y), rel=1e-9, abs=1e-9)
+    assert e_distance(y, x) == pytest.approx(value, rel=1e-9, abs=1e-9)
+    assert e_distance(x[perm_x], y[perm_y]) == pytest.approx(value, rel=1e-9, abs=1e-9)
+    assert e_distance(x, x.copy()) == pytest.approx(0.0, abs=1e-9)
+    assert e_distance(x, y, sqrt=True) == pytest.approx(np.sqrt(value), rel=1e-9, abs=1e-6)
+
+
+@_prop
+@given(_cell_sets())
+def test_property_emd(sets):
+    x, y, perm_x, perm_y = sets
+    value = emd(x, y)
+    assert value >= 0.0
+    assert value == pytest.approx(_scipy_emd(x, y), rel=1e-9, abs=1e-9)
+    assert emd(y, x) == pytest.approx(value, rel=1e-9, abs=1e-9)
+    assert emd(x[perm_x], y[perm_y]) == pytest.approx(value, rel=1e-9, abs=1e-9)
+    assert emd(x, x.copy()) == 0.0
+
+
+@_prop
+@given(_cell_sets())
+def test_property_mean_rmse(sets):
+    x, y, perm_x, perm_y = sets
+    value = mean_rmse(x, y)
+    assert value >= 0.0
+    assert mean_rmse(y, x) == pytest.approx(value, rel=1e-9, abs=1e-12)
+    assert mean_rmse(x[perm_x], y[perm_y]) == pytest.approx(value, rel=1e-9, abs=1e-12)
+    assert mean_rmse(x, x.copy()) == 0.0
+
+
+# --- DE genes -----------------------------------------------------------------------------------
+
+N_GENES = 60
+UP = {"ct0": [3, 11, 17, 25, 40], "ct1": [5, 8, 30, 44, 59]}
+DOWN = {"ct0": [1, 50], "ct1": [2, 51]}
+
+
+def _synthetic(seed=0, n=40, sparse=False):
+    """Log1p counts: control and KO cells of two cell types; KO raises UP and silences DOWN genes."""
+    rng = np.random.default_rng(seed)
+    blocks, obs = [], []
+    for ct in ("ct0", "ct1"):
+        for label in ("control", "KO"):
+            counts = rng.poisson(3.0, size=(n, N_GENES)).astype(float)
+            if label == "KO":
+                counts[:, UP[ct]] += rng.poisson(12.0, size=(n, len(UP[ct])))
+                counts[:, DOWN[ct]] = 0.0
+            blocks.append(np.log1p(counts))
+            obs += [(label, ct)] * n
+    x = np.vstack(blocks)
+    obs = pd.DataFrame(obs, columns=["perturbation", "cell_type"], index=[f"cell{i}" for i in range(len(obs))])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(N_GENES)])
+    return ad.AnnData(sp.csr_matrix(x) if sparse else x, obs=obs, var=var)
+
+
+def _names(positions):
+    return {f"g{j}" for j in positions}
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_de_genes_finds_planted_genes(sparse):
+    adata = _synthetic(sparse=sparse)
+    before_x = adata.X.copy()
+    before_obs = adata.obs.copy()
+    for ct in ("ct0", "ct1"):
+        planted = _names(UP[ct] + DOWN[ct])
+        top = de_genes(adata, "perturbation", "KO", "control", n=len(planted), cell_type_key="cell_type", cell_type=ct)
+        assert set(top) == planted
+        # Signed ranking (scanpy's default) puts the up-regulated genes first.
+        up = de_genes(
+            adata, "perturbation", "KO", "control", n=5, cell_type_key="cell_type", cell_type=ct, rankby_abs=False
+        )
+        assert set(up) == _names(UP[ct])
+    # Without a cell type, both cell types' genes are DE vs the pooled controls.
+    top20 = de_genes(adata, "perturbation", "KO", "control", n=20)
+    top40 = de_genes(adata, "perturbation", "KO", "control", n=40)
+    assert len(top20) == 20 and len(top40) == 40 and len(set(top40)) == 40
+    assert top40[:20] == top20
+    assert _names(UP["ct0"] + UP["ct1"]) <= set(top20)
+    # The user's AnnData is untouched.
+    assert "rank_genes_groups" not in adata.uns
+    pd.testing.assert_frame_equal(adata.obs, before_obs)
+    after = adata.X.toarray() if sparse else adata.X
+    np.testing.assert_array_equal(after, before_x.toarray() if sparse else before_x)
+
+
+def test_de_genes_errors():
+    adata = _synthetic(n=10)
+    with pytest.raises(ValueError, match="cell types"):
+        de_genes(adata, "perturbation", "KO", "control", cell_type_key="cell_type")
+    with pytest.raises(ValueError, match="No cells"):
+        de_genes(adata, "perturbation", "missing", "control")
+    with pytest.raises(ValueError, match="only 60 genes"):
+        de_genes(adata, "perturbation", "KO", "control", n=61)
+    with pytest.raises(ValueError, match="same label"):
+        de_genes(adata, "perturbation", "KO", "KO")
+    with pytest.raises(KeyError, match="nope"):
+        de_genes(adata, "nope", "KO", "control")
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+def _eval_data(sparse=False):
+    adata = _synthetic(seed=1, n=30, sparse=sparse)
+    rng = np.random.default_rng(2)
+    control = adata[adata.obs["perturbation"] == "control"].copy()
+    real = adata[adata.obs["perturbation"] == "KO"].copy()
+    # Predictions: real KO cells with noise, for two cell types; fewer cells than real.
+    pred = real[::2].copy()
+    noise = rng.normal(scale=0.3, size=pred.shape)
+    pred.X = sp.csr_matrix(pred.X.toarray() + noise) if sparse else pred.X + noise
+    pred.obs_names = [f"pred{i}" for i in range(pred.n_obs)]
+    return pred, real, control
+
+
+def _dense(x):
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+def test_evaluate_rows_and_values():
+    pred, real, control = _eval_data()
+    copies = [a.copy() for a in (pred, real, control)]
+    table = evaluate(pred, real, control, cell_type_key="cell_type")
+    assert list(table.columns) == ["perturbation", "cell_type", "gene_set", "metric", "value"]
+    assert len(table) == 1 * 2 * 3 * 4
+    assert set(table["gene_set"]) == {"all", "DE20", "DE40"}
+    assert set(table["metric"]) == {"e_distance", "emd", "mean_rmse", "pearson_delta"}
+    assert not table.duplicated(["perturbation", "cell_type", "gene_set", "metric"]).any()
+    assert table["value"].dtype == np.float64 and table["value"].notna().all()
+
+    both = ad.concat([real, control])
+    for ct in ("ct0", "ct1"):
+        p = _dense(pred[pred.obs["cell_type"] == ct].X)
+        r = _dense(real[real.obs["cell_type"] == ct].X)
+        c = _dense(control[control.obs["cell_type"] == ct].X)
+        top40 = de_genes(both, "perturbation", "KO", "control", n=40, cell_type_key="cell_type", cell_type=ct)
+        sets = {"all": slice(None)}
+        sets |= {f"DE{n}": pred.var_names.get_indexer(top40[:n]) for n in (20, 40)}
+        for gene_set, cols in sets.items():
+            got = table[(table["cell_type"] == ct) & (table["gene_set"] == gene_set)].set_index("metric")["value"]
+            pc, rc, cc = p[:, cols], r[:, cols], c[:, cols]
+            assert got["e_distance"] == pytest.approx(e_distance(pc, rc), rel=1e-12)
+            assert got["emd"] == pytest.approx(emd(pc, rc), rel=1e-12)
+            assert got["mean_rmse"] == pytest.approx(mean_rmse(pc, rc), rel=1e-12)
+            assert got["pearson_delta"] == pytest.approx(pearson_delta(pc, rc, cc), rel=1e-12)
+    # Predictions close to the truth: strong Pearson delta on the DE genes.
+    assert (table.query("metric == 'pearson_delta' and gene_set == 'DE20'")["value"] > 0.9).all()
+    # Inputs untouched.
+    for before, after in zip(copies, (pred, real, control), strict=True):
+        np.testing.assert_array_equal(_dense(before.X), _dense(after.X))
+        pd.testing.assert_frame_equal(before.obs, after.obs)
+        assert set(before.uns) == set(after.uns)
+
+
+def test_evaluate_options():
+    pred, real, control = _eval_data()
+    one_type = [a[a.obs["cell_type"] == "ct0"].copy() for a in (pred, real, control)]
+    # Without cell types: one row per (condition, gene set, metric), cell_type is None.
+    table = evaluate(*one_type, n_de=(20,), metrics=("e_distance", "mean_rmse"), sqrt=True)
+    assert len(table) == 2 * 2
+    assert table["cell_type"].isna().all()
+    assert list(table["gene_set"].unique()) == ["all", "DE20"]
+    p, r = (_dense(a.X) for a in one_type[:2])
+    got = table.query("gene_set == 'all' and metric == 'e_distance'")["value"].item()
+    assert got == pytest.approx(e_distance(p, r, sqrt=True), rel=1e-12)
+    # Precomputed DE genes are used as given (prefixes for each size).
+    genes = [f"g{j}" for j in range(59, 19, -1)]
+    given_table = evaluate(*one_type, de_genes={"KO": genes}, n_de=(20, 40), metrics="mean_rmse")
+    got = given_table.set_index("gene_set")["value"]
+    cols = pred.var_names.get_indexer(genes[:20])
+    assert got["DE20"] == pytest.approx(mean_rmse(p[:, cols], r[:, cols]), rel=1e-12)
+    # All genes only.
+    assert list(evaluate(*one_type, n_de=())["gene_set"].unique()) == ["all"]
+
+
+def test_evaluate_sparse_and_gene_order_invariant():
+    dense = evaluate(*_eval_data(), cell_type_key="cell_type", n_de=(20,))
+    pred, real, control = _eval_data(sparse=True)
+    order = np.random.default_rng(3).permutation(real.n_vars)
+    sparse = evaluate(pred, real[:, order].copy(), control, cell_type_key="cell_type", n_de=(20,))
+    pd.testing.assert_frame_equal(dense[sparse.columns[:-1]], sparse[sparse.columns[:-1]])
+    np.testing.assert_allclose(dense["value"], sparse["value"], rtol=1e-10)
+
+
+def test_evaluate_errors():
+    pred, real, control = _eval_data()
+    with pytest.raises(ValueError, match="has no cells"):
+        evaluate(pred, real[real.obs["cell_type"] == "ct0"].copy(), control, cell_type_key="cell_type")
+    with pytest.raises(ValueError, match="Unknown metric"):
+        evaluate(pred, real, control, metrics=("rmse",))
+    with pytest.raises(ValueError, match="same genes"):
+        evaluate(pred, real[:, :50].copy(), control)
+    with pytest.raises(KeyError, match="no entry"):
+        evaluate(pred, real, control, de_genes={"other": ["g1"]})
+    with pytest.raises(ValueError, match="smaller `n_de`"):
+        evaluate(pred, real, control, de_genes={"KO": ["g1", "g2"]})
+    with pytest.raises(TypeError, match="AnnData"):
+        evaluate(pred.X, real, control)

@@ -434,8 +434,8 @@ def quality_run():
             {
                 "perturbation": p,
                 "kind": "double" if "+" in p else "single",
-                "doloris": sd.metrics.edistance(predicted, real),
-                "no_change": sd.metrics.edistance(sources, real),
+                "doloris": sd.metrics.e_distance(predicted, real),
+                "no_change": sd.metrics.e_distance(sources, real),
                 # Does the predicted mean shift follow the true (additive) shift of the simulation?
                 "shift_r": np.corrcoef(predicted.mean(0) - sources.mean(0), truth)[0, 1],
             }

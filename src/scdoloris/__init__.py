@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import baselines, datasets, metrics
+from . import baselines, benchmark, datasets, metrics
 from . import plotting as pl
 from . import preprocessing as pp
 from .model import Doloris
@@ -12,4 +12,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["Doloris", "baselines", "datasets", "metrics", "pl", "pp"]
+__all__ = ["Doloris", "baselines", "benchmark", "datasets", "metrics", "pl", "pp"]

@@ -1,4 +1,4 @@
-"""Command line: ``scdoloris demo``."""
+"""Command line: ``scdoloris demo`` and ``scdoloris benchmark``."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
             {
                 "perturbation": p,
                 "n_real": real.shape[0],
-                "edistance_doloris": sd.metrics.edistance(predicted, real),
-                "edistance_no_change": sd.metrics.edistance(unchanged, real),
+                "edistance_doloris": sd.metrics.e_distance(predicted, real),
+                "edistance_no_change": sd.metrics.e_distance(unchanged, real),
                 "emd_doloris": sd.metrics.emd(predicted, real),
                 "emd_no_change": sd.metrics.emd(unchanged, real),
             }
@@ -94,6 +94,85 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DATASETS = {
+    "norman": "Norman 2019 K562 (bundled subset): CRISPRa singles and doubles",
+    "mcfaline": "McFaline-Figueroa 2023 (bundled subset): CRISPRi in 3 glioblastoma lines",
+    "kang": "Kang 2018 PBMCs (bundled subset): interferon-beta stimulation in 7 cell types",
+    "synthetic": "sd.datasets.synthetic_perturbations(seed=0), with its true gene graph",
+}
+SPLITS = ("singles_to_doubles", "unseen_perturbations", "unseen_cell_type")
+
+
+def _benchmark_data(name: str):
+    """AnnData, setup keys and gene graph of a named data set or an .h5ad path."""
+    import anndata as ad
+
+    import scdoloris as sd
+
+    keys = {"perturbation_key": "perturbation", "control_value": "control", "cell_type_key": "cell_type"}
+    if name == "norman":
+        return sd.datasets.norman2019_subset(k562_only=True), keys, "auto"
+    if name == "mcfaline":
+        adata = sd.datasets.norman2019_subset()
+        adata = adata[(adata.obs["dataset"] == "mcfaline23").to_numpy()].copy()
+        adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
+        return adata, keys, "auto"
+    if name == "kang":
+        return sd.datasets.kang2018_subset(), keys | {"perturbation_key": "condition"}, "auto"
+    if name == "synthetic":
+        adata = sd.datasets.synthetic_perturbations(seed=0)
+        return adata, keys, adata.uns["synthetic"]["edges"]
+    if os.path.exists(name):
+        return ad.read_h5ad(name), keys, "auto"
+    raise SystemExit(f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)} or give an .h5ad path.")
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scdoloris as sd
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    adata, keys, gene_graph = _benchmark_data(args.dataset)
+    if args.perturbation_key:
+        keys["perturbation_key"] = args.perturbation_key
+    if args.control_value:
+        keys["control_value"] = args.control_value
+    if args.cell_type_key:
+        keys["cell_type_key"] = None if args.cell_type_key == "none" else args.cell_type_key
+    if args.split == "singles_to_doubles":
+        split = sd.benchmark.singles_to_doubles(adata, **keys)
+    elif args.split == "unseen_perturbations":
+        split = lambda seed: sd.benchmark.unseen_perturbations(adata, **keys, fraction=args.fraction, seed=seed)  # noqa: E731
+    else:
+        if args.cell_type is None:
+            raise SystemExit("--split unseen_cell_type needs --cell-type.")
+        split = sd.benchmark.unseen_cell_type(adata, args.cell_type, **keys)
+    methods = sd.benchmark.default_methods(
+        train_kwargs={"max_steps": args.max_steps, "batch_size": args.batch_size}, gene_graph=gene_graph
+    )
+    if args.methods:
+        methods = [m for m in methods if m.name in args.methods]
+    result = sd.benchmark.run_benchmark(adata, split, methods, seeds=args.seeds, n_cells=args.n_cells)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(
+        out, f"{os.path.basename(args.dataset).removesuffix('.h5ad')}_{result.split_name.replace(':', '-')}"
+    )
+    result.scores.to_csv(f"{stem}_scores.csv", index=False)
+    result.summary().to_csv(f"{stem}_summary.csv", index=False)
+    command = "scdoloris " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("scdoloris") else "scdoloris benchmark ..."
+    text = f"`{command}`\n\n{result.to_markdown()}\n"
+    with open(f"{stem}.md", "w") as handle:
+        handle.write(text)
+    print(text)
+    print("Doloris scores lower E-distance (all genes) than each method on this fraction of conditions x seeds:")
+    print(result.wins().to_string(float_format=lambda v: f"{v:.2f}"))
+    print(f"Wrote:\n  {stem}.md\n  {stem}_scores.csv\n  {stem}_summary.csv")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scdoloris`` command."""
     parser = argparse.ArgumentParser(prog="scdoloris", description="Doloris single-cell perturbation prediction.")
@@ -106,10 +185,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--max-steps", type=int, default=DEMO_STEPS, help=f"Training steps (default {DEMO_STEPS}).")
     demo.add_argument("--n-cells", type=int, default=100, help="Predicted cells per double (default 100).")
     demo.add_argument("--seed", type=int, default=0, help="Seed (default 0).")
+    bench = sub.add_parser(
+        "benchmark",
+        help="Fit Doloris and the baselines on a split; write markdown and CSV tables of the held-out scores.",
+    )
+    bench.add_argument(
+        "--dataset", required=True, help=f"One of {sorted(DATASETS)}, or a path to a log1p-normalised .h5ad."
+    )
+    bench.add_argument("--split", required=True, choices=SPLITS, help="What is held out.")
+    bench.add_argument("--cell-type", help="The held-out cell type (--split unseen_cell_type).")
+    bench.add_argument("--fraction", type=float, default=0.3, help="Held-out share of singles (default 0.3).")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds (default: 0).")
+    bench.add_argument("--out", default="doloris_benchmark", help="Output folder (default: ./doloris_benchmark).")
+    bench.add_argument("--max-steps", type=int, default=DEMO_STEPS, help=f"Doloris training steps ({DEMO_STEPS}).")
+    bench.add_argument("--batch-size", type=int, default=64, help="Doloris batch size (default 64).")
+    bench.add_argument("--n-cells", type=int, default=100, help="Generated cells per condition (default 100).")
+    bench.add_argument(
+        "--methods", nargs="+", help="Only these methods (doloris no_change mean_shift additive linear)."
+    )
+    bench.add_argument("--perturbation-key", help="obs column of the perturbation labels (for an .h5ad).")
+    bench.add_argument("--control-value", help="Label of control cells (for an .h5ad).")
+    bench.add_argument("--cell-type-key", help="obs column of cell types, or 'none' (for an .h5ad).")
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "benchmark":
+        return _benchmark(args)
     return 1  # pragma: no cover
 
 

@@ -1,5 +1,20 @@
-"""Baselines that Doloris must beat (``sd.baselines``)."""
+"""Baselines that Doloris must beat (``sd.baselines``).
 
+All baselines share one scikit-learn-like interface on AnnData: ``fit(adata, perturbation_key,
+control_value, cell_type_key, layer)``, then ``predict(perturbations, cell_type, n_cells, seed)``
+returns cells like :meth:`scdoloris.Doloris.predict_perturbation` (real control cells shifted by
+the predicted mean shift) and ``predict_shift(perturbations, cell_type)`` the mean shifts.
+
+- :class:`NoChange`: control cells unchanged.
+- :class:`MeanShift`: control plus the average shift of the training perturbations.
+- :class:`Additive`: control plus the sum of the single perturbations' shifts.
+- :class:`Linear`: the linear PCA-embedding model of Ahlmann-Eltze, Huber & Anders (2025).
+- :func:`no_change`: the older functional form of the "no change" baseline.
+"""
+
+from ._base import Baseline
+from ._linear import Linear
+from ._mean import Additive, MeanShift, NoChange
 from ._no_change import no_change
 
-__all__ = ["no_change"]
+__all__ = ["Additive", "Baseline", "Linear", "MeanShift", "NoChange", "no_change"]

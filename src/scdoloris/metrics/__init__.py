@@ -1,5 +1,12 @@
-"""Distances between predicted and real cells (``sd.metrics``)."""
+"""Evaluation of perturbation predictions (``sd.metrics``).
 
-from ._distances import edistance, emd, rmse_mean
+Distances between a predicted and a real set of cells (:func:`e_distance`, paper Eq. 20;
+:func:`emd`, Eq. 21; :func:`mean_rmse`; :func:`pearson_delta`), DE gene sets (:func:`de_genes`)
+and a per-condition evaluation table (:func:`evaluate`).
+"""
 
-__all__ = ["edistance", "emd", "rmse_mean"]
+from ._de import de_genes
+from ._distances import e_distance, emd, mean_rmse, pearson_delta
+from ._evaluate import evaluate
+
+__all__ = ["de_genes", "e_distance", "emd", "evaluate", "mean_rmse", "pearson_delta"]

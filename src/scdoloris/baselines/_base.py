@@ -1,0 +1,352 @@
+"""Shared machinery of the baselines: fitting pseudobulk means and making cells from control cells."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from ..perturbation import split_perturbation
+
+# The cell-type name Doloris (scvi-tools) gives all cells when no cell-type column is registered, so
+# that baseline predictions line up with Doloris' predictions of the same data.
+DEFAULT_CELL_TYPE = "0"
+# Key of the control condition among the canonical perturbation keys.
+CONTROL_KEY = ""
+
+
+def canonical(components: Sequence[str]) -> str:
+    """Order-free key of a perturbation's components: ``"B+A"`` and ``"A+B"`` are the same condition."""
+    return "+".join(sorted(components))
+
+
+def dense_rows(X, rows) -> np.ndarray:
+    """Rows of a dense or sparse matrix as a dense float64 array."""
+    block = X[rows]
+    block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+    return block.astype(np.float64, copy=False)
+
+
+class Baseline:
+    """A baseline perturbation-response predictor, fitted on an AnnData and predicting cells.
+
+    Subclasses predict a mean shift per perturbation and cell type (:meth:`predict_shift`);
+    :meth:`predict` turns it into cells by shifting real control cells of the same cell type, so
+    distribution metrics compare predicted and real cells like with like.
+
+    Parameters
+    ----------
+    clip
+        Clip shifted expression at 0 (log1p data is never negative).
+    """
+
+    #: Short name of the baseline, written to ``uns["baseline"]`` of predictions.
+    name: str = "baseline"
+
+    def __init__(self, clip: bool = True):
+        self.clip = clip
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        adata: AnnData,
+        perturbation_key: str = "perturbation",
+        control_value: str | Sequence[str] = "control",
+        cell_type_key: str | None = None,
+        layer: str | None = None,
+    ) -> Self:
+        """Fit the baseline on training cells.
+
+        Every training condition (perturbation label, per cell type when ``cell_type_key`` is given)
+        is reduced to its mean expression; labels naming the same components in another order
+        (``"A+B"``, ``"B+A"``) are pooled. Control cells are kept by reference (``adata`` is not
+        copied) to make cells at prediction time.
+
+        Parameters
+        ----------
+        adata
+            Control and perturbed training cells (log1p expression), dense or sparse.
+        perturbation_key
+            ``obs`` column of perturbation labels; combinations joined by ``"+"``.
+        control_value
+            Label(s) of unperturbed cells; components equal to one are dropped from labels
+            (``"KLF1+ctrl"`` is the single ``"KLF1"``).
+        cell_type_key
+            Optional ``obs`` column of cell types; shifts are computed within each cell type.
+            Without it all cells form one cell type named ``"0"``, as in Doloris.
+        layer
+            Layer with the expression; ``adata.X`` by default.
+
+        Returns
+        -------
+        The fitted baseline.
+
+        Raises
+        ------
+        ValueError
+            If a key or layer is missing, no control cell is found, or a cell type has no control cells.
+        """
+        if not isinstance(adata, AnnData):
+            raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}.")
+        for name, key in [("perturbation_key", perturbation_key), ("cell_type_key", cell_type_key)]:
+            if key is not None and key not in adata.obs:
+                raise ValueError(f"{name}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(f"layer={layer!r} is not a layer of adata (layers: {list(adata.layers)}).")
+        controls = [control_value] if isinstance(control_value, str) else [str(c) for c in control_value]
+        labels = adata.obs[perturbation_key].astype(str).to_numpy()
+        is_control = np.isin(labels, controls)
+        if not is_control.any():
+            raise ValueError(
+                f"control_value {control_value!r} does not occur in adata.obs[{perturbation_key!r}] "
+                f"(values include {sorted(set(labels))[:10]})."
+            )
+        if cell_type_key is None:
+            types = np.full(adata.n_obs, DEFAULT_CELL_TYPE, dtype=object)
+        else:
+            types = adata.obs[cell_type_key].astype(str).to_numpy()
+        present = set(types)
+        if cell_type_key is not None and isinstance(adata.obs[cell_type_key].dtype, pd.CategoricalDtype):
+            # Category order, as Doloris (scvi-tools) registers it: the same control draws per seed.
+            cell_types = [str(c) for c in adata.obs[cell_type_key].cat.categories if str(c) in present]
+        else:
+            cell_types = sorted(present)
+        without = sorted(set(cell_types) - set(types[is_control]))
+        if without:
+            raise ValueError(f"Cell type(s) {without} have no control cells ({control_value!r}); cannot shift them.")
+
+        # One key per distinct label, not per cell.
+        key_of = {
+            label: CONTROL_KEY if label in controls else canonical(split_perturbation(label, controls))
+            for label in set(labels)
+        }
+        keys = np.array([key_of[label] for label in labels], dtype=object)
+        X = adata.X if layer is None else adata.layers[layer]
+        groups = pd.MultiIndex.from_arrays([keys, types], names=["perturbation", "cell_type"])
+        codes, uniques = pd.factorize(groups, sort=True)
+        counts = np.bincount(codes, minlength=len(uniques)).astype(np.float64)
+        indicator = sparse.csr_matrix(
+            (1.0 / counts[codes], (codes, np.arange(adata.n_obs))), shape=(len(uniques), adata.n_obs)
+        )
+        means = indicator @ X
+        means = means.toarray() if sparse.issparse(means) else np.asarray(means)
+        means = pd.DataFrame(
+            means.astype(np.float64), index=pd.MultiIndex.from_tuples(uniques), columns=adata.var_names
+        )
+        means.index.names = ["perturbation", "cell_type"]
+
+        control_means = means.xs(CONTROL_KEY, level="perturbation").loc[cell_types]
+        perturbed = means.drop(index=CONTROL_KEY, level="perturbation")
+        shifts = perturbed - control_means.loc[perturbed.index.get_level_values("cell_type")].to_numpy()
+
+        self.adata_ = adata
+        self.layer_ = layer
+        self.perturbation_key_ = perturbation_key
+        self.cell_type_key_ = cell_type_key
+        self.control_values_ = controls
+        self.genes_ = adata.var_names.copy()
+        self.cell_types_ = cell_types
+        self.control_rows_ = {t: np.flatnonzero(is_control & (types == t)) for t in cell_types}
+        self.condition_means_ = means
+        self.control_means_ = control_means
+        self.shifts_ = shifts
+        self.n_cells_ = pd.Series(counts, index=means.index, dtype=np.int64)
+        self._fit(means, control_means, shifts)
+        return self
+
+    def _fit(self, means: pd.DataFrame, control_means: pd.DataFrame, shifts: pd.DataFrame) -> None:
+        """Model-specific fitting on the pseudobulk means (nothing by default)."""
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "shifts_"):
+            raise ValueError(f"This {type(self).__name__} is not fitted yet; call fit(adata, ...) first.")
+
+    # ------------------------------------------------------------------ prediction
+    def _shift(self, components: list[list[str]], labels: list[str], cell_type: str) -> np.ndarray:
+        """Predicted mean shifts ``(perturbations, genes)`` in ``cell_type``; subclasses implement this."""
+        raise NotImplementedError
+
+    def _resolve_perturbations(self, perturbations: str | Sequence[str]) -> tuple[list[str], list[list[str]]]:
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        perturbations = list(dict.fromkeys(str(p) for p in perturbations))
+        if not perturbations:
+            raise ValueError("No perturbation given.")
+        components = [split_perturbation(p, self.control_values_) for p in perturbations]
+        empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
+        if empty:
+            raise ValueError(f"{empty} are control labels, not perturbations.")
+        return perturbations, components
+
+    def _resolve_cell_types(self, cell_type: str | Sequence[str] | None) -> list[str]:
+        if cell_type is None:
+            return list(self.cell_types_)
+        asked = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
+        unknown = [c for c in asked if c not in self.cell_types_]
+        if unknown:
+            raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {self.cell_types_}.")
+        return list(dict.fromkeys(asked))
+
+    def predict_shift(
+        self, perturbations: str | Sequence[str], cell_type: str | Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """Predicted mean shift (perturbed minus control mean expression) per perturbation and cell type.
+
+        Parameters
+        ----------
+        perturbations
+            Labels such as ``"KLF1"`` or ``"KLF1+MAP2K6"``.
+        cell_type
+            Cell type(s) to predict in; ``None``: every training cell type.
+
+        Returns
+        -------
+        DataFrame with a ``(perturbation, cell_type)`` index and the training genes as columns.
+        Add ``control_means_.loc[cell_type]`` for the predicted mean expression.
+
+        Raises
+        ------
+        ValueError
+            Naming unknown perturbations or cell types, or when the baseline is not fitted.
+
+        Examples
+        --------
+        >>> import scdoloris as sd
+        >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+        >>> baseline = sd.baselines.MeanShift().fit(adata)
+        >>> baseline.predict_shift(["G001", "G002"]).shape
+        (2, 20)
+        """
+        self._check_fitted()
+        labels, components = self._resolve_perturbations(perturbations)
+        types = self._resolve_cell_types(cell_type)
+        blocks = [self._shift(components, labels, t) for t in types]
+        index = pd.MultiIndex.from_tuples([(p, t) for t in types for p in labels], names=["perturbation", "cell_type"])
+        return pd.DataFrame(np.concatenate(blocks), index=index, columns=self.genes_)
+
+    def _source_cells(self, adata, cell_type, n_cells, seed):
+        """Control expression, names and cell types of the cells to shift."""
+        if adata is not None:
+            if not isinstance(adata, AnnData):
+                raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
+            missing = self.genes_.difference(adata.var_names)
+            if len(missing):
+                raise ValueError(f"adata lacks {len(missing)} of the training genes, e.g. {list(missing[:5])}.")
+            if self.layer_ is not None and self.layer_ not in adata.layers:
+                raise ValueError(f"adata has no layer {self.layer_!r}, which the baseline was fitted on.")
+            key = self.cell_type_key_
+            if key is not None and key in adata.obs:
+                types = adata.obs[key].astype(str).to_numpy()
+                self._resolve_cell_types(sorted(set(types)))
+            else:
+                if cell_type is None and len(self.cell_types_) > 1:
+                    raise ValueError(f"adata has no column {key!r}; say which cell type its cells are with cell_type=.")
+                types = np.full(adata.n_obs, self._resolve_cell_types(cell_type)[0], dtype=object)
+            view = adata[:, self.genes_]
+            X = view.X if self.layer_ is None else view.layers[self.layer_]
+            return dense_rows(X, np.arange(adata.n_obs)), list(adata.obs_names), list(types)
+
+        if int(n_cells) < 1:
+            raise ValueError(f"n_cells must be at least 1, got {n_cells}.")
+        # The same draw as Doloris.predict_perturbation: one stream, cell types in order.
+        rng = np.random.default_rng(seed)
+        rows, types = [], []
+        for name in self._resolve_cell_types(cell_type):
+            pool = self.control_rows_[name]
+            rows.append(np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells)))
+            types += [name] * n_cells
+        rows = np.concatenate(rows)
+        X = self.adata_.X if self.layer_ is None else self.adata_.layers[self.layer_]
+        return dense_rows(X, rows), list(self.adata_.obs_names[rows]), types
+
+    def predict(
+        self,
+        perturbations: str | Sequence[str],
+        cell_type: str | Sequence[str] | None = None,
+        n_cells: int = 100,
+        seed: int = 0,
+        adata: AnnData | None = None,
+    ) -> AnnData:
+        """Predict cells: real control cells shifted by the predicted mean shift.
+
+        Parameters
+        ----------
+        perturbations
+            Labels such as ``"KLF1"`` or ``"KLF1+MAP2K6"``.
+        cell_type
+            Cell type(s) to predict in; ``None``: every training cell type.
+        n_cells
+            Cells per perturbation and cell type, drawn from that cell type's training controls with
+            ``seed`` (with replacement only when there are fewer controls); the same cells for every
+            perturbation, and the same draw as :meth:`scdoloris.Doloris.predict_perturbation`.
+        seed
+            Seed of the draw.
+        adata
+            Control cells to shift instead (one prediction per cell and perturbation); their cell type
+            comes from the fitted cell-type column when present, else from ``cell_type``.
+
+        Returns
+        -------
+        AnnData like :meth:`scdoloris.Doloris.predict_perturbation`'s: dense float32 ``X``, the
+        training genes as ``var``, ``obs`` with ``perturbation``, ``cell_type``, ``dose`` (NaN),
+        ``control_cell`` (name of the shifted control cell) and ``is_predicted`` (``True``), also
+        under the fitted column names; ``uns["baseline"]`` names the baseline.
+
+        Raises
+        ------
+        ValueError
+            Naming unknown perturbations or cell types, or when the baseline is not fitted.
+
+        Examples
+        --------
+        >>> import scdoloris as sd
+        >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+        >>> pred = sd.baselines.MeanShift().fit(adata).predict(["G001", "G002"], n_cells=10)
+        >>> pred.shape
+        (20, 20)
+        """
+        self._check_fitted()
+        labels, _ = self._resolve_perturbations(perturbations)
+        x, names, types = self._source_cells(adata, cell_type, n_cells, seed)
+        types = np.asarray(types, dtype=object)
+        shifts = self.predict_shift(labels, list(dict.fromkeys(types)))
+        blocks = []
+        for p in labels:
+            shift = shifts.xs(p, level="perturbation").loc[types].to_numpy()
+            block = x + shift
+            if self.clip:
+                block = np.clip(block, 0.0, None)
+            blocks.append(block.astype(np.float32))
+        n = len(names)
+        pert_column = np.repeat(labels, n)
+        type_column = np.tile(types.astype(str), len(labels))
+        obs = pd.DataFrame(
+            {
+                "perturbation": pd.Categorical(pert_column, categories=labels),
+                "cell_type": pd.Categorical(type_column),
+                "dose": np.full(len(pert_column), np.nan),
+                "control_cell": np.tile(np.asarray(names, dtype=object), len(labels)),
+                "is_predicted": True,
+            }
+        )
+        # Also under the user's own column names, so predictions concatenate with their data.
+        for user_key, column in [(self.perturbation_key_, "perturbation"), (self.cell_type_key_, "cell_type")]:
+            if user_key is not None and user_key not in obs:
+                obs[user_key] = obs[column]
+        counter = obs.groupby(["perturbation", "cell_type"], observed=True).cumcount().to_numpy()
+        obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(pert_column, type_column, counter, strict=True)]
+        result = AnnData(X=np.concatenate(blocks), obs=obs, var=self.adata_.var.copy())
+        result.uns["baseline"] = {"name": self.name}
+        return result
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        state = "fitted" if hasattr(self, "shifts_") else "not fitted"
+        return f"{type(self).__name__}({params}) [{state}]"
+
+    def _params(self) -> dict:
+        return {"clip": self.clip}

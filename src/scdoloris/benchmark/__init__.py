@@ -1,0 +1,17 @@
+"""Seeded splits and the runner that compares Doloris with the baselines on them."""
+
+from ._runner import BaselineMethod, BenchmarkResult, DolorisMethod, default_methods, run_benchmark, score_condition
+from ._splits import Split, singles_to_doubles, unseen_cell_type, unseen_perturbations
+
+__all__ = [
+    "BaselineMethod",
+    "BenchmarkResult",
+    "DolorisMethod",
+    "Split",
+    "default_methods",
+    "run_benchmark",
+    "score_condition",
+    "singles_to_doubles",
+    "unseen_cell_type",
+    "unseen_perturbations",
+]

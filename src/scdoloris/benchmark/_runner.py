@@ -1,0 +1,293 @@
+"""Fit Doloris and the baselines on the same split and seeds; score every held-out condition."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .. import baselines, metrics
+from ._splits import SINGLE_CELL_TYPE, Split
+
+DISTRIBUTION_METRICS = ("e_distance", "emd")
+DEFAULT_METRICS = ("e_distance", "emd", "mean_rmse", "pearson_delta")
+
+
+class DolorisMethod:
+    """Doloris behind the same ``fit(adata, split, seed)`` / ``predict(...)`` interface as the baselines.
+
+    Parameters
+    ----------
+    model_kwargs
+        Passed to :class:`scdoloris.Doloris` (e.g. ``gene_graph``, ``n_hidden``).
+    train_kwargs
+        Passed to :meth:`scdoloris.Doloris.train` (e.g. ``max_steps``, ``batch_size``).
+    """
+
+    name = "doloris"
+
+    def __init__(self, model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None):
+        self.model_kwargs = dict(model_kwargs or {})
+        self.train_kwargs = dict(train_kwargs or {})
+        self.model = None
+
+    def fit(self, train: ad.AnnData, split: Split, seed: int) -> DolorisMethod:
+        """Register ``train`` (a copy), build and train a model with ``seed``."""
+        import scvi
+
+        from ..model import Doloris
+
+        train = train.copy()
+        Doloris.setup_anndata(
+            train,
+            perturbation_key=split.perturbation_key,
+            control_value=split.control_value,
+            cell_type_key=split.cell_type_key,
+        )
+        previous = scvi.settings.seed
+        scvi.settings.seed = seed  # also seeds the initial weights
+        try:
+            self.model = Doloris(train, **self.model_kwargs)
+            self.model.train(**{"enable_progress_bar": False, **self.train_kwargs, "seed": seed})
+        finally:
+            scvi.settings.seed = previous
+        return self
+
+    def predict(self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int) -> ad.AnnData:
+        """Generated cells of ``perturbations`` in ``cell_type``."""
+        return self.model.predict_perturbation(list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed)
+
+
+class BaselineMethod:
+    """A :mod:`scdoloris.baselines` class behind the runner's interface."""
+
+    def __init__(self, name: str, factory: Callable[[], object]):
+        self.name = name
+        self.factory = factory
+        self.fitted = None
+
+    def fit(self, train: ad.AnnData, split: Split, seed: int) -> BaselineMethod:
+        """Fit a fresh baseline on ``train``."""
+        self.fitted = self.factory().fit(
+            train,
+            perturbation_key=split.perturbation_key,
+            control_value=split.control_value,
+            cell_type_key=split.cell_type_key,
+        )
+        return self
+
+    def predict(self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int) -> ad.AnnData:
+        """Predicted cells of ``perturbations`` in ``cell_type``."""
+        return self.fitted.predict(list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed)
+
+
+def default_methods(
+    model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None, gene_graph="auto"
+) -> list:
+    """Doloris and every baseline: no change, mean shift, additive, linear."""
+    return [
+        DolorisMethod({"gene_graph": gene_graph, **(model_kwargs or {})}, train_kwargs),
+        BaselineMethod("no_change", baselines.NoChange),
+        BaselineMethod("mean_shift", baselines.MeanShift),
+        BaselineMethod("additive", baselines.Additive),
+        BaselineMethod("linear", lambda: baselines.Linear(gene_graph=gene_graph)),
+    ]
+
+
+@dataclass
+class BenchmarkResult:
+    """Scores of every method on every held-out condition, seed, gene set and metric.
+
+    ``scores`` is tidy: columns ``method``, ``seed``, ``perturbation``, ``cell_type``, ``gene_set``,
+    ``metric``, ``value``. Methods that could not predict a condition (e.g. the additive baseline
+    for a gene it never saw) are listed in ``failures`` instead.
+    """
+
+    scores: pd.DataFrame
+    split_name: str
+    failures: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["method", "seed", "perturbation", "error"])
+    )
+    seconds: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """Mean, std and count over conditions and seeds, per method, gene set and metric."""
+        grouped = self.scores.groupby(["gene_set", "metric", "method"], sort=False)["value"]
+        return grouped.agg(["mean", "std", "count"]).reset_index()
+
+    def to_markdown(self, digits: int = 3) -> str:
+        """One table per gene set: methods as rows, ``mean ± std`` per metric as columns."""
+        summary = self.summary()
+        lines = []
+        for gene_set, table in summary.groupby("gene_set", sort=False):
+            cells = table.assign(
+                text=[
+                    f"{m:.{digits}f} ± {0.0 if np.isnan(s) else s:.{digits}f}"
+                    for m, s in zip(table["mean"], table["std"], strict=True)
+                ]
+            )
+            wide = cells.pivot(index="method", columns="metric", values="text")
+            wide = wide.reindex(
+                index=list(dict.fromkeys(table["method"])), columns=list(dict.fromkeys(table["metric"]))
+            )
+            lines.append(f"**{self.split_name}, genes: {gene_set}** (mean ± std over conditions and seeds)\n")
+            lines.append("| method | " + " | ".join(wide.columns) + " |")
+            lines.append("|---|" + "---|" * len(wide.columns))
+            for method, row in wide.iterrows():
+                lines.append(f"| {method} | " + " | ".join(str(v) for v in row.to_numpy()) + " |")
+            lines.append("")
+        if len(self.failures):
+            lines.append(f"Not predicted: {self.failures.groupby('method').size().to_dict()} condition(s) per method.")
+        return "\n".join(lines)
+
+    def wins(self, metric: str = "e_distance", gene_set: str = "all", against: str | None = None) -> pd.Series:
+        """For each method, the fraction of (condition, seed) pairs where Doloris scores lower."""
+        table = self.scores[(self.scores["metric"] == metric) & (self.scores["gene_set"] == gene_set)]
+        wide = table.pivot_table(index=["seed", "perturbation", "cell_type"], columns="method", values="value")
+        others = [m for m in wide.columns if m != "doloris"] if against is None else [against]
+        # Each pair over the conditions both methods predicted.
+        wins = {
+            m: float((pair["doloris"] < pair[m]).mean()) for m in others if len(pair := wide[["doloris", m]].dropna())
+        }
+        return pd.Series(wins, name=f"doloris_wins_{metric}")
+
+
+def _dense(matrix) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
+
+
+def score_condition(
+    predicted: ad.AnnData,
+    real: ad.AnnData,
+    control: ad.AnnData,
+    gene_sets: Mapping[str, Sequence[str] | None],
+    metric_names: Sequence[str] = DEFAULT_METRICS,
+) -> list[dict]:
+    """Every metric over every gene set for one condition (log1p scale)."""
+    rows = []
+    for gene_set, genes in gene_sets.items():
+        columns = slice(None) if genes is None else real.var_names.get_indexer(list(genes))
+        if genes is not None and (columns < 0).any():
+            raise KeyError(f"Genes of set {gene_set!r} are not in the data.")
+        p = _dense(predicted[:, columns].X)
+        r = _dense(real[:, columns].X)
+        c = _dense(control[:, columns].X)
+        for name in metric_names:
+            if name == "e_distance":
+                value = metrics.e_distance(p, r)
+            elif name == "emd":
+                value = metrics.emd(p, r)
+            elif name == "mean_rmse":
+                value = metrics.mean_rmse(p, r)
+            elif name == "pearson_delta":
+                value = metrics.pearson_delta(p, r, c)
+            else:
+                raise ValueError(f"Unknown metric {name!r}; choose from {DEFAULT_METRICS}.")
+            rows.append({"gene_set": gene_set, "metric": name, "value": float(value)})
+    return rows
+
+
+def run_benchmark(
+    adata: ad.AnnData,
+    split: Split | Callable[[int], Split],
+    methods: Sequence | None = None,
+    seeds: Sequence[int] = (0,),
+    n_cells: int = 100,
+    n_de_genes: Sequence[int] = (20, 40),
+    metric_names: Sequence[str] = DEFAULT_METRICS,
+    progress: bool = True,
+) -> BenchmarkResult:
+    """Fit every method on the split's training cells and score its predictions of the held-out conditions.
+
+    Every method gets the same training cells, seeds and number of generated cells. Methods that
+    shift control cells and Doloris both start from ``n_cells`` control cells of the cell type,
+    so distribution metrics compare like with like. DE genes (top ``n`` by Wilcoxon of the real
+    cells vs the controls of the same cell type) come from :func:`scdoloris.metrics.de_genes`.
+
+    Parameters
+    ----------
+    adata
+        The whole data set (log1p expression in ``X``).
+    split
+        A :class:`Split`, or a function of the seed returning one (for seeded splits: every seed
+        gets its own split).
+    methods
+        Objects with ``name``, ``fit(train, split, seed)`` and ``predict(perturbations, cell_type,
+        n_cells, seed)``; :func:`default_methods` by default.
+    seeds
+        Seeds; each refits every method.
+    n_cells
+        Cells generated per condition.
+    n_de_genes
+        Sizes of the DE-gene sets scored besides all genes.
+    metric_names
+        Metrics to report.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    BenchmarkResult
+    """
+    methods = list(default_methods() if methods is None else methods)
+    rows, failures, seconds = [], [], {}
+    de_cache: dict = {}
+    total = len(seeds) * len(methods)
+    with tqdm(total=total, desc="benchmark", disable=not progress) as bar:
+        for seed in seeds:
+            current = split(seed) if callable(split) else split
+            train = current.train_data(adata)
+            for method in methods:
+                bar.set_postfix_str(f"seed {seed}, {method.name}")
+                start = time.perf_counter()
+                method.fit(train, current, seed)
+                for cell_type, conditions in current.test.groupby("cell_type", sort=False):
+                    ct = None if cell_type == SINGLE_CELL_TYPE else cell_type
+                    control = current.controls(adata, ct)
+                    for perturbation in conditions["perturbation"]:
+                        try:
+                            predicted = method.predict([perturbation], ct, n_cells, seed)
+                        except (KeyError, ValueError) as error:
+                            failures.append(
+                                {"method": method.name, "seed": seed, "perturbation": perturbation, "error": str(error)}
+                            )
+                            continue
+                        real = current.cells(adata, perturbation, ct)
+                        key = (perturbation, cell_type)
+                        if key not in de_cache:
+                            de_cache[key] = _de_gene_sets(adata, current, perturbation, ct, n_de_genes)
+                        for row in score_condition(predicted, real, control, de_cache[key], metric_names):
+                            rows.append(
+                                {
+                                    "method": method.name,
+                                    "seed": seed,
+                                    "perturbation": perturbation,
+                                    "cell_type": cell_type,
+                                }
+                                | row
+                            )
+                seconds[(seed, method.name)] = time.perf_counter() - start
+                bar.update()
+    failures_table = pd.DataFrame(failures, columns=["method", "seed", "perturbation", "error"])
+    name = (split(seeds[0]) if callable(split) else split).name
+    return BenchmarkResult(pd.DataFrame(rows), name, failures_table, seconds)
+
+
+def _de_gene_sets(adata, split: Split, perturbation: str, cell_type, sizes) -> dict:
+    """``{"all": None, "DE20": [...], ...}`` for one condition, DE from the real cells."""
+    sets: dict = {"all": None}
+    sizes = [n for n in sizes if n < adata.n_vars]  # a "top n" of all genes would repeat "all"
+    if not sizes:
+        return sets
+    real = split.cells(adata, perturbation, cell_type)
+    control = split.controls(adata, cell_type)
+    both = ad.concat({"condition": real, "control": control}, label="_group", index_unique="-")
+    largest = metrics.de_genes(both, groupby="_group", group="condition", reference="control", n=max(sizes))
+    for n in sizes:
+        sets[f"DE{n}"] = list(largest[:n])
+    return sets

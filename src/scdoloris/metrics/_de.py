@@ -1,0 +1,198 @@
+"""Differentially expressed (DE) genes of a condition vs control, for gene-set restricted metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from ._inputs import Matrix
+
+
+def _matrix_of(adata: AnnData, layer: str | None) -> Matrix:
+    """``adata.X`` or ``adata.layers[layer]``, with a clear error if missing."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("`adata` has no `.X`; pass `layer`.")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found in `adata.layers` (available: {list(adata.layers)}).")
+    return adata.layers[layer]
+
+
+def _obs_column(adata: AnnData, key: str, name: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise KeyError(f"Column {key!r} not found in `{name}.obs` (columns: {list(adata.obs.columns)}).")
+    return adata.obs[key]
+
+
+def _check_n(n: int, n_genes: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"`n` must be a positive integer, got {n!r}.")
+    if n > n_genes:
+        raise ValueError(f"Cannot select {n} DE genes: the data have only {n_genes} genes.")
+    return int(n)
+
+
+def rank_genes(
+    group: Matrix,
+    reference: Matrix,
+    var_names: pd.Index,
+    *,
+    layer_log1p: Mapping | None = None,
+    rankby_abs: bool = True,
+) -> list:
+    """All genes ranked by the Wilcoxon score of ``group`` vs ``reference`` (scanpy), best first.
+
+    Works on a new, minimal AnnData that holds only the two sets of cells, so the caller's data are
+    never modified. Gene names are handled by position, so duplicated names are fine.
+    """
+    import scanpy as sc
+
+    if group.shape[0] < 2 or reference.shape[0] < 2:
+        raise ValueError(
+            "The Wilcoxon test needs at least 2 cells in both the condition and the reference, got "
+            f"{group.shape[0]} and {reference.shape[0]}."
+        )
+    if sp.issparse(group) or sp.issparse(reference):
+        x = sp.vstack([sp.csr_matrix(group), sp.csr_matrix(reference)], format="csr")
+    else:
+        x = np.vstack([np.asarray(group), np.asarray(reference)])
+    labels = pd.Categorical(
+        ["group"] * group.shape[0] + ["reference"] * reference.shape[0], categories=["group", "reference"]
+    )
+    obs = pd.DataFrame({"_de_group": labels}, index=pd.RangeIndex(x.shape[0]).astype(str))
+    var = pd.DataFrame(index=pd.RangeIndex(x.shape[1]).astype(str))
+    tmp = AnnData(X=x, obs=obs, var=var)
+    if isinstance(layer_log1p, Mapping):
+        # Only used by scanpy for the (unused here) log fold changes; avoids a spurious warning.
+        tmp.uns["log1p"] = dict(layer_log1p)
+    sc.tl.rank_genes_groups(
+        tmp,
+        "_de_group",
+        groups=["group"],
+        reference="reference",
+        method="wilcoxon",
+        n_genes=x.shape[1],
+        rankby_abs=rankby_abs,
+        use_raw=False,
+        pts=False,
+    )
+    positions = tmp.uns["rank_genes_groups"]["names"]["group"].astype(int)
+    return list(var_names[positions])
+
+
+def de_genes(
+    adata: AnnData,
+    groupby: str,
+    group: Hashable,
+    reference: Hashable,
+    n: int = 20,
+    cell_type_key: str | None = None,
+    cell_type: Hashable | None = None,
+    *,
+    layer: str | None = None,
+    rankby_abs: bool = True,
+) -> list:
+    """Top-``n`` differentially expressed genes of a condition vs control.
+
+    Genes are ranked with :func:`scanpy.tl.rank_genes_groups` (``method="wilcoxon"``) comparing
+    the cells with ``adata.obs[groupby] == group`` to those with ``adata.obs[groupby] ==
+    reference``, restricted to one cell type when ``cell_type_key`` is given. The test runs on a
+    new AnnData holding only those cells: ``adata`` (including ``.uns``) is never modified.
+
+    All genes are ranked once and the first ``n`` returned, so ``de_genes(..., n=20)`` is always the
+    prefix of ``de_genes(..., n=40)``. Expression should be log-normalised (log1p), as for any
+    Wilcoxon DE test in scanpy.
+
+    Parameters
+    ----------
+    adata
+        Annotated data with real cells of the condition and of the control.
+    groupby
+        Column of ``adata.obs`` with the condition labels (e.g. ``"perturbation"``).
+    group
+        The condition whose DE genes are wanted.
+    reference
+        The control label in ``adata.obs[groupby]`` (e.g. ``"control"``).
+    n
+        Number of genes to return (20 and 40 are the usual choices).
+    cell_type_key
+        Column of ``adata.obs`` with cell types. If given, both the condition and the control cells
+        are restricted to ``cell_type``.
+    cell_type
+        The cell type to use with ``cell_type_key``. If ``None``, the condition's cells must all
+        have one cell type, which is used.
+    layer
+        Layer of ``adata`` to use instead of ``.X``.
+    rankby_abs
+        Rank genes by the absolute value of the Wilcoxon score (default), i.e. up- and
+        down-regulated genes together, as in GEARS and CPA. If ``False``, rank by the signed score
+        (scanpy's default), i.e. up-regulated genes first.
+
+    Returns
+    -------
+    list
+        ``n`` gene names (from ``adata.var_names``), most differentially expressed first.
+
+    Raises
+    ------
+    KeyError
+        If a column or layer is missing.
+    ValueError
+        If ``group`` equals ``reference``, there are fewer than 2 cells of the condition or of the
+        control (in the cell type), the cell type is ambiguous, or ``n`` is not in
+        ``1..adata.n_vars``.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> import scdoloris as sd
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.poisson(1.0, size=(60, 50)).astype(float)
+    >>> x[:30, [3, 7]] += 5.0  # genes g3 and g7 go up in the perturbed cells
+    >>> adata = ad.AnnData(
+    ...     np.log1p(x),
+    ...     obs=pd.DataFrame({"perturbation": ["KO"] * 30 + ["control"] * 30}, index=[f"c{i}" for i in range(60)]),
+    ...     var=pd.DataFrame(index=[f"g{j}" for j in range(50)]),
+    ... )
+    >>> sorted(sd.metrics.de_genes(adata, "perturbation", "KO", "control", n=2))
+    ['g3', 'g7']
+    """
+    if group == reference:
+        raise ValueError(f"`group` and `reference` are the same label ({group!r}).")
+    n = _check_n(n, adata.n_vars)
+    labels = _obs_column(adata, groupby, "adata")
+    in_group = labels.isin([group]).to_numpy()
+    in_reference = labels.isin([reference]).to_numpy()
+    if cell_type_key is not None:
+        types = _obs_column(adata, cell_type_key, "adata")
+        if cell_type is None:
+            present = pd.unique(types[in_group])
+            if len(present) != 1:
+                raise ValueError(
+                    f"Cells of {group!r} have {len(present)} cell types ({list(present)}); pass `cell_type`."
+                )
+            cell_type = present[0]
+        in_type = types.isin([cell_type]).to_numpy()
+        in_group &= in_type
+        in_reference &= in_type
+    where = "" if cell_type_key is None else f" of cell type {cell_type!r}"
+    if not in_group.any():
+        raise ValueError(f"No cells with {groupby} == {group!r}{where}.")
+    if not in_reference.any():
+        raise ValueError(f"No cells with {groupby} == {reference!r}{where}.")
+    x = _matrix_of(adata, layer)
+    ranked = rank_genes(
+        x[np.flatnonzero(in_group)],
+        x[np.flatnonzero(in_reference)],
+        adata.var_names,
+        layer_log1p=adata.uns.get("log1p") if layer is None else None,
+        rankby_abs=rankby_abs,
+    )
+    return ranked[:n]

@@ -1,0 +1,134 @@
+"""Seeded splits and the benchmark runner."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SMALL
+
+import scdoloris as sd
+
+
+@pytest.fixture(scope="module")
+def norman():
+    return sd.datasets.norman2019_subset()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return sd.datasets.synthetic_perturbations(n_genes=30, n_perturbed_genes=6, n_doubles=3, seed=0)
+
+
+def _labels(adata, mask=None):
+    labels = adata.obs["perturbation"].astype(str)
+    return set(labels if mask is None else labels[mask])
+
+
+def test_singles_to_doubles(norman):
+    k562 = norman[(norman.obs["cell_type"] == "k562").to_numpy()]
+    split = sd.benchmark.singles_to_doubles(k562, cell_type_key="cell_type")
+    trained = _labels(k562, split.train)
+    assert "control" in trained and not any("+" in p for p in trained) and len(trained) == 19
+    assert len(split.test) == 15 and split.test["perturbation"].str.contains("+", regex=False).all()
+    assert set(split.test["cell_type"]) == {"k562"}
+    train = split.train_data(k562)
+    assert train.n_obs == int(split.train.sum()) and "KLF1+MAP2K6" not in train.obs["perturbation"].cat.categories
+    assert split.cells(k562, "KLF1+MAP2K6", "k562").n_obs == 100
+    assert split.controls(k562, "k562").n_obs == 100
+
+
+def test_unseen_perturbations_seeded(synthetic):
+    a = sd.benchmark.unseen_perturbations(synthetic, fraction=0.3, seed=0)
+    b = sd.benchmark.unseen_perturbations(synthetic, fraction=0.3, seed=0)
+    c = sd.benchmark.unseen_perturbations(synthetic, fraction=0.3, seed=1)
+    pd.testing.assert_frame_equal(a.test, b.test)
+    assert list(a.test["perturbation"]) != list(c.test["perturbation"])
+    singles = {p for p in _labels(synthetic) if p != "control" and "+" not in p}
+    held_out = set(a.test["perturbation"])
+    assert len(held_out) == round(0.3 * len(singles)) and held_out <= singles
+    trained = _labels(synthetic, a.train)
+    # No held-out perturbation is trained, nor any combination (it could contain one).
+    assert not trained & held_out and not any("+" in p for p in trained) and "control" in trained
+    assert trained | held_out == singles | {"control"}
+
+
+def test_unseen_cell_type_keeps_its_controls(norman):
+    mcfaline = norman[(norman.obs["dataset"] == "mcfaline23").to_numpy()]
+    split = sd.benchmark.unseen_cell_type(mcfaline, "A172", cell_type_key="cell_type")
+    train = split.train_data(mcfaline)
+    a172 = train.obs["cell_type"] == "A172"
+    assert set(train.obs.loc[a172, "perturbation"].astype(str)) == {"control"}
+    assert set(split.test["cell_type"]) == {"A172"} and len(split.test) == 9
+    other = train[~a172.to_numpy()]
+    assert set(split.test["perturbation"]) <= set(other.obs["perturbation"].astype(str))
+
+
+def test_unseen_cell_type_on_kang():
+    kang = sd.datasets.kang2018_subset()
+    split = sd.benchmark.unseen_cell_type(kang, "CD4T", perturbation_key="condition", cell_type_key="cell_type")
+    assert split.test.to_dict("records") == [{"perturbation": "stimulated", "cell_type": "CD4T"}]
+    train = kang[split.train]
+    assert not ((train.obs["cell_type"] == "CD4T") & (train.obs["condition"] == "stimulated")).any()
+    assert ((train.obs["cell_type"] == "CD4T") & (train.obs["condition"] == "control")).sum() == 278
+
+
+def test_split_errors(synthetic):
+    with pytest.raises(ValueError, match="fraction"):
+        sd.benchmark.unseen_perturbations(synthetic, fraction=1.5)
+    with pytest.raises(ValueError, match="nope"):
+        sd.benchmark.unseen_cell_type(synthetic, "nope")
+    singles_only = synthetic[~synthetic.obs["perturbation"].astype(str).str.contains("+", regex=False).to_numpy()]
+    with pytest.raises(ValueError, match="combination"):
+        sd.benchmark.singles_to_doubles(singles_only)
+    with pytest.raises(KeyError, match="missing"):
+        sd.benchmark.singles_to_doubles(synthetic, perturbation_key="missing")
+
+
+# ---------------------------------------------------------------------------------------- runner
+@pytest.fixture(scope="module")
+def result(synthetic):
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    methods = sd.benchmark.default_methods(
+        model_kwargs=SMALL, train_kwargs={"max_steps": 30}, gene_graph=synthetic.uns["synthetic"]["edges"]
+    )
+    return sd.benchmark.run_benchmark(synthetic, split, methods, seeds=(0, 1), n_cells=20, progress=False)
+
+
+def test_runner_scores_every_method_condition_and_seed(result):
+    scores = result.scores
+    assert set(scores["method"]) == {"doloris", "no_change", "mean_shift", "additive", "linear"}
+    assert set(scores["seed"]) == {0, 1}
+    assert set(scores["gene_set"]) == {"all", "DE20"}  # 30 genes: no top 40
+    assert set(scores["metric"]) == {"e_distance", "emd", "mean_rmse", "pearson_delta"}
+    per_method = scores.groupby("method").size()
+    assert per_method.nunique() == 1  # every method scored on every condition, seed, gene set and metric
+    assert len(result.failures) == 0
+    assert np.isfinite(scores["value"]).all()
+
+
+def test_runner_summary_and_markdown(result):
+    summary = result.summary()
+    row = summary[
+        (summary["method"] == "no_change") & (summary["metric"] == "e_distance") & (summary["gene_set"] == "all")
+    ]
+    values = result.scores.query("method == 'no_change' and metric == 'e_distance' and gene_set == 'all'")["value"]
+    assert float(row["mean"].iloc[0]) == pytest.approx(values.mean()) and int(row["count"].iloc[0]) == 6
+    text = result.to_markdown()
+    assert "| doloris |" in text and "± " in text and "singles_to_doubles" in text
+    wins = result.wins()
+    assert set(wins.index) == {"no_change", "mean_shift", "additive", "linear"} and ((wins >= 0) & (wins <= 1)).all()
+
+
+def test_runner_matches_direct_metric(result, synthetic):
+    """The runner's no-change E-distance equals a direct computation on the same control draw."""
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    perturbation = split.test["perturbation"].iloc[0]
+    baseline = sd.baselines.NoChange().fit(
+        split.train_data(synthetic), perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
+    )
+    predicted = baseline.predict([perturbation], cell_type="ct0", n_cells=20, seed=0)
+    expected = sd.metrics.e_distance(predicted.X, split.cells(synthetic, perturbation, "ct0").X)
+    got = result.scores.query(
+        "method == 'no_change' and seed == 0 and perturbation == @perturbation and metric == 'e_distance' "
+        "and gene_set == 'all'"
+    )["value"]
+    assert float(got.iloc[0]) == pytest.approx(expected)
