@@ -404,12 +404,15 @@ QUALITY_STEPS = 1500
 
 @pytest.fixture(scope="module")
 def quality_run():
-    """Train on control + singles of the default synthetic data; predict 4 seen singles and the 6 held-out doubles.
+    """Train on control + singles of synthetic data; predict 4 seen singles and the 6 held-out doubles.
 
-    'No change' is the same control cells the predictions started from (like with like: the
-    E-distance of Eq. 20 grows as the sets shrink, so a baseline with 3x the cells would be favoured).
+    ``effect_size=2``: at the default of 1 the simulated double shifts are about as large as the
+    noise (E-distance between two halves of a double's own cells 0.50-0.55 against 0.35 for no
+    change), and there Doloris only ties with no change (BENCHMARKS.md). 'No change' is the same
+    control cells the predictions started from (like with like: the E-distance of Eq. 20 grows as
+    the sets shrink, so a baseline with 3x the cells would be favoured).
     """
-    adata = sd.datasets.synthetic_perturbations(seed=0)
+    adata = sd.datasets.synthetic_perturbations(seed=0, effect_size=2.0)
     model = sd.Doloris(
         training_subset(adata),
         gene_graph=adata.uns["synthetic"]["edges"],
@@ -449,28 +452,24 @@ def test_quality_prediction_valid(quality_run):
 
 
 def test_quality_seen_singles_beat_no_change(quality_run):
-    """Measured at 1,500 steps: mean E-distance 0.18 vs 0.31 for no change."""
+    """Measured at 1,500 steps: mean E-distance 0.16 vs 0.46 for no change."""
     table, _ = quality_run
     singles = table[table["kind"] == "single"]
     print(singles.to_string())
     assert singles["doloris"].mean() < 0.8 * singles["no_change"].mean()
 
 
-def test_quality_doubles_follow_true_shift(quality_run):
-    """Held-out doubles: the predicted mean shift correlates with the simulated one (measured r 0.13-0.71)."""
+def test_quality_held_out_doubles_beat_no_change(quality_run):
+    """Measured at 1,500 steps: mean E-distance 0.44 vs 0.70 for no change, lower on all 6 doubles."""
     table, _ = quality_run
     doubles = table[table["kind"] == "double"]
     print(doubles.to_string())
-    assert doubles["shift_r"].mean() > 0.3 and (doubles["shift_r"] > 0).all()
+    assert doubles["doloris"].mean() < 0.8 * doubles["no_change"].mean()
+    assert (doubles["doloris"] < doubles["no_change"]).mean() >= 5 / 6
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="model quality: held-out doubles are not yet predicted better than 'no change' by E-distance "
-    "(1,500 steps: 0.392 vs 0.352 over the same source cells; 4,000 steps: 0.349 vs 0.352). The simulated "
-    "double shifts are small against the noise (E-distance between two halves of a double's real cells: 0.50-0.55).",
-)
-def test_quality_doubles_beat_no_change(quality_run):
+def test_quality_doubles_follow_true_shift(quality_run):
+    """Held-out doubles: the predicted mean shift correlates with the simulated one."""
     table, _ = quality_run
     doubles = table[table["kind"] == "double"]
-    assert doubles["doloris"].mean() < doubles["no_change"].mean()
+    assert doubles["shift_r"].mean() > 0.5 and (doubles["shift_r"] > 0.2).all()
