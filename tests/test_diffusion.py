@@ -184,3 +184,14 @@ def test_network_called_once_per_step(diffusion, n_steps):
     calls.clear()
     diffusion.sample(latent, predict, n_steps)
     assert [int(t[0]) for t in calls] == grid[:0:-1]  # sampling starts at T - 1 and goes down
+
+
+@pytest.mark.parametrize("n_timesteps", [2, 10, 20, 50])
+def test_short_schedules_stay_valid(n_timesteps):
+    """Rescaled betas would pass 1 below ~21 steps; clipped, abar stays in (0, 1) and decreasing."""
+    abar = GaussianDiffusion(n_timesteps).alphas_cumprod
+    assert bool((abar > 0).all() and (abar < 1).all() and (abar[1:] < abar[:-1]).all())
+    diffusion = GaussianDiffusion(n_timesteps)
+    x = torch.rand(4, 3, dtype=torch.float64)
+    out = diffusion.sample(diffusion.invert(x, lambda x_t, t: x, 1), lambda x_t, t: x, 1)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()

@@ -12,7 +12,9 @@ def linear_beta_schedule(n_timesteps: int = 500) -> torch.Tensor:
     """Linear betas of guided-diffusion rescaled to ``n_timesteps`` steps.
 
     guided-diffusion uses ``1e-4 .. 0.02`` over 1,000 steps; scaling by ``1000 / n_timesteps``
-    keeps the total noise the same, giving ``2e-4 .. 0.04`` at the 500 steps of Doloris.
+    keeps the total noise the same, giving ``2e-4 .. 0.04`` at the 500 steps of Doloris. Below
+    about 21 steps the rescaled betas would pass 1 (a negative ``alpha``); they are clipped at
+    0.999, as guided-diffusion clips its cosine schedule.
 
     Parameters
     ----------
@@ -29,8 +31,10 @@ def linear_beta_schedule(n_timesteps: int = 500) -> torch.Tensor:
     >>> float(betas[0]), round(float(betas[-1]), 6)
     (0.0002, 0.04)
     """
+    if n_timesteps < 2:
+        raise ValueError(f"n_timesteps must be at least 2, got {n_timesteps}.")
     scale = 1000.0 / n_timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, n_timesteps, dtype=torch.float64)
+    return torch.linspace(scale * 1e-4, scale * 0.02, n_timesteps, dtype=torch.float64).clamp(max=0.999)
 
 
 class GaussianDiffusion:
