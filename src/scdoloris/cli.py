@@ -99,6 +99,7 @@ DATASETS = {
     "mcfaline": "McFaline-Figueroa 2023 (bundled subset): CRISPRi in 3 glioblastoma lines",
     "kang": "Kang 2018 PBMCs (bundled subset): interferon-beta stimulation in 7 cell types",
     "synthetic": "sd.datasets.synthetic_perturbations(seed=0), with its true gene graph",
+    "synthetic_strong": "the same with effect_size=2 (effects clearly above the noise)",
 }
 SPLITS = ("singles_to_doubles", "unseen_perturbations", "unseen_cell_type")
 
@@ -119,8 +120,8 @@ def _benchmark_data(name: str):
         return adata, keys, "auto"
     if name == "kang":
         return sd.datasets.kang2018_subset(), keys | {"perturbation_key": "condition"}, "auto"
-    if name == "synthetic":
-        adata = sd.datasets.synthetic_perturbations(seed=0)
+    if name in ("synthetic", "synthetic_strong"):
+        adata = sd.datasets.synthetic_perturbations(seed=0, effect_size=2.0 if name == "synthetic_strong" else 1.0)
         return adata, keys, adata.uns["synthetic"]["edges"]
     if os.path.exists(name):
         return ad.read_h5ad(name), keys, "auto"
