@@ -83,13 +83,13 @@ def test_target_zeros_imputed_from_condition(trained_model, perturbed_batch):
     codes, cell_types = codes.repeat(50), cell_types.repeat(50)
     is_target = torch.arange(len(codes)) % 2 == 0  # pretend every other row is a control row
     torch.manual_seed(0)
-    filled = module._impute_target_zeros(x0, codes, cell_types, is_target)
+    filled = module._impute_target_zeros(x0, codes, cell_types, None, is_target)
     kept = (x0 != 0) | ~is_target[:, None]
     assert torch.equal(filled[kept], x0[kept])
     imputed = (x0 == 0) & is_target[:, None]
     assert bool((filled[imputed] >= 0).all()) and float((filled[imputed] > 0).float().mean()) > 0.9
     # Draws centre on the condition's nonzero mean (clamping at 0 only raises the mean).
-    condition = module.condition_lookup[codes, cell_types]
+    condition = module.condition_lookup[codes, cell_types, 0]
     expected = module.expressed_mean[condition][imputed]
     assert float((filled[imputed] - expected).mean()) == pytest.approx(0.0, abs=0.01)
 

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import sparse
 
-from ..perturbation import GeneGraph, PerturbationVocabulary, freeze_prior, split_perturbation, thaw_prior
+from ..perturbation import (
+    GeneGraph,
+    MoleculeFeatures,
+    PerturbationVocabulary,
+    freeze_prior,
+    split_perturbation,
+    thaw_prior,
+)
 
 N_NODE_FEATURES = 32
 # Pseudo-count of nonzero values with which per-condition moments lean on their cell type's.
@@ -48,6 +55,22 @@ class TrainingSummary:
     reference_masks: np.ndarray  # packbits of reference cells' x != 0
     reference_condition: np.ndarray  # (reference cells,)
     control_values: list[str]
+    # Molecular perturbations (empty without a SMILES column): MoleculeFeatures.to_dict(), the molecule
+    # rows of each registered label (-1 padded), the trained doses (condition_dose indexes them).
+    molecules: dict = field(default_factory=dict)
+    molecule_recipes: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
+    dose_values: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float32))
+    condition_dose: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def molecule_features(self) -> MoleculeFeatures | None:
+        """The model's molecule cache, ``None`` without molecular perturbations."""
+        return MoleculeFeatures.from_dict(self.molecules) if self.molecules else None
+
+    @property
+    def max_dose(self) -> float:
+        """Largest trained dose (1 without doses): the reference of the dose scale."""
+        return float(max(self.dose_values.max(initial=0.0), 1.0)) if len(self.dose_values) else 1.0
 
     @property
     def gene_graph(self) -> GeneGraph:
@@ -111,6 +134,8 @@ def summarize_training_data(
     gene_graph="auto",
     reference_cells_per_condition: int = 100,
     seed: int = 0,
+    doses: np.ndarray | None = None,
+    smiles: Sequence[str] | None = None,
 ) -> TrainingSummary:
     """Summarise registered training data in one streaming pass over its rows.
 
@@ -132,13 +157,25 @@ def summarize_training_data(
         Real cells kept per training condition for mask sampling (paper A.11).
     seed
         Seed for choosing the reference cells and co-expression cells.
+    doses
+        Dose per cell (molecular perturbations); a dose of 0 means unperturbed. Conditions are then
+        (perturbation, cell type, dose).
+    smiles
+        SMILES per cell (``"+"``-joined for combinations, in the order of the label's components):
+        components with a SMILES are molecules, embedded from their structure.
     """
     rng = np.random.default_rng(seed)
     n_cells, n_genes = X.shape
     n_types = len(cell_types)
     controls = set(control_values)
     is_control = np.array([label in controls for label in perturbation_labels])
+    if doses is None:
+        dose_values, dose_codes = np.zeros(1, dtype=np.float32), np.zeros(n_cells, dtype=np.int64)
+    else:
+        dose_values, dose_codes = np.unique(np.asarray(doses, dtype=np.float32), return_inverse=True)
     cell_is_control = is_control[perturbation_codes]
+    if doses is not None:
+        cell_is_control = cell_is_control | (dose_values[dose_codes] == 0)
     missing = [cell_types[c] for c in range(n_types) if not np.any(cell_is_control & (cell_type_codes == c))]
     if missing:
         raise ValueError(
@@ -146,10 +183,18 @@ def summarize_training_data(
             "trained on (their statistics condition the target model, paper Eq. 12)."
         )
 
-    # Conditions = (perturbation label, cell type) groups present in the data.
+    # Conditions = (perturbation label, cell type, dose) groups present in the data; unperturbed
+    # cells of a cell type (control label or dose 0) form one condition.
+    condition_codes = np.where(cell_is_control, -1, perturbation_codes)
     condition_keys, condition_of_cell = np.unique(
-        np.stack([perturbation_codes, cell_type_codes], axis=1), axis=0, return_inverse=True
+        np.stack([condition_codes, cell_type_codes, np.where(cell_is_control, 0, dose_codes)], axis=1),
+        axis=0,
+        return_inverse=True,
     )
+    # Control conditions carry the code of a control label (or of the dose-0 cells' label).
+    is_control_condition = condition_keys[:, 0] == -1
+    control_code = np.flatnonzero(is_control)[0] if is_control.any() else perturbation_codes[cell_is_control][0]
+    condition_keys[is_control_condition, 0] = control_code
     condition_of_cell = condition_of_cell.ravel()
     n_conditions = len(condition_keys)
     sums = np.zeros((n_conditions, n_genes))
@@ -173,7 +218,6 @@ def summarize_training_data(
     # Control statistics per cell type on the [0, 1] scale (Eq. 12).
     control_mean = np.zeros((n_types, n_genes))
     control_std = np.zeros((n_types, n_genes))
-    is_control_condition = is_control[condition_keys[:, 0]]
     control_groups = [np.flatnonzero(is_control_condition & (condition_keys[:, 1] == c)) for c in range(n_types)]
     for c, groups in enumerate(control_groups):
         n = counts[groups].sum()
@@ -209,9 +253,13 @@ def summarize_training_data(
     order = np.argsort(np.argsort(reference_rows))
     reference_masks = reference_masks[order]
 
-    # Perturbation components: genes known to the graph prior, the rest learned categories.
+    # Perturbation components: molecules (with a SMILES), genes known to the graph prior, the rest
+    # learned categories.
     components = [split_perturbation(label, control_values) for label in perturbation_labels]
-    all_components = sorted({c for comps in components for c in comps})
+    molecule_smiles = _molecule_smiles(components, perturbation_codes, smiles) if smiles is not None else {}
+    molecules = MoleculeFeatures.from_smiles(molecule_smiles) if molecule_smiles else None
+    gene_components = [[c for c in comps if c not in molecule_smiles] for comps in components]
+    all_components = sorted({c for comps in gene_components for c in comps})
     gene_names = [str(g) for g in gene_names]
     control_rows = np.flatnonzero(cell_is_control)
     if len(control_rows) > MAX_COEXPRESSION_CELLS:
@@ -225,7 +273,12 @@ def summarize_training_data(
     node_set = set(graph.nodes)
     categories = [c for c in all_components if c not in node_set]
     vocabulary = PerturbationVocabulary(graph.nodes, categories)
-    train_recipes = vocabulary.recipes(components)
+    train_recipes = vocabulary.recipes(gene_components)
+    if molecules is not None:
+        molecule_components = [[c for c in comps if c in molecule_smiles] for comps in components]
+        molecule_recipes, _ = molecules.recipes(molecule_components, [0.0] * len(components))
+    else:
+        molecule_recipes = np.full((len(components), 1), -1, dtype=np.int64)
 
     node_features = np.zeros((graph.n_nodes, N_NODE_FEATURES), dtype=np.float32)
     node_features[:n_genes] = _pca_node_features(means.T)
@@ -250,7 +303,35 @@ def summarize_training_data(
         reference_masks=reference_masks,
         reference_condition=reference_condition,
         control_values=list(control_values),
+        molecules=molecules.to_dict() if molecules is not None else {},
+        molecule_recipes=molecule_recipes,
+        dose_values=dose_values.astype(np.float32),
+        condition_dose=condition_keys[:, 2],
     )
+
+
+def _molecule_smiles(components, perturbation_codes, smiles) -> dict[str, str]:
+    """``{molecule: SMILES}`` from a per-cell SMILES column (``"+"``-joined like the labels)."""
+    smiles = np.asarray(smiles, dtype=object)
+    found: dict[str, str] = {}
+    for code, comps in enumerate(components):
+        if not comps:
+            continue
+        values = {str(v) for v in smiles[perturbation_codes == code] if isinstance(v, str) and v not in ("", "nan")}
+        if len(values) > 1:
+            raise ValueError(f"Cells of perturbation {'+'.join(comps)!r} carry different SMILES: {sorted(values)[:3]}.")
+        if not values:
+            continue
+        parts = next(iter(values)).split("+")
+        if len(parts) != len(comps):
+            raise ValueError(
+                f"Perturbation {'+'.join(comps)!r} has {len(comps)} component(s) but its SMILES has {len(parts)}; "
+                "join the SMILES of a combination with '+' in the order of the label."
+            )
+        for name, value in zip(comps, parts, strict=True):
+            if found.setdefault(name, value) != value:
+                raise ValueError(f"Molecule {name!r} has two SMILES: {found[name]!r} and {value!r}.")
+    return found
 
 
 def _auto_graph(components: Sequence[str], gene_names: Sequence[str]):

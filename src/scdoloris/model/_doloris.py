@@ -8,6 +8,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ import torch
 from anndata import AnnData
 from scipy import sparse
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.dataloaders import DataSplitter
 from scvi.model.base import BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
@@ -52,9 +53,70 @@ def _graph_tensors(summary: TrainingSummary, graph=None, node_features=None) -> 
 
 def _condition_lookup(summary: TrainingSummary) -> np.ndarray:
     """Row of each (perturbation code, cell-type code) pair in the per-condition tables, -1 if untrained."""
-    lookup = np.full((len(summary.perturbation_labels), len(summary.cell_types)), -1, dtype=np.int64)
-    lookup[summary.condition_perturbation, summary.condition_cell_type] = np.arange(len(summary.condition_perturbation))
+    shape = (len(summary.perturbation_labels), len(summary.cell_types), len(summary.dose_values))
+    lookup = np.full(shape, -1, dtype=np.int64)
+    rows = np.arange(len(summary.condition_perturbation))
+    lookup[summary.condition_perturbation, summary.condition_cell_type, summary.condition_dose] = rows
     return lookup
+
+
+@dataclass
+class _Resolved:
+    """What prediction needs to know about the asked perturbations."""
+
+    perturbations: list[str]
+    doses: list  # per perturbation: None, a number, or one number per component
+    recipes: torch.Tensor
+    graph: GraphTensors
+    molecules: torch.Tensor | None = None
+    molecule_doses: torch.Tensor | None = None
+    molecule_features: torch.Tensor | None = None
+
+
+def _per_perturbation_doses(dose, perturbations: list[str]) -> list:
+    """``dose`` as one entry per perturbation: ``None``, a number, or one number per component."""
+    if dose is None or np.ndim(dose) == 0:
+        doses = [dose] * len(perturbations)
+    else:
+        doses = list(dose)
+        if len(doses) != len(perturbations):
+            raise ValueError(
+                f"dose= has {len(doses)} entries for {len(perturbations)} perturbation(s); give one number for all, "
+                "or one per perturbation (a list of numbers for a combination's components)."
+            )
+    for value in doses:
+        values = np.atleast_1d(np.asarray(value if value is not None else 0.0, dtype=np.float64))
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise ValueError(f"Doses must be finite and not negative; got {value!r}.")
+    return [d if d is None or np.ndim(d) == 0 else [float(v) for v in d] for d in doses]
+
+
+def _dose_key(dose) -> str:
+    """Text form of a dose, for obs and in-place keys: ``"100"``, ``"100+10"``, ``""`` without one."""
+    if dose is None:
+        return ""
+    return "+".join(f"{float(v):g}" for v in np.atleast_1d(dose))
+
+
+def _check_doses(values: pd.Series, key: str) -> None:
+    """Doses must be numbers, finite and not negative."""
+    if not pd.api.types.is_numeric_dtype(values):
+        raise ValueError(
+            f"adata.obs[{key!r}] must be numeric doses (one per cell), not {values.dtype}; e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(float)."
+        )
+    array = values.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(array) | (array < 0)
+    if bad.any():
+        raise ValueError(
+            f"adata.obs[{key!r}] has {int(bad.sum())} missing, infinite or negative dose(s), e.g. "
+            f"{values[bad].iloc[:3].tolist()}; unperturbed cells take dose 0."
+        )
+
+
+def _molecule_tensor(summary: TrainingSummary) -> torch.Tensor | None:
+    molecules = summary.molecule_features
+    return None if molecules is None else torch.as_tensor(molecules.features)
 
 
 def _resolve_seed(seed: int | None) -> int:
@@ -144,6 +206,9 @@ class Doloris(BaseModelClass):
                 condition_lookup=torch.as_tensor(_condition_lookup(summary)),
                 expressed_mean=torch.as_tensor(summary.condition_expressed_mean),
                 expressed_std=torch.as_tensor(summary.condition_expressed_std),
+                molecule_features=_molecule_tensor(summary),
+                molecule_recipes=torch.as_tensor(summary.molecule_recipes),
+                dose_values=torch.as_tensor(summary.dose_values),
                 n_hidden=n_hidden,
                 n_blocks=n_blocks,
                 n_hidden_mask=n_hidden_mask,
@@ -191,18 +256,19 @@ class Doloris(BaseModelClass):
             Label(s) of unperturbed cells.
         cell_type_key
             Optional ``obs`` column of cell types.
-        dose_key, smiles_key
-            Drug doses and SMILES; molecular perturbations are not supported in this release.
+        dose_key
+            Optional numeric ``obs`` column of doses (one per cell, applied to every component of a
+            combination; any unit, nM for sci-Plex3). A dose of 0 means unperturbed.
+        smiles_key
+            Optional ``obs`` column of SMILES (``"+"``-joined for combinations, in the order of the
+            label's components). Components with a SMILES are molecules, embedded from RDKit Morgan
+            fingerprints, so molecules never seen in training can be predicted.
         layer
             Layer with the log1p expression; ``adata.X`` by default.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        if dose_key is not None or smiles_key is not None:
-            raise ValueError(
-                "Molecular perturbations (dose_key, smiles_key) are not supported in this release of scdoloris; "
-                "leave them None to model drugs as learned categories."
-            )
-        for name, key in [("perturbation_key", perturbation_key), ("cell_type_key", cell_type_key)]:
+        keys = [("perturbation_key", perturbation_key), ("cell_type_key", cell_type_key)]
+        for name, key in keys + [("dose_key", dose_key), ("smiles_key", smiles_key)]:
             if key is not None and key not in adata.obs:
                 raise KeyError(f"{name}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
         controls = [control_value] if isinstance(control_value, str) else list(control_value)
@@ -212,6 +278,8 @@ class Doloris(BaseModelClass):
                 f"control_value {control_value!r} does not occur in adata.obs[{perturbation_key!r}] "
                 f"(values include {sorted(labels)[:10]})."
             )
+        if dose_key is not None:
+            _check_doses(adata.obs[dose_key], dose_key)
         if not kwargs.get("source_registry"):
             check_expression(adata, layer)
         anndata_fields = [
@@ -219,6 +287,8 @@ class Doloris(BaseModelClass):
             CategoricalObsField(REGISTRY_KEYS.PERTURBATION_KEY, perturbation_key),
             CategoricalObsField(REGISTRY_KEYS.CELL_TYPE_KEY, cell_type_key),
         ]
+        if dose_key is not None:
+            anndata_fields.append(NumericalObsField(REGISTRY_KEYS.DOSE_KEY, dose_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -241,8 +311,14 @@ class Doloris(BaseModelClass):
     def _codes(self, key: str) -> np.ndarray:
         return np.asarray(self.adata_manager.get_from_registry(key)).reshape(-1).astype(np.int64)
 
+    def _doses(self) -> np.ndarray | None:
+        if self._setup_args.get("dose_key") is None:
+            return None
+        return np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOSE_KEY), dtype=np.float32).reshape(-1)
+
     def _summarize(self, gene_graph, mask_reference_cells: int) -> TrainingSummary:
         manager = self.adata_manager
+        smiles_key = self._setup_args.get("smiles_key")
         return summarize_training_data(
             manager.get_from_registry(REGISTRY_KEYS.X_KEY),
             self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
@@ -254,6 +330,8 @@ class Doloris(BaseModelClass):
             gene_graph=gene_graph,
             reference_cells_per_condition=mask_reference_cells,
             seed=_resolve_seed(None),
+            doses=self._doses(),
+            smiles=None if smiles_key is None else self.adata.obs[smiles_key].to_numpy(dtype=object),
         )
 
     # ------------------------------------------------------------------ training
@@ -358,33 +436,64 @@ class Doloris(BaseModelClass):
             raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {known}.")
         return asked
 
-    def _resolve_perturbations(self, perturbations: Sequence[str]):
-        """Token recipes for ``perturbations`` and the graph they need (extended for new genes)."""
+    def _resolve_perturbations(self, perturbations: Sequence[str], dose=None, smiles=None) -> _Resolved:
+        """Token recipes for ``perturbations`` (with doses) and the graph and molecules they need."""
         summary = self._summary
         if isinstance(perturbations, str):
             perturbations = [perturbations]
-        perturbations = list(dict.fromkeys(str(p) for p in perturbations))
+        perturbations = [str(p) for p in perturbations]
         if not perturbations:
             raise ValueError("No perturbation given.")
+        doses = _per_perturbation_doses(dose, perturbations)
+        # Deduplicate (perturbation, dose) pairs, keeping the order asked for.
+        pairs = list(dict.fromkeys((p, _dose_key(d)) for p, d in zip(perturbations, doses, strict=True)))
+        dose_of = dict(zip(((p, _dose_key(d)) for p, d in zip(perturbations, doses, strict=True)), doses, strict=True))
+        perturbations, doses = [p for p, _ in pairs], [dose_of[pair] for pair in pairs]
         components = [split_perturbation(p, self.control_values) for p in perturbations]
         empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
         if empty:
             raise ValueError(f"{empty} are control labels, not perturbations.")
+
+        molecules = summary.molecule_features
+        if smiles:
+            if molecules is None:
+                raise ValueError(
+                    "smiles= was given, but this model was trained without molecules; set it up with "
+                    "setup_anndata(..., smiles_key=...) to predict molecules from their structure."
+                )
+            molecules = molecules.extended({name: value for name, value in smiles.items() if name not in molecules})
+        molecule_names = set(molecules.names) if molecules is not None else set()
+        gene_parts = [[c for c in comps if c not in molecule_names] for comps in components]
+        molecule_parts = [[c for c in comps if c in molecule_names] for comps in components]
+        has_molecules = any(molecule_parts)
+        if has_molecules and dose is None and self._setup_args.get("dose_key") is not None:
+            raise ValueError("Molecular perturbations need a dose: pass dose= (a number, or one per perturbation).")
+
         graph = summary.gene_graph
         known = set(graph.nodes) | set(summary.categories)
-        new_genes = sorted({c for comps in components for c in comps if c not in known})
+        new_genes = sorted({c for comps in gene_parts for c in comps if c not in known})
         try:
             graph = graph.extended(new_genes)
         except KeyError as error:
             unknown = error.args[0]
+            hint = " Molecules never seen in training need their SMILES: smiles={name: SMILES}." if molecules else ""
             raise ValueError(
                 f"Unknown perturbation component(s) {unknown}: not a perturbation seen in training, and not a gene "
                 f"that the model's gene-graph prior links to its {graph.n_measured} measured genes within two steps."
+                + hint
             ) from None
-        recipes = summary.vocabulary(graph).recipes(components)
+        recipes = summary.vocabulary(graph).recipes(gene_parts)
         features = np.zeros((graph.n_nodes, summary.node_features.shape[1]), dtype=np.float32)
         features[: summary.node_features.shape[0]] = summary.node_features
-        return perturbations, torch.as_tensor(recipes), _graph_tensors(summary, graph, features)
+        resolved = _Resolved(perturbations, doses, torch.as_tensor(recipes), _graph_tensors(summary, graph, features))
+        if molecules is not None:
+            # Without a dose column every molecule acts at dose 1 (the scale's unit).
+            molecule_doses = [1.0 if d is None else d for d in doses]
+            rows, molecule_doses = molecules.recipes(molecule_parts, molecule_doses)
+            resolved.molecules = torch.as_tensor(rows)
+            resolved.molecule_doses = torch.as_tensor(molecule_doses)
+            resolved.molecule_features = torch.as_tensor(molecules.features)
+        return resolved
 
     def _mask_reference(self) -> MaskReference:
         s = self._summary
@@ -461,25 +570,29 @@ class Doloris(BaseModelClass):
         perturbation, cell type, dose, source control cell (``control_cell``) and ``is_predicted``.
         """
         self._check_if_trained(warn=True)
-        if dose is not None or smiles is not None:
-            raise ValueError("dose and smiles are for molecular perturbations, which this release does not support.")
         if inplace and adata is None:
             raise ValueError("inplace=True writes into the `adata` of control cells you pass; none was given.")
         seed = _resolve_seed(seed)
         rng = np.random.default_rng(seed)
-        perturbations, recipes, graph = self._resolve_perturbations(perturbations)
+        resolved = self._resolve_perturbations(perturbations, dose, smiles)
+        perturbations = resolved.perturbations
+        # One entry per asked (perturbation, dose): its name in in-place keys and obs names.
+        names = [p if d is None else f"{p}_{_dose_key(d)}" for p, d in zip(perturbations, resolved.doses, strict=True)]
 
         sources, source_names, source_types, source_adata = self._source_cells(adata, cell_type, n_cells, rng)
         if inplace:
-            self._check_keys_free(adata, perturbations, key_added, overwrite)
+            self._check_keys_free(adata, names, key_added, overwrite)
 
         device = self.device
         module = self.module
         module.eval()
-        graph = graph.to(device)
-        recipes = recipes.to(device)
         type_codes = torch.as_tensor([self.cell_types.index(t) for t in source_types], dtype=torch.long, device=device)
-        embedding, mask_embedding = module.embed(recipes, graph)  # GAT once per call
+        embedding, mask_embedding = module.embed(  # GAT once per call
+            resolved.recipes.to(device),
+            resolved.graph.to(device),
+            *(None if t is None else t.to(device) for t in (resolved.molecules, resolved.molecule_doses)),
+            None if resolved.molecule_features is None else resolved.molecule_features.to(device),
+        )
 
         # Latents of the source cells: once, shared by every perturbation (paper A.4).
         n_sources = len(source_names)
@@ -517,9 +630,11 @@ class Doloris(BaseModelClass):
         latents = latents.cpu().numpy()
 
         if inplace:
-            self._write_inplace(adata, perturbations, key_added, prediction, continuous, mask, probs, latents)
+            self._write_inplace(adata, names, key_added, prediction, continuous, mask, probs, latents)
             return None
-        return self._as_anndata(perturbations, source_names, source_types, prediction, continuous, mask, probs, latents)
+        return self._as_anndata(
+            resolved, names, source_names, source_types, prediction, continuous, mask, probs, latents
+        )
 
     def _source_cells(self, adata, cell_type, n_cells, rng):
         """Rows, names and cell types of the control cells to start from, and the AnnData holding them."""
@@ -590,16 +705,24 @@ class Doloris(BaseModelClass):
                 getattr(adata, slot)[key] = values[name][rows].astype(np.float32)
         adata.obsm[f"{key_added}_latent"] = latents.astype(np.float32)
 
-    def _as_anndata(self, perturbations, source_names, source_types, prediction, continuous, mask, probs, latents):
+    def _as_anndata(self, resolved, names, source_names, source_types, prediction, continuous, mask, probs, latents):
         n_sources = len(source_names)
         setup = self._setup_args
+        perturbations = resolved.perturbations
         pert_column = np.repeat(perturbations, n_sources)
+        name_column = np.repeat(names, n_sources)
         type_column = np.tile(source_types, len(perturbations))
+        # A number per cell when every perturbation has one dose, else "a+b" text per component.
+        doses = resolved.doses
+        if all(d is None or np.ndim(d) == 0 for d in doses):
+            dose_values = np.array([np.nan if d is None else float(d) for d in doses])
+        else:
+            dose_values = np.array([_dose_key(d) for d in doses], dtype=object)
         obs = pd.DataFrame(
             {
-                "perturbation": pd.Categorical(pert_column, categories=perturbations),
+                "perturbation": pd.Categorical(pert_column, categories=list(dict.fromkeys(perturbations))),
                 "cell_type": pd.Categorical(type_column),
-                "dose": np.full(len(pert_column), np.nan),
+                "dose": np.repeat(dose_values, n_sources),
                 "control_cell": np.tile(np.asarray(source_names, dtype=object), len(perturbations)),
                 "is_predicted": True,
             }
@@ -608,11 +731,12 @@ class Doloris(BaseModelClass):
         for user_key, column in [
             (setup["perturbation_key"], "perturbation"),
             (setup.get("cell_type_key"), "cell_type"),
+            (setup.get("dose_key"), "dose"),
         ]:
             if user_key is not None and user_key not in obs:
                 obs[user_key] = obs[column]
-        per_type_counter = obs.groupby(["perturbation", "cell_type"], observed=True).cumcount().to_numpy()
-        obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(pert_column, type_column, per_type_counter, strict=True)]
+        per_type_counter = pd.Series(name_column).groupby([name_column, type_column]).cumcount().to_numpy()
+        obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(name_column, type_column, per_type_counter, strict=True)]
         result = AnnData(X=prediction, obs=obs, var=self.adata.var.copy())
         result.layers["doloris_continuous"] = continuous.astype(np.float32)
         result.layers["doloris_mask"] = mask

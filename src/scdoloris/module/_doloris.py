@@ -5,6 +5,7 @@ from torch import nn
 
 from ..diffusion import GaussianDiffusion
 from ..perturbation._encoder import GraphTensors, PerturbationEncoder
+from ..perturbation._molecules import MoleculeEncoder
 from ._denoiser import Denoiser
 from ._mask_model import MaskModel
 
@@ -51,8 +52,8 @@ class DolorisModule(nn.Module):
         ``(n_cell_types, genes)`` moments of the nonzero values of each cell type's training cells,
         ``[0, 1]`` scale: the per-gene prior of the target model, which models expressed values.
     condition_lookup
-        ``(n_perturbation_codes, n_cell_types)`` row of each training condition in the two tables
-        below, ``-1`` where the pair was not trained.
+        ``(n_perturbation_codes, n_cell_types, n_doses)`` row of each training condition in the two
+        tables below, ``-1`` where it was not trained.
     expressed_mean, expressed_std
         ``(conditions, genes)`` moments of the nonzero values of each training condition, ``[0, 1]``
         scale, shrunk towards their cell type's where a condition has few nonzero values.
@@ -64,6 +65,13 @@ class DolorisModule(nn.Module):
         almost twice as wide as the real nonzero values (measured: per-gene std 0.87 vs 0.46 on
         synthetic data). Dense inputs make it a model of the expressed values, which the mask
         then zeroes (Sec. 3.6).
+    molecule_features
+        ``(n_molecules, features)`` structure features (Morgan fingerprints) of the trained molecules,
+        or ``None`` without molecular perturbations.
+    molecule_recipes
+        ``(n_perturbation_codes, width)`` molecule rows of each registered label, ``-1`` padded.
+    dose_values
+        Sorted trained doses; a cell's dose code is its position here (all zeros without doses).
     impute_control_zeros
         At inference, replace the zeros of the real control cell by the cell type's control mean
         before using it as control information: in training that input is ``mu + sigma * eps``
@@ -93,6 +101,9 @@ class DolorisModule(nn.Module):
         condition_lookup: torch.Tensor | None = None,
         expressed_mean: torch.Tensor | None = None,
         expressed_std: torch.Tensor | None = None,
+        molecule_features: torch.Tensor | None = None,
+        molecule_recipes: torch.Tensor | None = None,
+        dose_values: torch.Tensor | None = None,
         full_source_loss: bool = True,
         impute_target_zeros: bool = True,
         impute_control_zeros: bool = True,
@@ -125,6 +136,15 @@ class DolorisModule(nn.Module):
         # Separate encoders: the mask model is trained independently of the diffusion model (Sec. 3.7).
         self.encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
         self.mask_encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
+        dose_values = torch.zeros(1) if dose_values is None else dose_values.float()
+        self.register_buffer("dose_values", dose_values)
+        self.has_molecules = molecule_features is not None
+        if self.has_molecules:
+            # The dose scale's unit is the largest trained dose (1 if doses are all below 1).
+            max_dose = max(float(dose_values.max()), 1.0)
+            self.register_buffer("molecule_recipes", molecule_recipes.long())
+            self.molecule_encoder = MoleculeEncoder(molecule_features, n_output=n_perturbation, max_dose=max_dose)
+            self.mask_molecule_encoder = MoleculeEncoder(molecule_features, n_output=n_perturbation, max_dose=max_dose)
         self.denoiser = Denoiser(n_genes, n_cell_types, n_perturbation, n_hidden, n_blocks, dropout)
         self.mask_model = MaskModel(n_genes, n_cell_types, n_perturbation, n_hidden_mask, n_blocks_mask, dropout)
 
@@ -152,7 +172,9 @@ class DolorisModule(nn.Module):
         mean = self.control_mean[cell_type]
         return mean + self.control_std[cell_type] * torch.randn_like(mean)
 
-    def loss(self, x: torch.Tensor, perturbation: torch.Tensor, cell_type: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, perturbation: torch.Tensor, cell_type: torch.Tensor, dose: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Masked diffusion loss (Eq. 9, 13) and mask BCE (Eq. 14) of one batch.
 
         Parameters
@@ -163,19 +185,24 @@ class DolorisModule(nn.Module):
             Registered perturbation codes ``(n,)``.
         cell_type
             Cell-type codes ``(n,)``.
+        dose
+            Dose per cell ``(n,)`` for molecular perturbations; a dose of 0 is unperturbed.
         """
         x0 = x / self.x_max
         is_target = ~self.is_control[perturbation]
-        recipes = self.train_recipes[perturbation]
+        if dose is not None:
+            dose = dose.reshape(-1).to(x0.dtype)
+            is_target = is_target & (dose > 0)
+        embedding, mask_embedding = self._training_embeddings(perturbation, dose)
         control = self.sample_control_information(cell_type)
 
         expressed = (x0 != 0).to(x0.dtype)
         if self.impute_target_zeros:
-            x0 = self._impute_target_zeros(x0, perturbation, cell_type, is_target)
+            x0 = self._impute_target_zeros(x0, perturbation, cell_type, dose, is_target)
 
         t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
-        x0_hat = self._predict_x0(x_t, t, cell_type, is_target, self.encoder(recipes), control)
+        x0_hat = self._predict_x0(x_t, t, cell_type, is_target, embedding, control)
         weight = (
             torch.where(is_target[:, None], expressed, torch.ones_like(expressed))
             if self.full_source_loss
@@ -185,15 +212,32 @@ class DolorisModule(nn.Module):
         diffusion_loss = per_cell.mean()
 
         if is_target.any():
-            logits = self.mask_model(control[is_target], cell_type[is_target], self.mask_encoder(recipes[is_target]))
+            logits = self.mask_model(control[is_target], cell_type[is_target], mask_embedding[is_target])
             mask_loss = nn.functional.binary_cross_entropy_with_logits(logits, expressed[is_target])
         else:
             mask_loss = x0.new_zeros(())
         return {"loss": diffusion_loss + mask_loss, "diffusion_loss": diffusion_loss, "mask_loss": mask_loss}
 
-    def _impute_target_zeros(self, x0, perturbation, cell_type, is_target) -> torch.Tensor:
+    def _training_embeddings(self, perturbation, dose) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of registered perturbations (and doses) for the denoiser and the mask model."""
+        recipes = self.train_recipes[perturbation]
+        embedding, mask_embedding = self.encoder(recipes), self.mask_encoder(recipes)
+        if self.has_molecules:
+            molecules = self.molecule_recipes[perturbation]
+            doses = (dose if dose is not None else torch.ones_like(perturbation, dtype=embedding.dtype))[:, None]
+            doses = doses.expand(-1, molecules.shape[1])
+            embedding = embedding + self.molecule_encoder(molecules, doses)
+            mask_embedding = mask_embedding + self.mask_molecule_encoder(molecules, doses)
+        return embedding, mask_embedding
+
+    def _dose_codes(self, dose: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        if dose is None:
+            return torch.zeros_like(like)
+        return torch.searchsorted(self.dose_values, dose.contiguous()).clamp(max=len(self.dose_values) - 1)
+
+    def _impute_target_zeros(self, x0, perturbation, cell_type, dose, is_target) -> torch.Tensor:
         """Zeros of perturbed cells replaced by draws from their condition's nonzero values."""
-        condition = self.condition_lookup[perturbation, cell_type].clamp(min=0)
+        condition = self.condition_lookup[perturbation, cell_type, self._dose_codes(dose, perturbation)].clamp(min=0)
         draw = self.expressed_mean[condition] + self.expressed_std[condition] * torch.randn_like(x0)
         fill = (is_target[:, None]) & (x0 == 0)
         return torch.where(fill, draw.clamp(0.0, 1.0), x0)
@@ -210,9 +254,24 @@ class DolorisModule(nn.Module):
         return predict
 
     @torch.no_grad()
-    def embed(self, recipes: torch.Tensor, graph: GraphTensors | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Perturbation embeddings for the denoiser and the mask model (one GAT pass each)."""
-        return self.encoder(recipes, graph), self.mask_encoder(recipes, graph)
+    def embed(
+        self,
+        recipes: torch.Tensor,
+        graph: GraphTensors | None = None,
+        molecules: torch.Tensor | None = None,
+        doses: torch.Tensor | None = None,
+        molecule_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perturbation embeddings for the denoiser and the mask model (one GAT pass each).
+
+        ``molecules`` and ``doses`` (``(n, width)``, ``-1`` / ``0`` padded) add the molecular part;
+        ``molecule_features`` replaces the trained molecules' features when new ones were added.
+        """
+        embedding, mask_embedding = self.encoder(recipes, graph), self.mask_encoder(recipes, graph)
+        if self.has_molecules and molecules is not None:
+            embedding = embedding + self.molecule_encoder(molecules, doses, molecule_features)
+            mask_embedding = mask_embedding + self.mask_molecule_encoder(molecules, doses, molecule_features)
+        return embedding, mask_embedding
 
     @torch.no_grad()
     def encode_latent(

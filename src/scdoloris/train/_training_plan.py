@@ -48,6 +48,7 @@ class DolorisTrainingPlan(pl.LightningModule):
             x,
             batch[REGISTRY_KEYS.PERTURBATION_KEY].reshape(-1).long(),
             batch[REGISTRY_KEYS.CELL_TYPE_KEY].reshape(-1).long(),
+            batch.get(REGISTRY_KEYS.DOSE_KEY),
         )
         for name, value in losses.items():
             self.log(

@@ -1,0 +1,117 @@
+"""Molecular perturbations: setup with doses and SMILES, training, unseen molecules and doses."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SMALL, TRAIN_KWARGS
+
+import scdoloris as sd
+
+DRUGS = {
+    "entinostat": "Nc1ccccc1NC(=O)c1ccc(CNC(=O)OCc2cccnc2)cc1",
+    "dacinostat": "O=C(/C=C/c1ccc(CN(CCO)CCc2c[nH]c3ccccc23)cc1)NO",
+    "busulfan": "CS(=O)(=O)OCCCCOS(C)(=O)=O",
+}
+UNSEEN = {"mocetinostat": "Nc1ccccc1NC(=O)c1ccc(CNc2nccc(-c3cccnc3)n2)cc1"}
+
+
+@pytest.fixture(scope="module")
+def drug_data():
+    """Controls and 3 drugs at 2 doses; the HDAC inhibitors shift genes 0-4, busulfan genes 5-9."""
+    rng = np.random.default_rng(0)
+    n_genes, n = 20, 40
+    base = rng.uniform(0.5, 2.5, n_genes)
+    blocks, obs = [], []
+    for drug, dose in [("control", 0.0)] + [(d, x) for d in DRUGS for x in (10.0, 1000.0)]:
+        shift = np.zeros(n_genes)
+        if drug != "control":
+            genes = slice(0, 5) if drug != "busulfan" else slice(5, 10)
+            shift[genes] = 1.5 * np.log1p(dose) / np.log1p(1000.0)
+        block = np.clip(base + shift + rng.normal(0, 0.3, (n, n_genes)), 0, None)
+        block[rng.random(block.shape) < 0.2] = 0.0
+        blocks.append(block)
+        obs += [{"drug": drug, "dose": dose, "smiles": DRUGS.get(drug, ""), "cell_type": "A549"}] * n
+    obs = pd.DataFrame(obs, index=[f"c{i}" for i in range(len(obs))])
+    import anndata as ad
+
+    adata = ad.AnnData(np.concatenate(blocks).astype(np.float32), obs=obs)
+    adata.var_names = [f"G{i}" for i in range(n_genes)]
+    return adata
+
+
+@pytest.fixture(scope="module")
+def drug_model(drug_data):
+    adata = drug_data.copy()
+    sd.Doloris.setup_anndata(
+        adata,
+        perturbation_key="drug",
+        control_value="control",
+        cell_type_key="cell_type",
+        dose_key="dose",
+        smiles_key="smiles",
+    )
+    model = sd.Doloris(adata, **SMALL)
+    model.train(max_steps=60, seed=0, **TRAIN_KWARGS)
+    return model
+
+
+def test_molecules_are_not_categories(drug_model):
+    summary = drug_model.summary_
+    assert summary["categories"] == [] and sorted(summary["molecules"]["names"]) == sorted(DRUGS)
+    np.testing.assert_array_equal(summary["dose_values"], [0.0, 10.0, 1000.0])
+    # Conditions are (drug, cell type, dose): 6 perturbed + 1 control.
+    assert len(summary["condition_perturbation"]) == 7
+    assert drug_model.module.has_molecules
+
+
+def test_predict_seen_unseen_molecule_and_dose(drug_model):
+    pred = drug_model.predict_perturbation(
+        ["entinostat", "mocetinostat"], dose=[100.0, 1000.0], smiles=UNSEEN, n_cells=15, n_steps=5, seed=0
+    )
+    assert pred.shape == (30, 20)
+    assert list(pred.obs["perturbation"].cat.categories) == ["entinostat", "mocetinostat"]
+    np.testing.assert_array_equal(pred.obs["dose"].to_numpy(), [100.0] * 15 + [1000.0] * 15)
+    assert (pred.obs["dose"] == pred.obs["dose"]).all() and np.isfinite(pred.X).all()
+
+
+def test_dose_changes_the_embedding_and_vanishes_at_zero(drug_model):
+    resolved = drug_model._resolve_perturbations(["entinostat", "entinostat", "entinostat"], dose=[0.0, 10.0, 5000.0])
+    embedding, _ = drug_model.module.embed(
+        resolved.recipes, resolved.graph, resolved.molecules, resolved.molecule_doses, resolved.molecule_features
+    )
+    assert float(embedding[0].abs().max()) == 0.0  # dose 0 is unperturbed
+    assert float((embedding[1] - embedding[2]).abs().max()) > 0  # an unseen dose (5000) differs
+
+
+def test_same_drug_at_two_doses_in_one_call(drug_model):
+    pred = drug_model.predict_perturbation(["busulfan", "busulfan"], dose=[10.0, 1000.0], n_cells=5, n_steps=3)
+    assert pred.n_obs == 10 and sorted(set(pred.obs["dose"])) == [10.0, 1000.0]
+    assert pred.obs_names.is_unique
+
+
+def test_drug_errors(drug_model, drug_data):
+    with pytest.raises(ValueError, match="dose"):
+        drug_model.predict_perturbation(["entinostat"], n_cells=2, n_steps=2)
+    with pytest.raises(ValueError, match="mocetinostat"):
+        drug_model.predict_perturbation(["mocetinostat"], dose=10.0, n_cells=2, n_steps=2)
+    with pytest.raises(ValueError, match="not_a_smiles"):
+        drug_model.predict_perturbation(["x"], dose=10.0, smiles={"x": "not_a_smiles"}, n_cells=2, n_steps=2)
+    with pytest.raises(ValueError, match="entries"):
+        drug_model.predict_perturbation(["entinostat"], dose=[1.0, 2.0], n_cells=2, n_steps=2)
+    bad = drug_data.copy()
+    bad.obs["dose"] = bad.obs["dose"].astype(str)
+    with pytest.raises(ValueError, match="numeric"):
+        sd.Doloris.setup_anndata(bad, perturbation_key="drug", control_value="control", dose_key="dose")
+    bad = drug_data.copy()
+    bad.obs.iloc[50, bad.obs.columns.get_loc("dose")] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        sd.Doloris.setup_anndata(bad, perturbation_key="drug", control_value="control", dose_key="dose")
+
+
+def test_drug_model_save_load(drug_model, tmp_path):
+    drug_model.save(str(tmp_path / "m"))
+    loaded = sd.Doloris.load(str(tmp_path / "m"), drug_model.adata)
+    kwargs = {"dose": 100.0, "smiles": UNSEEN, "n_cells": 5, "n_steps": 3, "seed": 1}
+    a = drug_model.predict_perturbation(["mocetinostat"], **kwargs)
+    b = loaded.predict_perturbation(["mocetinostat"], **kwargs)
+    np.testing.assert_array_equal(a.X, b.X)
