@@ -132,3 +132,45 @@ def test_runner_matches_direct_metric(result, synthetic):
         "and gene_set == 'all'"
     )["value"]
     assert float(got.iloc[0]) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------- molecules
+@pytest.fixture(scope="module")
+def drugs():
+    return sd.datasets.synthetic_drug_perturbations(n_genes=30, n_drugs=6, n_cells_per_condition=8, seed=0)
+
+
+def test_unseen_molecules_split(drugs):
+    split = sd.benchmark.unseen_molecules(drugs, fraction=0.3, seed=0)
+    held_out = split.info["held_out"]
+    assert len(held_out) == 2
+    trained = set(drugs.obs["perturbation"].astype(str)[split.train])
+    assert not trained & set(held_out) and "control" in trained
+    assert set(split.test.columns) == {"perturbation", "cell_type", "dose"}
+    assert len(split.test) == 2 * 3 * 4  # molecules x cell types x doses
+    assert split.smiles(drugs)[held_out[0]] == drugs.obs.loc[drugs.obs["perturbation"] == held_out[0], "smiles"].iloc[0]
+    with pytest.raises(ValueError, match="nope"):
+        sd.benchmark.unseen_molecules(drugs, molecules=["nope"])
+
+
+def test_unseen_drug_cell_dose_split(drugs):
+    split = sd.benchmark.unseen_drug_cell_dose(drugs, fraction=0.25, seed=0)
+    assert len(split.test) == round(0.25 * 6 * 3 * 4)
+    obs = drugs.obs
+    for row in split.test.to_dict("records"):
+        cells = (obs["perturbation"] == row["perturbation"]) & (obs["cell_type"] == row["cell_type"])
+        held = cells & (obs["dose"] == row["dose"])
+        assert not split.train[held.to_numpy()].any()
+        assert split.train[(obs["perturbation"] == row["perturbation"]).to_numpy()].any()  # the drug is still seen
+    assert split.cells(drugs, row["perturbation"], row["cell_type"], row["dose"]).n_obs == 8
+
+
+def test_runner_on_molecules(drugs):
+    split = sd.benchmark.unseen_molecules(drugs, fraction=0.2, seed=0)
+    methods = sd.benchmark.default_methods(model_kwargs=SMALL, train_kwargs={"max_steps": 20})
+    methods = [m for m in methods if m.name in ("doloris", "no_change", "mean_shift")]
+    result = sd.benchmark.run_benchmark(drugs, split, methods, n_cells=10, n_de_genes=(20,), progress=False)
+    scores = result.scores
+    assert set(scores["method"]) == {"doloris", "no_change", "mean_shift"} and "dose" in scores.columns
+    assert scores.groupby("method").size().nunique() == 1 and len(result.failures) == 0
+    assert len(scores[(scores["metric"] == "e_distance") & (scores["gene_set"] == "all")]) == 3 * len(split.test)

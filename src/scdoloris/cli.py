@@ -100,8 +100,32 @@ DATASETS = {
     "kang": "Kang 2018 PBMCs (bundled subset): interferon-beta stimulation in 7 cell types",
     "synthetic": "sd.datasets.synthetic_perturbations(seed=0), with its true gene graph",
     "synthetic_strong": "the same with effect_size=2 (effects clearly above the noise)",
+    "synthetic_drugs": "sd.datasets.synthetic_drug_perturbations on 26 real sci-Plex3 drugs in structural families",
 }
-SPLITS = ("singles_to_doubles", "unseen_perturbations", "unseen_cell_type")
+SPLITS = (
+    "singles_to_doubles",
+    "unseen_perturbations",
+    "unseen_cell_type",
+    "unseen_molecules",
+    "unseen_drug_cell_dose",
+)
+# Structural families of sci-Plex3 drugs (Tanimoto >= 0.4 within a pair): the first of each pair is
+# trained, the second held out by `--split unseen_molecules` on the synthetic_drugs data set.
+DRUG_PAIRS = [
+    ("Entinostat", "Mocetinostat"),
+    ("Tacedinaline", "Tucidinostat"),
+    ("Dacinostat", "Panobinostat"),
+    ("Azacitidine", "Decitabine"),
+    ("Fedratinib", "TG101209"),
+    ("Alisertib", "MLN8054"),
+    ("Danusertib", "PHA-680632"),
+    ("Alvespimycin", "Tanespimycin"),
+    ("Epothilone", "Patupilone"),
+    ("Sorafenib", "Regorafenib"),
+    ("ABT-737", "Navitoclax"),
+    ("Lenalidomide", "Thalidomide"),
+    ("Prednisone", "Meprednisone"),
+]
 
 
 def _benchmark_data(name: str):
@@ -120,6 +144,9 @@ def _benchmark_data(name: str):
         return adata, keys, "auto"
     if name == "kang":
         return sd.datasets.kang2018_subset(), keys | {"perturbation_key": "condition"}, "auto"
+    if name == "synthetic_drugs":
+        drugs = [drug for pair in DRUG_PAIRS for drug in pair]
+        return sd.datasets.synthetic_drug_perturbations(drugs=drugs, seed=0), keys, "auto"
     if name in ("synthetic", "synthetic_strong"):
         adata = sd.datasets.synthetic_perturbations(seed=0, effect_size=2.0 if name == "synthetic_strong" else 1.0)
         return adata, keys, adata.uns["synthetic"]["edges"]
@@ -146,6 +173,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         split = sd.benchmark.singles_to_doubles(adata, **keys)
     elif args.split == "unseen_perturbations":
         split = lambda seed: sd.benchmark.unseen_perturbations(adata, **keys, fraction=args.fraction, seed=seed)  # noqa: E731
+    elif args.split == "unseen_molecules":
+        held_out = [second for _, second in DRUG_PAIRS] if args.dataset == "synthetic_drugs" else None
+        split = sd.benchmark.unseen_molecules(adata, held_out, **keys, fraction=args.fraction)
+    elif args.split == "unseen_drug_cell_dose":
+        split = lambda seed: sd.benchmark.unseen_drug_cell_dose(adata, **keys, fraction=args.fraction, seed=seed)  # noqa: E731
     else:
         if args.cell_type is None:
             raise SystemExit("--split unseen_cell_type needs --cell-type.")

@@ -1,7 +1,14 @@
 """Seeded splits and the runner that compares Doloris with the baselines on them."""
 
 from ._runner import BaselineMethod, BenchmarkResult, DolorisMethod, default_methods, run_benchmark, score_condition
-from ._splits import Split, singles_to_doubles, unseen_cell_type, unseen_perturbations
+from ._splits import (
+    Split,
+    singles_to_doubles,
+    unseen_cell_type,
+    unseen_drug_cell_dose,
+    unseen_molecules,
+    unseen_perturbations,
+)
 
 __all__ = [
     "BaselineMethod",
@@ -13,5 +20,7 @@ __all__ = [
     "score_condition",
     "singles_to_doubles",
     "unseen_cell_type",
+    "unseen_drug_cell_dose",
+    "unseen_molecules",
     "unseen_perturbations",
 ]

@@ -48,6 +48,8 @@ class DolorisMethod:
             perturbation_key=split.perturbation_key,
             control_value=split.control_value,
             cell_type_key=split.cell_type_key,
+            dose_key=split.dose_key,
+            smiles_key=split.smiles_key,
         )
         previous = scvi.settings.seed
         scvi.settings.seed = seed  # also seeds the initial weights
@@ -58,9 +60,13 @@ class DolorisMethod:
             scvi.settings.seed = previous
         return self
 
-    def predict(self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int) -> ad.AnnData:
-        """Generated cells of ``perturbations`` in ``cell_type``."""
-        return self.model.predict_perturbation(list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed)
+    def predict(
+        self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
+    ) -> ad.AnnData:
+        """Generated cells of ``perturbations`` in ``cell_type`` (at ``dose``; ``smiles`` of molecules)."""
+        return self.model.predict_perturbation(
+            list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose, smiles=smiles or None
+        )
 
 
 class BaselineMethod:
@@ -72,18 +78,41 @@ class BaselineMethod:
         self.fitted = None
 
     def fit(self, train: ad.AnnData, split: Split, seed: int) -> BaselineMethod:
-        """Fit a fresh baseline on ``train``."""
+        """Fit a fresh baseline on ``train``; with doses, each (perturbation, dose) is its own label."""
+        key = split.perturbation_key
+        if split.dose_key is not None:
+            train = train.copy()
+            train.obs[DOSED_LABEL] = _dosed_labels(train, split)
+            key = DOSED_LABEL
         self.fitted = self.factory().fit(
-            train,
-            perturbation_key=split.perturbation_key,
-            control_value=split.control_value,
-            cell_type_key=split.cell_type_key,
+            train, perturbation_key=key, control_value=split.control_value, cell_type_key=split.cell_type_key
         )
         return self
 
-    def predict(self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int) -> ad.AnnData:
-        """Predicted cells of ``perturbations`` in ``cell_type``."""
+    def predict(
+        self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
+    ) -> ad.AnnData:
+        """Predicted cells of ``perturbations`` in ``cell_type`` (at ``dose``)."""
+        if dose is not None:
+            doses = [dose] * len(perturbations) if np.ndim(dose) == 0 else list(dose)
+            perturbations = [_dosed(p, d) for p, d in zip(perturbations, doses, strict=True)]
         return self.fitted.predict(list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed)
+
+
+DOSED_LABEL = "_perturbation_at_dose"
+
+
+def _dosed(perturbation: str, dose: float) -> str:
+    return f"{perturbation}@{float(dose):g}"
+
+
+def _dosed_labels(adata: ad.AnnData, split: Split) -> pd.Categorical:
+    """Labels ``"drug@dose"``; unperturbed cells (control label or dose 0) keep the control label."""
+    labels = adata.obs[split.perturbation_key].astype(str).to_numpy()
+    doses = adata.obs[split.dose_key].to_numpy(dtype=np.float64)
+    control = split.control_values[0]
+    unperturbed = np.isin(labels, split.control_values) | (doses == 0)
+    return pd.Categorical([control if u else _dosed(p, d) for p, d, u in zip(labels, doses, unperturbed, strict=True)])
 
 
 def default_methods(
@@ -148,7 +177,8 @@ class BenchmarkResult:
     def wins(self, metric: str = "e_distance", gene_set: str = "all", against: str | None = None) -> pd.Series:
         """For each method, the fraction of (condition, seed) pairs where Doloris scores lower."""
         table = self.scores[(self.scores["metric"] == metric) & (self.scores["gene_set"] == gene_set)]
-        wide = table.pivot_table(index=["seed", "perturbation", "cell_type"], columns="method", values="value")
+        index = [c for c in ("seed", "perturbation", "cell_type", "dose") if c in table.columns]
+        wide = table.pivot_table(index=index, columns="method", values="value")
         others = [m for m in wide.columns if m != "doloris"] if against is None else [against]
         # Each pair over the conditions both methods predicted.
         wins = {
@@ -235,6 +265,7 @@ def run_benchmark(
     BenchmarkResult
     """
     methods = list(default_methods() if methods is None else methods)
+    has_dose = (split(seeds[0]) if callable(split) else split).dose_key is not None
     rows, failures, seconds = [], [], {}
     de_cache: dict = {}
     total = len(seeds) * len(methods)
@@ -242,6 +273,7 @@ def run_benchmark(
         for seed in seeds:
             current = split(seed) if callable(split) else split
             train = current.train_data(adata)
+            smiles = current.smiles(adata)
             for method in methods:
                 bar.set_postfix_str(f"seed {seed}, {method.name}")
                 start = time.perf_counter()
@@ -249,42 +281,62 @@ def run_benchmark(
                 for cell_type, conditions in current.test.groupby("cell_type", sort=False):
                     ct = None if cell_type == SINGLE_CELL_TYPE else cell_type
                     control = current.controls(adata, ct)
-                    for perturbation in conditions["perturbation"]:
-                        try:
-                            predicted = method.predict([perturbation], ct, n_cells, seed)
-                        except (KeyError, ValueError) as error:
-                            failures.append(
-                                {"method": method.name, "seed": seed, "perturbation": perturbation, "error": str(error)}
-                            )
+                    records = conditions.to_dict("records")
+                    for condition, predicted in _predict_conditions(method, records, ct, n_cells, seed, smiles):
+                        perturbation, dose = condition["perturbation"], condition.get("dose")
+                        ids = {"method": method.name, "seed": seed, "perturbation": perturbation}
+                        ids |= {"cell_type": cell_type} | ({"dose": dose} if dose is not None else {})
+                        if isinstance(predicted, Exception):
+                            failures.append(ids | {"error": str(predicted)})
                             continue
-                        real = current.cells(adata, perturbation, ct)
-                        key = (perturbation, cell_type)
+                        real = current.cells(adata, perturbation, ct, dose)
+                        key = (perturbation, cell_type, dose)
                         if key not in de_cache:
-                            de_cache[key] = _de_gene_sets(adata, current, perturbation, ct, n_de_genes)
+                            de_cache[key] = _de_gene_sets(adata, current, perturbation, ct, n_de_genes, dose)
                         for row in score_condition(predicted, real, control, de_cache[key], metric_names):
-                            rows.append(
-                                {
-                                    "method": method.name,
-                                    "seed": seed,
-                                    "perturbation": perturbation,
-                                    "cell_type": cell_type,
-                                }
-                                | row
-                            )
+                            rows.append(ids | row)
                 seconds[(seed, method.name)] = time.perf_counter() - start
                 bar.update()
-    failures_table = pd.DataFrame(failures, columns=["method", "seed", "perturbation", "error"])
+    columns = ["method", "seed", "perturbation", "cell_type", "dose", "error"]
+    failures_table = pd.DataFrame(failures).reindex(columns=[c for c in columns if c != "dose" or has_dose])
     name = (split(seeds[0]) if callable(split) else split).name
     return BenchmarkResult(pd.DataFrame(rows), name, failures_table, seconds)
 
 
-def _de_gene_sets(adata, split: Split, perturbation: str, cell_type, sizes) -> dict:
+def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, seed: int, smiles: dict):
+    """``(condition, predicted cells or the error)`` for every condition of one cell type.
+
+    All conditions in one call first (Doloris then inverts the control cells once, paper A.4);
+    if that fails (e.g. the additive baseline meets a gene it never saw), one call per condition.
+    """
+    perturbations = [r["perturbation"] for r in records]
+    doses = [r["dose"] for r in records] if records and "dose" in records[0] else None
+    needed = {c: smiles[c] for p in perturbations for c in p.split("+") if c in smiles}
+    try:
+        predicted = method.predict(perturbations, cell_type, n_cells, seed, dose=doses, smiles=needed)
+    except (KeyError, ValueError):
+        predicted = None
+    if predicted is not None and predicted.n_obs == len(records) * n_cells:
+        # Both Doloris and the baselines return one block of n_cells per condition, in order.
+        return [(r, predicted[i * n_cells : (i + 1) * n_cells]) for i, r in enumerate(records)]
+    results = []
+    for r in records:
+        dose = r.get("dose")
+        needed = {c: smiles[c] for c in r["perturbation"].split("+") if c in smiles}
+        try:
+            results.append((r, method.predict([r["perturbation"]], cell_type, n_cells, seed, dose=dose, smiles=needed)))
+        except (KeyError, ValueError) as error:
+            results.append((r, error))
+    return results
+
+
+def _de_gene_sets(adata, split: Split, perturbation: str, cell_type, sizes, dose=None) -> dict:
     """``{"all": None, "DE20": [...], ...}`` for one condition, DE from the real cells."""
     sets: dict = {"all": None}
     sizes = [n for n in sizes if n < adata.n_vars]  # a "top n" of all genes would repeat "all"
     if not sizes:
         return sets
-    real = split.cells(adata, perturbation, cell_type)
+    real = split.cells(adata, perturbation, cell_type, dose)
     control = split.controls(adata, cell_type)
     both = ad.concat({"condition": real, "control": control}, label="_group", index_unique="-")
     largest = metrics.de_genes(both, groupby="_group", group="condition", reference="control", n=max(sizes))

@@ -32,6 +32,11 @@ class Split:
         The data set's keys, as for :meth:`scdoloris.Doloris.setup_anndata`.
     seed
         Seed of the split (``None`` for deterministic splits).
+    info
+        Free-form details (e.g. the held-out molecules).
+    dose_key, smiles_key
+        For molecular perturbations: conditions are then (perturbation, cell type, dose) and
+        ``test`` has a ``dose`` column.
     """
 
     name: str
@@ -42,6 +47,8 @@ class Split:
     cell_type_key: str | None = None
     seed: int | None = None
     info: dict = field(default_factory=dict)
+    dose_key: str | None = None
+    smiles_key: str | None = None
 
     @property
     def control_values(self) -> list[str]:
@@ -56,16 +63,31 @@ class Split:
                 train.obs[key] = train.obs[key].cat.remove_unused_categories()
         return train
 
-    def cells(self, adata: ad.AnnData, perturbation: str, cell_type: str | None = None) -> ad.AnnData:
+    def cells(
+        self, adata: ad.AnnData, perturbation: str, cell_type: str | None = None, dose: float | None = None
+    ) -> ad.AnnData:
         """The real cells of one condition (all cells of ``adata``, not only the held-out ones)."""
         selected = _labels(adata, self.perturbation_key) == perturbation
         if self.cell_type_key is not None and cell_type not in (None, SINGLE_CELL_TYPE):
             selected &= _labels(adata, self.cell_type_key) == cell_type
+        if self.dose_key is not None and dose is not None:
+            selected &= np.isclose(adata.obs[self.dose_key].to_numpy(dtype=np.float64), dose)
         return adata[selected.to_numpy()]
 
+    def smiles(self, adata: ad.AnnData) -> dict[str, str]:
+        """``{molecule: SMILES}`` of every single molecule in ``adata`` (empty without ``smiles_key``)."""
+        if self.smiles_key is None:
+            return {}
+        table = pd.DataFrame({"p": _labels(adata, self.perturbation_key), "s": adata.obs[self.smiles_key].to_numpy()})
+        table = table[~table["p"].isin(self.control_values) & ~table["p"].str.contains("+", regex=False)]
+        table = table[table["s"].map(lambda v: isinstance(v, str) and v != "")]
+        return dict(table.drop_duplicates("p").itertuples(index=False, name=None))
+
     def controls(self, adata: ad.AnnData, cell_type: str | None = None) -> ad.AnnData:
-        """The control cells of a cell type."""
+        """The control cells of a cell type (control label, or dose 0)."""
         selected = _labels(adata, self.perturbation_key).isin(self.control_values)
+        if self.dose_key is not None:
+            selected |= adata.obs[self.dose_key].to_numpy(dtype=np.float64) == 0
         if self.cell_type_key is not None and cell_type not in (None, SINGLE_CELL_TYPE):
             selected &= _labels(adata, self.cell_type_key) == cell_type
         return adata[selected.to_numpy()]
@@ -83,14 +105,17 @@ def _labels(adata: ad.AnnData, key: str) -> pd.Series:
     return pd.Series(adata.obs[key].astype(str).to_numpy(), index=adata.obs_names)
 
 
-def _conditions(adata, perturbation_key, cell_type_key, selected) -> pd.DataFrame:
+def _conditions(adata, perturbation_key, cell_type_key, selected, dose_key=None) -> pd.DataFrame:
     labels = _labels(adata, perturbation_key)[selected]
     if cell_type_key is None:
         types = pd.Series(SINGLE_CELL_TYPE, index=labels.index)
     else:
         types = _labels(adata, cell_type_key)[selected]
-    table = pd.DataFrame({"perturbation": labels.to_numpy(), "cell_type": types.to_numpy()}).drop_duplicates()
-    return table.sort_values(["perturbation", "cell_type"]).reset_index(drop=True)
+    table = pd.DataFrame({"perturbation": labels.to_numpy(), "cell_type": types.to_numpy()})
+    if dose_key is not None:
+        table["dose"] = adata.obs[dose_key].to_numpy(dtype=np.float64)[np.asarray(selected)]
+    table = table.drop_duplicates()
+    return table.sort_values(list(table.columns)).reset_index(drop=True)
 
 
 def _components(labels: pd.Series, control_values: Sequence[str]) -> pd.Series:
@@ -204,3 +229,111 @@ def unseen_cell_type(
     train = ~(in_type & perturbed).to_numpy()
     test = _conditions(adata, perturbation_key, cell_type_key, is_held_out)
     return Split(f"unseen_cell_type:{cell_type}", train, test, perturbation_key, control_value, cell_type_key)
+
+
+def _drug_table(adata, perturbation_key, control_value, cell_type_key, dose_key) -> pd.DataFrame:
+    controls = [control_value] if isinstance(control_value, str) else list(control_value)
+    labels = _labels(adata, perturbation_key)
+    doses = adata.obs[dose_key].to_numpy(dtype=np.float64)
+    types = _labels(adata, cell_type_key) if cell_type_key else pd.Series(SINGLE_CELL_TYPE, index=labels.index)
+    treated = (~labels.isin(controls) & (doses > 0)).to_numpy()
+    return pd.DataFrame({"drug": labels.to_numpy(), "cell_type": types.to_numpy(), "dose": doses, "treated": treated})
+
+
+def unseen_molecules(
+    adata: ad.AnnData,
+    molecules: Sequence[str] | None = None,
+    perturbation_key: str = "perturbation",
+    control_value: str | list[str] = "control",
+    cell_type_key: str | None = "cell_type",
+    dose_key: str = "dose",
+    smiles_key: str = "smiles",
+    fraction: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Hold out every cell of some molecules, at every dose and in every cell type (sci-Plex3 OOD drugs).
+
+    ``molecules`` names them (e.g. drugs structurally related to trained ones); otherwise a seeded
+    random ``fraction`` of the molecules is held out. Test conditions are (molecule, cell type, dose).
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_drug_perturbations(n_drugs=10, n_cells_per_condition=5)
+    >>> split = sd.benchmark.unseen_molecules(adata, fraction=0.2, seed=0)
+    >>> len(split.info["held_out"]), len(split.test)
+    (2, 24)
+    """
+    table = _drug_table(adata, perturbation_key, control_value, cell_type_key, dose_key)
+    drugs = np.array(sorted(set(table.loc[table["treated"], "drug"])))
+    if molecules is None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"`fraction` must be in (0, 1), got {fraction}.")
+        n_test = min(max(1, round(fraction * len(drugs))), len(drugs) - 1)
+        held_out = sorted(np.random.default_rng(seed).choice(drugs, n_test, replace=False).tolist())
+    else:
+        held_out = sorted(molecules)
+        unknown = sorted(set(held_out) - set(drugs))
+        if unknown:
+            raise ValueError(f"Molecules {unknown} are not treated cells' labels in adata.obs[{perturbation_key!r}].")
+        seed = None
+    is_held_out = (table["drug"].isin(held_out) & table["treated"]).to_numpy()
+    train = ~table["drug"].isin(held_out).to_numpy() | ~table["treated"].to_numpy()
+    test = _conditions(adata, perturbation_key, cell_type_key, is_held_out, dose_key)
+    return Split(
+        "unseen_molecules",
+        train,
+        test,
+        perturbation_key,
+        control_value,
+        cell_type_key,
+        seed,
+        {"held_out": held_out},
+        dose_key,
+        smiles_key,
+    )
+
+
+def unseen_drug_cell_dose(
+    adata: ad.AnnData,
+    perturbation_key: str = "perturbation",
+    control_value: str | list[str] = "control",
+    cell_type_key: str | None = "cell_type",
+    dose_key: str = "dose",
+    smiles_key: str = "smiles",
+    fraction: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Hold out a seeded random ``fraction`` of the (molecule, cell type, dose) combinations (sci-Plex3).
+
+    Each held-out molecule is still seen at other doses or in other cell types.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_drug_perturbations(n_drugs=10, n_cells_per_condition=5)
+    >>> split = sd.benchmark.unseen_drug_cell_dose(adata, fraction=0.2, seed=0)
+    >>> len(split.test)
+    24
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"`fraction` must be in (0, 1), got {fraction}.")
+    table = _drug_table(adata, perturbation_key, control_value, cell_type_key, dose_key)
+    combos = table.loc[table["treated"], ["drug", "cell_type", "dose"]].drop_duplicates().reset_index(drop=True)
+    n_test = min(max(1, round(fraction * len(combos))), len(combos) - 1)
+    picked = combos.iloc[np.sort(np.random.default_rng(seed).choice(len(combos), n_test, replace=False))]
+    key = pd.MultiIndex.from_frame(table[["drug", "cell_type", "dose"]])
+    is_held_out = key.isin(pd.MultiIndex.from_frame(picked)) & table["treated"].to_numpy()
+    test = _conditions(adata, perturbation_key, cell_type_key, is_held_out, dose_key)
+    return Split(
+        "unseen_drug_cell_dose",
+        ~is_held_out,
+        test,
+        perturbation_key,
+        control_value,
+        cell_type_key,
+        seed,
+        {},
+        dose_key,
+        smiles_key,
+    )

@@ -310,6 +310,17 @@ def summarize_training_data(
     )
 
 
+def _split_smiles(value: str) -> list[str]:
+    """Split ``"A+B"`` SMILES at ``+`` outside brackets (``[N+]`` is a charge, not a separator)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(value):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "+" and depth == 0:
+            parts.append(value[start:i])
+            start = i + 1
+    return parts + [value[start:]]
+
+
 def _molecule_smiles(components, perturbation_codes, smiles) -> dict[str, str]:
     """``{molecule: SMILES}`` from a per-cell SMILES column (``"+"``-joined like the labels)."""
     smiles = np.asarray(smiles, dtype=object)
@@ -322,7 +333,8 @@ def _molecule_smiles(components, perturbation_codes, smiles) -> dict[str, str]:
             raise ValueError(f"Cells of perturbation {'+'.join(comps)!r} carry different SMILES: {sorted(values)[:3]}.")
         if not values:
             continue
-        parts = next(iter(values)).split("+")
+        value = next(iter(values))
+        parts = [value] if len(comps) == 1 else _split_smiles(value)
         if len(parts) != len(comps):
             raise ValueError(
                 f"Perturbation {'+'.join(comps)!r} has {len(comps)} component(s) but its SMILES has {len(parts)}; "
