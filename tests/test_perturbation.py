@@ -251,3 +251,32 @@ def test_gat_runs_once_per_training_step(fresh_model):
     fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, seed=0, **TRAIN_KWARGS)
     after = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
     assert after == (before[0] + 4, before[1] + 4)
+
+
+def test_gat_on_needed_nodes_equals_full_graph():
+    """Running the GAT on the 2-hop neighbourhood of the asked nodes gives the full graph's rows exactly."""
+    rng = np.random.default_rng(1)
+    n_nodes = 200
+    edges = rng.integers(0, n_nodes, size=(2, 800))
+    edges = edges[:, edges[0] != edges[1]]
+    graph = GraphTensors(
+        torch.as_tensor(rng.normal(size=(n_nodes, 8)), dtype=torch.float32),
+        torch.arange(n_nodes) < 150,
+        torch.as_tensor(edges),
+        torch.as_tensor(rng.uniform(0.1, 1.0, edges.shape[1]), dtype=torch.float32),
+    )
+    torch.manual_seed(0)
+    enc = PerturbationEncoder(graph, n_categories=1, n_hidden=16, n_output=8).eval()
+    nodes = torch.tensor([3, 77, 160, 199])
+    with torch.no_grad():
+        full = enc.node_embeddings()
+        part = enc.node_embeddings(nodes=nodes)
+        recipes = torch.tensor([[3, 77], [160, -1], [199, 200]])  # 200 is the category
+        via_forward = enc(recipes)
+        expected = enc.pool(torch.cat([full, enc.category_embedding.weight[:1]])[recipes.clamp(min=0)])
+        expected = (expected * (recipes >= 0)[..., None]).sum(dim=1)
+    torch.testing.assert_close(part[nodes], full[nodes], rtol=1e-5, atol=1e-6)
+    others = torch.ones(n_nodes, dtype=torch.bool)
+    others[nodes] = False
+    assert float(part[others].abs().max()) == 0.0
+    torch.testing.assert_close(via_forward, expected, rtol=1e-5, atol=1e-6)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch_geometric.nn import GATv2Conv
+from torch_geometric.utils import k_hop_subgraph
 
 
 class GraphTensors(nn.Module):
@@ -74,26 +75,46 @@ class PerturbationEncoder(nn.Module):
         self.n_output = n_output
         self.n_graph_evaluations = 0  # counted so tests can check the GAT runs once per batch
 
-    def node_embeddings(self, graph: GraphTensors | None = None) -> torch.Tensor:
-        """GAT output for every node of ``graph`` (the training graph by default)."""
+    def node_embeddings(self, graph: GraphTensors | None = None, nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """GAT output for every node of ``graph`` (the training graph by default).
+
+        With ``nodes``, only those rows are computed (the others are zero): the GAT runs on their
+        ``n_layers``-hop in-neighbourhood, which gives exactly the full graph's output there. A batch
+        needs its perturbed genes only, a few hundred nodes out of thousands.
+        """
         graph = self.graph if graph is None else graph
         self.n_graph_evaluations += 1
-        h = torch.where(graph.measured[:, None], graph.node_features, self.unmeasured_feature)
+        features = torch.where(graph.measured[:, None], graph.node_features, self.unmeasured_feature)
+        edges, weights = graph.edges, graph.weights
+        if nodes is not None:
+            subset, edges, mapping, edge_mask = k_hop_subgraph(
+                nodes, len(self.gat_layers), edges, relabel_nodes=True, num_nodes=graph.n_nodes
+            )
+            features, weights = features[subset], weights[edge_mask]
+        h = features
         for i, layer in enumerate(self.gat_layers):
-            h = layer(h, graph.edges, graph.weights[:, None])
+            h = layer(h, edges, weights[:, None])
             if i < len(self.gat_layers) - 1:
                 h = nn.functional.elu(h)
-        return h
+        if nodes is None:
+            return h
+        # Rows of the neighbourhood's border are not the full graph's: keep the asked nodes only.
+        return h.new_zeros(graph.n_nodes, h.shape[1]).index_copy(0, subset[mapping], h[mapping])
 
-    def token_table(self, graph: GraphTensors | None = None, with_nodes: bool = True) -> torch.Tensor:
-        """Rows for every graph node then every category, shape ``(n_nodes + n_categories, n_hidden)``."""
+    def token_table(
+        self, graph: GraphTensors | None = None, with_nodes: bool = True, nodes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows for every graph node then every category, shape ``(n_nodes + n_categories, n_hidden)``.
+
+        ``nodes`` limits the computed node rows to those (see :meth:`node_embeddings`).
+        """
         graph = self.graph if graph is None else graph
         categories = self.category_embedding.weight[: self.n_categories]
         if not with_nodes or graph.n_nodes == 0:
-            nodes = categories.new_zeros(graph.n_nodes, categories.shape[1])
+            node_rows = categories.new_zeros(graph.n_nodes, categories.shape[1])
         else:
-            nodes = self.node_embeddings(graph)
-        return torch.cat([nodes, categories], dim=0)
+            node_rows = self.node_embeddings(graph, nodes)
+        return torch.cat([node_rows, categories], dim=0)
 
     def forward(self, recipes: torch.Tensor, graph: GraphTensors | None = None) -> torch.Tensor:
         """Embed perturbations.
@@ -108,8 +129,9 @@ class PerturbationEncoder(nn.Module):
         """
         graph = self.graph if graph is None else graph
         present = recipes >= 0
-        uses_nodes = bool((present & (recipes < graph.n_nodes)).any())
-        table = self.token_table(graph, with_nodes=uses_nodes)
+        is_node = present & (recipes < graph.n_nodes)
+        uses_nodes = bool(is_node.any())
+        table = self.token_table(graph, with_nodes=uses_nodes, nodes=recipes[is_node].unique() if uses_nodes else None)
         # Each component through the MLP, then summed: a combination's conditioning is the sum of its
         # components', which is what lets doubles be predicted from singles (and padding adds nothing).
         return (self.pool(table[recipes.clamp(min=0)]) * present[..., None]).sum(dim=1)
