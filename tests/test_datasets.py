@@ -377,3 +377,25 @@ def test_not_a_gears_file(tmp_path):
     gears_adata().write_h5ad(tmp_path / "y.h5ad")
     with pytest.raises(KeyError, match="chemCPA"):
         sd.datasets.sciplex3(path=tmp_path / "y.h5ad")
+
+
+def test_sciplex3_feeds_the_molecule_path(tmp_path):
+    """Loader output -> setup with doses and SMILES -> short training -> an unseen molecule at an unseen dose."""
+    chemcpa_adata().write_h5ad(tmp_path / "sciplex.h5ad")
+    adata = sd.datasets.sciplex3(path=tmp_path / "sciplex.h5ad")
+    sd.Doloris.setup_anndata(
+        adata,
+        perturbation_key="perturbation",
+        control_value="control",
+        cell_type_key="cell_type",
+        dose_key="dose",
+        smiles_key="smiles",
+    )
+    model = sd.Doloris(adata, n_hidden=32, n_hidden_mask=32, n_perturbation=16)
+    assert sorted(model.summary_["molecules"]["names"]) == ["Dacinostat", "JQ1"]
+    model.train(max_steps=5, enable_progress_bar=False)
+    pred = model.predict_perturbation(
+        ["Dacinostat", "ethanol"], dose=[300.0, 50.0], smiles={"ethanol": "CCO"}, cell_type="MCF7", n_cells=4, n_steps=3
+    )
+    assert pred.n_obs == 8 and np.isfinite(pred.X).all()
+    assert pred.obs["dose"].tolist() == [300.0] * 4 + [50.0] * 4
