@@ -174,3 +174,15 @@ def test_runner_on_molecules(drugs):
     assert set(scores["method"]) == {"doloris", "no_change", "mean_shift"} and "dose" in scores.columns
     assert scores.groupby("method").size().nunique() == 1 and len(result.failures) == 0
     assert len(scores[(scores["metric"] == "e_distance") & (scores["gene_set"] == "all")]) == 3 * len(split.test)
+
+
+def test_runner_records_a_method_that_cannot_fit():
+    """Linear fits per cell type: a held-out cell type with controls only is recorded, not fatal."""
+    adata = sd.datasets.synthetic_perturbations(n_genes=30, n_perturbed_genes=4, n_doubles=0, n_cell_types=2, seed=0)
+    split = sd.benchmark.unseen_cell_type(adata, "ct1")
+    methods = [
+        m for m in sd.benchmark.default_methods(gene_graph=adata.uns["synthetic"]["edges"]) if m.name != "doloris"
+    ]
+    result = sd.benchmark.run_benchmark(adata, split, methods, n_cells=10, n_de_genes=(), progress=False)
+    assert set(result.scores["method"]) >= {"no_change", "mean_shift"}
+    assert "linear" in set(result.failures["method"]) and "linear" not in set(result.scores["method"])

@@ -41,7 +41,9 @@ class MeanShift(Baseline):
     The shift of a training perturbation is its mean expression minus the control mean (within a
     cell type when ``cell_type_key`` is given); this baseline predicts the average of those shifts,
     every training perturbation (single or combination) weighted equally, for any perturbation
-    label: it is the answer of a model that knows that cells were perturbed but not how.
+    label: it is the answer of a model that knows that cells were perturbed but not how. A cell
+    type with controls but no perturbed training cells (the unseen-cell-type task) gets the average
+    shift over all training perturbations of the other cell types.
 
     Parameters
     ----------
@@ -52,6 +54,8 @@ class MeanShift(Baseline):
     ----------
     mean_shift_
         The average shift per cell type (cell types x genes).
+    overall_shift_
+        The average over all perturbed training conditions, for cell types without any.
 
     Examples
     --------
@@ -69,10 +73,11 @@ class MeanShift(Baseline):
         if len(shifts) == 0:
             raise ValueError("MeanShift needs at least one perturbed training condition; only controls were given.")
         self.mean_shift_ = shifts.groupby(level="cell_type").mean()
+        self.overall_shift_ = shifts.mean(axis=0)
 
     def _shift(self, components, labels, cell_type):
         if cell_type not in self.mean_shift_.index:
-            raise ValueError(f"Cell type {cell_type!r} has no perturbed training cells to average.")
+            return np.tile(self.overall_shift_.to_numpy(), (len(labels), 1))
         return np.tile(self.mean_shift_.loc[cell_type].to_numpy(), (len(labels), 1))
 
 

@@ -277,7 +277,14 @@ def run_benchmark(
             for method in methods:
                 bar.set_postfix_str(f"seed {seed}, {method.name}")
                 start = time.perf_counter()
-                method.fit(train, current, seed)
+                try:
+                    method.fit(train, current, seed)
+                except (KeyError, ValueError) as error:
+                    # E.g. the linear baseline fits per cell type and cannot fit one never seen perturbed.
+                    for condition in current.test.to_dict("records"):
+                        failures.append({"method": method.name, "seed": seed} | condition | {"error": str(error)})
+                    bar.update()
+                    continue
                 for cell_type, conditions in current.test.groupby("cell_type", sort=False):
                     ct = None if cell_type == SINGLE_CELL_TYPE else cell_type
                     control = current.controls(adata, ct)
