@@ -731,7 +731,7 @@ def markdown(report: dict) -> str:
         "GFLOP/s = GFLOP/step / median step. frac. of mm: that rate / fp32 `torch.mm` rate of the "
         "square reference; shaped mm: (batch x genes) @ (genes x n_hidden), the denoiser's input layer. "
         "fwd FLOP %: split of the forward pass's matrix-product FLOPs between the denoiser, the mask model and "
-        "the two perturbation encoders (GAT over the whole gene graph plus the pooling MLP). "
+        "the two perturbation encoders (GAT over the 2-hop neighbourhood of the batch's genes plus the pooling MLP). "
         "Prediction (measured once per gene count, shown on each of its rows): wall time of "
         "`predict_perturbation` including the shared inversion of the control cells; denoiser evals / gen. "
         "cell: rows through the denoiser (counted) / generated cells = n_steps (controls + generated) / "
