@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Self
 
@@ -31,7 +32,7 @@ def dense_rows(X, rows) -> np.ndarray:
     return block.astype(np.float64, copy=False)
 
 
-class Baseline:
+class Baseline(ABC):
     """A baseline perturbation-response predictor, fitted on an AnnData and predicting cells.
 
     Subclasses predict a mean shift per perturbation and cell type (:meth:`predict_shift`);
@@ -158,7 +159,7 @@ class Baseline:
         self._fit(means, control_means, shifts)
         return self
 
-    def _fit(self, means: pd.DataFrame, control_means: pd.DataFrame, shifts: pd.DataFrame) -> None:
+    def _fit(self, means: pd.DataFrame, control_means: pd.DataFrame, shifts: pd.DataFrame) -> None:  # noqa: B027 (optional hook)
         """Model-specific fitting on the pseudobulk means (nothing by default)."""
 
     def _check_fitted(self) -> None:
@@ -166,9 +167,9 @@ class Baseline:
             raise ValueError(f"This {type(self).__name__} is not fitted yet; call fit(adata, ...) first.")
 
     # ------------------------------------------------------------------ prediction
+    @abstractmethod
     def _shift(self, components: list[list[str]], labels: list[str], cell_type: str) -> np.ndarray:
-        """Predicted mean shifts ``(perturbations, genes)`` in ``cell_type``; subclasses implement this."""
-        raise NotImplementedError
+        """Predicted mean shifts ``(perturbations, genes)`` in ``cell_type``; each baseline defines its own."""
 
     def _resolve_perturbations(self, perturbations: str | Sequence[str]) -> tuple[list[str], list[list[str]]]:
         if isinstance(perturbations, str):

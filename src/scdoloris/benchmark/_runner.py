@@ -14,8 +14,14 @@ from tqdm.auto import tqdm
 from .. import baselines, metrics
 from ._splits import SINGLE_CELL_TYPE, Split
 
-DISTRIBUTION_METRICS = ("e_distance", "emd")
 DEFAULT_METRICS = ("e_distance", "emd", "mean_rmse", "pearson_delta")
+# Each metric as a function of (predicted, real, control).
+METRICS = {
+    "e_distance": lambda p, r, c: metrics.e_distance(p, r),
+    "emd": lambda p, r, c: metrics.emd(p, r),
+    "mean_rmse": lambda p, r, c: metrics.mean_rmse(p, r),
+    "pearson_delta": metrics.pearson_delta,
+}
 
 
 class DolorisMethod:
@@ -208,16 +214,9 @@ def score_condition(
         r = _dense(real[:, columns].X)
         c = _dense(control[:, columns].X)
         for name in metric_names:
-            if name == "e_distance":
-                value = metrics.e_distance(p, r)
-            elif name == "emd":
-                value = metrics.emd(p, r)
-            elif name == "mean_rmse":
-                value = metrics.mean_rmse(p, r)
-            elif name == "pearson_delta":
-                value = metrics.pearson_delta(p, r, c)
-            else:
-                raise ValueError(f"Unknown metric {name!r}; choose from {DEFAULT_METRICS}.")
+            if name not in METRICS:
+                raise ValueError(f"Unknown metric {name!r}; choose from {sorted(METRICS)}.")
+            value = METRICS[name](p, r, c)
             rows.append({"gene_set": gene_set, "metric": name, "value": float(value)})
     return rows
 

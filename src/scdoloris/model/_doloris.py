@@ -446,9 +446,10 @@ class Doloris(BaseModelClass):
             raise ValueError("No perturbation given.")
         doses = _per_perturbation_doses(dose, perturbations)
         # Deduplicate (perturbation, dose) pairs, keeping the order asked for.
-        pairs = list(dict.fromkeys((p, _dose_key(d)) for p, d in zip(perturbations, doses, strict=True)))
-        dose_of = dict(zip(((p, _dose_key(d)) for p, d in zip(perturbations, doses, strict=True)), doses, strict=True))
-        perturbations, doses = [p for p, _ in pairs], [dose_of[pair] for pair in pairs]
+        unique: dict = {}
+        for p, d in zip(perturbations, doses, strict=True):
+            unique.setdefault((p, _dose_key(d)), (p, d))
+        perturbations, doses = [p for p, _ in unique.values()], [d for _, d in unique.values()]
         components = [split_perturbation(p, self.control_values) for p in perturbations]
         empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
         if empty:
