@@ -84,7 +84,8 @@ class Baseline(ABC):
 
         Returns
         -------
-        The fitted baseline.
+        Baseline
+            The fitted baseline (``self``).
 
         Raises
         ------
@@ -206,8 +207,9 @@ class Baseline(ABC):
 
         Returns
         -------
-        DataFrame with a ``(perturbation, cell_type)`` index and the training genes as columns.
-        Add ``control_means_.loc[cell_type]`` for the predicted mean expression.
+        pandas.DataFrame
+            DataFrame with a ``(perturbation, cell_type)`` index and the training genes as columns.
+            Add ``control_means_.loc[cell_type]`` for the predicted mean expression.
 
         Raises
         ------
@@ -292,10 +294,11 @@ class Baseline(ABC):
 
         Returns
         -------
-        AnnData like :meth:`scdoloris.Doloris.predict_perturbation`'s: dense float32 ``X``, the
-        training genes as ``var``, ``obs`` with ``perturbation``, ``cell_type``, ``dose`` (NaN),
-        ``control_cell`` (name of the shifted control cell) and ``is_predicted`` (``True``), also
-        under the fitted column names; ``uns["baseline"]`` names the baseline.
+        anndata.AnnData
+            AnnData like :meth:`scdoloris.Doloris.predict_perturbation`'s: dense float32 ``X``, the
+            training genes as ``var``, ``obs`` with ``perturbation``, ``cell_type``, ``dose`` (NaN),
+            ``control_cell`` (name of the shifted control cell) and ``is_predicted`` (``True``), also
+            under the fitted column names; ``uns["baseline"]`` names the baseline.
 
         Raises
         ------

@@ -10,7 +10,7 @@ from ._base import Baseline
 class NoChange(Baseline):
     """The "no change" baseline: real control cells stand for every perturbation.
 
-    The predicted shift is zero, so :meth:`predict` returns the drawn control cells unchanged
+    The predicted shift is zero, so :meth:`~Baseline.predict` returns the drawn control cells unchanged
     (not clipped). Any perturbation label is accepted: the prediction does not depend on it.
 
     Examples

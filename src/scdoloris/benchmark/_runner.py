@@ -262,6 +262,25 @@ def run_benchmark(
     Returns
     -------
     BenchmarkResult
+        Tidy scores, failures and timings; :meth:`BenchmarkResult.summary` averages them.
+
+    Examples
+    --------
+    Two baselines on a seeded split of the synthetic data (add ``default_methods()`` for Doloris):
+
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations()
+    >>> split = sd.benchmark.unseen_perturbations(adata, seed=0)
+    >>> methods = [
+    ...     sd.benchmark.BaselineMethod("no_change", sd.baselines.NoChange),
+    ...     sd.benchmark.BaselineMethod("mean_shift", sd.baselines.MeanShift),
+    ... ]
+    >>> result = sd.benchmark.run_benchmark(adata, split, methods=methods, seeds=[0], progress=False)
+    >>> sorted(result.scores["method"].unique())
+    ['mean_shift', 'no_change']
+    >>> result.summary().columns.tolist()
+    ['gene_set', 'metric', 'method', 'mean', 'std', 'count']
+    >>> print(result.to_markdown())  # doctest: +SKIP
     """
     methods = list(default_methods() if methods is None else methods)
     has_dose = (split(seeds[0]) if callable(split) else split).dose_key is not None

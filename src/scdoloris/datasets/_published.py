@@ -83,7 +83,7 @@ def adamson2016(
 
     Returns
     -------
-    AnnData
+    anndata.AnnData
         ``obs['perturbation']`` (``"control"``, ``"ATF6"``, ...), ``obs['cell_type']``, gene symbols as
         ``var_names`` and DE genes in ``uns['de_genes']``; GEARS's columns and ``uns`` entries are kept.
 
@@ -150,7 +150,7 @@ def norman2019(
 
     Returns
     -------
-    AnnData
+    anndata.AnnData
         ``obs['perturbation']`` (``"control"``, ``"KLF1"``, ``"KLF1+MAP2K6"``), ``obs['cell_type']``, gene
         symbols as ``var_names`` and DE genes in ``uns['de_genes']``; converted as described in
         :func:`adamson2016`.
@@ -205,7 +205,7 @@ def sciplex3(
 
     Returns
     -------
-    AnnData
+    anndata.AnnData
         ``obs['perturbation']`` (drug name, ``"control"`` for vehicle), ``obs['cell_type']``, ``obs['dose']``
         (float, nM; 0 for controls), ``obs['smiles']``, gene symbols as ``var_names`` and DE genes in
         ``uns['de_genes']`` / ``uns['de_genes_by_cell_type']``; chemCPA's columns and ``uns`` entries are kept

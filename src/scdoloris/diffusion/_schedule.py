@@ -23,7 +23,8 @@ def linear_beta_schedule(n_timesteps: int = 500) -> torch.Tensor:
 
     Returns
     -------
-    Float64 tensor of shape ``(n_timesteps,)``.
+    torch.Tensor
+        Float64 tensor of shape ``(n_timesteps,)``.
 
     Examples
     --------
@@ -77,7 +78,7 @@ class GaussianDiffusion:
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
     def ddim_grid(self, n_steps: int, spacing: str = "quadratic") -> list[int]:
-        """The ``n_steps + 1`` timesteps ``0 = tau_0 < ... < tau_N = T - 1`` that DDIM visits.
+        """The ``n_steps + 1`` increasing timesteps, from ``tau_0 = 0`` to ``tau_N = T - 1``, that DDIM visits.
 
         ``"quadratic"`` (the default, DDIM paper Sec. D.2) packs steps where the noise level changes
         fastest, near ``t = 0``; on Gaussian data with the exact denoiser it reconstructs 2.7x closer

@@ -75,7 +75,8 @@ def sample_activation_mask(
 
     Returns
     -------
-    Float tensor of 0/1, shape ``(n, genes)``, on the device of ``probs``.
+    torch.Tensor
+        Float tensor of 0/1, shape ``(n, genes)``, on the device of ``probs``.
     """
     p = probs.detach().float().cpu()
     if strategy == "bernoulli":

@@ -30,7 +30,8 @@ def go_edges() -> pd.DataFrame:
 
     Returns
     -------
-    Edge table with columns ``source``, ``target``, ``weight``.
+    pandas.DataFrame
+        Edge table with columns ``source``, ``target``, ``weight``.
 
     Examples
     --------
