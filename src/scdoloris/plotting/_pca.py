@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import os
+
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import scanpy as sc
-from scipy import sparse
+
+from ._utils import expression, finish, new_axes
 
 
 def prediction_pca(
@@ -13,15 +16,20 @@ def prediction_pca(
     perturbation_key: str = "perturbation",
     control: ad.AnnData | None = None,
     n_comps: int = 20,
+    basis: str = "pca",
+    layer: str | None = None,
     ax: plt.Axes | None = None,
     show: bool | None = None,
-    save: str | None = None,
+    save: str | os.PathLike | bool | None = None,
     return_fig: bool = False,
 ):
-    """PCA of predicted vs real cells, one colour per perturbation, marker by source.
+    """PCA (or UMAP) of predicted vs real cells, one colour per perturbation, marker by source.
 
     The PCA is fitted on the real cells (and controls), and predicted cells are projected into it,
-    so predictions cannot shape the axes they are judged on.
+    so predictions cannot shape the axes they are judged on. With ``basis="umap"`` a UMAP
+    (:func:`scanpy.tl.umap`, seed 0) is computed on those principal components of all cells
+    together, predicted ones included: a UMAP cannot keep predictions out of its fit, so read it
+    as a picture of neighbourhoods, and the PCA as the fairer comparison.
 
     Parameters
     ----------
@@ -35,52 +43,67 @@ def prediction_pca(
         Optional control cells, drawn in grey.
     n_comps
         Principal components fitted.
+    basis
+        ``"pca"`` (first two components) or ``"umap"``.
+    layer
+        Layer of all three AnnData objects to embed; ``X`` by default.
     ax
         Axes to draw in; a new figure when ``None``.
     show
         Show the figure (default: when neither ``save`` nor ``return_fig``).
     save
-        Path of an image file to write.
+        Path of an image file to write, or ``True`` for ``scanpy.settings.figdir``.
     return_fig
         Return the figure.
+
+    Returns
+    -------
+    The Figure with ``return_fig=True``; else the Axes when the plot is not shown; else ``None``.
 
     Examples
     --------
     >>> import scdoloris as sd  # doctest: +SKIP
-    >>> sd.pl.prediction_pca(pred, real, save="pca.png")  # doctest: +SKIP
+    >>> sd.pl.prediction_pca(pred, real, control=controls, basis="umap", save="umap.png")  # doctest: +SKIP
     """
-
-    def dense(a):
-        return a.X.toarray() if sparse.issparse(a.X) else np.asarray(a.X)
-
-    fit = [dense(real)] + ([dense(control)] if control is not None else [])
+    if basis not in ("pca", "umap"):
+        raise ValueError(f"basis must be 'pca' or 'umap', got {basis!r}.")
+    fit = [expression(real, layer)] + ([expression(control, layer)] if control is not None else [])
     fit = np.vstack(fit).astype(np.float32)
     n_comps = min(n_comps, fit.shape[0] - 1, fit.shape[1] - 1)
     pca = sc.pp.pca(fit, n_comps=n_comps, return_info=True)
     components, mean = pca[1], fit.mean(axis=0)
 
-    def project(a):
-        return (dense(a) - mean) @ components.T
-
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 5))
+    groups: list[tuple[str, str | None, np.ndarray]] = []  # (kind, perturbation, coordinates)
     if control is not None:
-        pc = project(control)
-        ax.scatter(pc[:, 0], pc[:, 1], s=6, c="lightgrey", label="control")
+        groups.append(("control", None, (expression(control, layer) - mean) @ components.T))
     perturbations = list(dict.fromkeys(predicted.obs[perturbation_key].astype(str)))
-    colours = plt.get_cmap("tab10" if len(perturbations) <= 10 else "tab20")
-    for i, p in enumerate(perturbations):
-        colour = colours(i % colours.N)
+    for p in perturbations:
         r = real[real.obs[perturbation_key].astype(str) == p]
         if r.n_obs:
-            pr = project(r)
-            ax.scatter(pr[:, 0], pr[:, 1], s=8, color=colour, marker="o", alpha=0.6, label=f"{p} (real)")
-        pp = project(predicted[predicted.obs[perturbation_key].astype(str) == p])
-        ax.scatter(pp[:, 0], pp[:, 1], s=10, color=colour, marker="x", alpha=0.8, label=f"{p} (predicted)")
-    ax.set_xlabel("PC1 (real cells)")
-    ax.set_ylabel("PC2 (real cells)")
+            groups.append(("real", p, (expression(r, layer) - mean) @ components.T))
+        pred = predicted[predicted.obs[perturbation_key].astype(str) == p]
+        groups.append(("predicted", p, (expression(pred, layer) - mean) @ components.T))
+    if basis == "umap":
+        joint = ad.AnnData(np.zeros((sum(len(g[2]) for g in groups), 1), dtype=np.float32))
+        joint.obsm["X_pca"] = np.vstack([g[2] for g in groups]).astype(np.float32)
+        sc.pp.neighbors(joint, use_rep="X_pca", n_neighbors=min(15, joint.n_obs - 1), random_state=0)
+        sc.tl.umap(joint, random_state=0)
+        bounds = np.cumsum([0] + [len(g[2]) for g in groups])
+        groups = [
+            (k, p, joint.obsm["X_umap"][a:b]) for (k, p, _), a, b in zip(groups, bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    fig, ax = new_axes(ax, (6, 5))
+    colours = plt.get_cmap("tab10" if len(perturbations) <= 10 else "tab20")
+    for kind, p, xy in groups:
+        if kind == "control":
+            ax.scatter(xy[:, 0], xy[:, 1], s=6, c="lightgrey", label="control")
+            continue
+        colour = colours(perturbations.index(p) % colours.N)
+        style = {"marker": "o", "s": 8, "alpha": 0.6} if kind == "real" else {"marker": "x", "s": 10, "alpha": 0.8}
+        ax.scatter(xy[:, 0], xy[:, 1], color=colour, label=f"{p} ({kind})", **style)
+    names = ("PC1 (real cells)", "PC2 (real cells)") if basis == "pca" else ("UMAP1", "UMAP2")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
     ax.legend(fontsize=6, markerscale=1.5, ncol=2 if len(perturbations) > 4 else 1, loc="best")
-    if save:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    if show or (show is None and not save and not return_fig):
-        plt.show()
-    return fig if return_fig else None
+    return finish(fig, ax, show, save, return_fig, f"prediction_{basis}")
