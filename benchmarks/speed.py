@@ -294,6 +294,7 @@ def run_train(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from scdoloris._constants import REGISTRY_KEYS
+    from scdoloris.train._training_plan import fused_adamw_supported
 
     n_genes, batch = args.genes[0], args.batch[0]
     device = args.device
@@ -323,7 +324,8 @@ def run_train(args: argparse.Namespace) -> dict:
     target_fraction = float(np.mean([(~module.is_control[b[1]]).float().mean().item() for b in batches]))
     del x_all
     # The training plan's optimizer (its learning-rate schedule costs nothing measurable).
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=1e-4)
+    parameters = list(module.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4, fused=fused_adamw_supported(parameters))
 
     def step(b):
         optimizer.zero_grad(set_to_none=True)

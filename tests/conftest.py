@@ -4,9 +4,15 @@ Trained models are session-scoped so that every test file reuses them; tests mus
 (predicting, saving and in-place writes into *copies* of their data are fine).
 """
 
-import pytest
-import scvi
-import torch
+import os
+
+# Set before torch is imported, and so that Lightning, which raises torch's thread count to one per
+# core when this variable is absent, leaves it alone: tests compare in-process runs with subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import scvi  # noqa: E402
+import torch  # noqa: E402
 
 import scdoloris as sd
 

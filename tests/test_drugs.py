@@ -115,3 +115,33 @@ def test_drug_model_save_load(drug_model, tmp_path):
     a = drug_model.predict_perturbation(["mocetinostat"], **kwargs)
     b = loaded.predict_perturbation(["mocetinostat"], **kwargs)
     np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_precomputed_molecule_table(drug_data, tmp_path):
+    """Doloris(molecule_table=...) embeds molecules from a user table, indexed by name or by SMILES."""
+    rng = np.random.default_rng(3)
+    # Entinostat by name, the others by (non-canonical spellings of) their SMILES; mocetinostat only in the table.
+    dacinostat, busulfan = "O=C(/C=C/c1ccc(CN(CCO)CCc2c[nH]c3ccccc23)cc1)NO", "CS(=O)(=O)OCCCCOS(=O)(=O)C"
+    index = ["entinostat", dacinostat, busulfan, "mocetinostat"]
+    table = pd.DataFrame(rng.normal(size=(4, 16)), index=index)
+    adata = drug_data.copy()
+    sd.Doloris.setup_anndata(
+        adata, perturbation_key="drug", control_value="control", cell_type_key="cell_type",
+        dose_key="dose", smiles_key="smiles",
+    )
+    model = sd.Doloris(adata, molecule_table=table, **SMALL)
+    features = model.summary_["molecules"]
+    assert features["kind"] == "table" and sorted(features["names"]) == sorted(DRUGS)
+    row = features["names"].index("busulfan")
+    np.testing.assert_allclose(features["features"][row], table.iloc[2].to_numpy(), rtol=1e-6)
+    assert model.module.molecule_encoder.features.shape[1] == 16
+    model.train(max_steps=5, seed=0, **TRAIN_KWARGS)
+    # A molecule found in the table needs no SMILES; one in neither gets an error naming it.
+    pred = model.predict_perturbation(["mocetinostat"], dose=100.0, n_cells=4, n_steps=3, seed=0)
+    assert pred.n_obs == 4 and np.isfinite(pred.X).all()
+    with pytest.raises(ValueError, match="vorinostat"):
+        model.predict_perturbation(["vorinostat"], dose=100.0, n_cells=2, n_steps=2)
+    model.save(str(tmp_path / "m"))
+    loaded = sd.Doloris.load(str(tmp_path / "m"), adata)
+    again = loaded.predict_perturbation(["mocetinostat"], dose=100.0, n_cells=4, n_steps=3, seed=0)
+    np.testing.assert_array_equal(pred.X, again.X)

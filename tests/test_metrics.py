@@ -448,3 +448,18 @@ def test_evaluate_errors():
         evaluate(pred, real, control, de_genes={"KO": ["g1", "g2"]})
     with pytest.raises(TypeError, match="AnnData"):
         evaluate(pred.X, real, control)
+
+
+def test_de_genes_leaves_torch_threads_alone():
+    """scanpy's Wilcoxon test resets OpenMP threads; de_genes puts torch's count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adata = sd.datasets.synthetic_perturbations(n_genes=20, n_cells_per_condition=20, n_control_cells=40, seed=0)
+        group = str(adata.obs.loc[adata.obs["perturbation"] != "control", "perturbation"].iloc[0])
+        de_genes(adata, "perturbation", group, "control", n=5)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

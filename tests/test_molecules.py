@@ -368,3 +368,11 @@ def test_encoder_input_errors(encoder):
         MoleculeEncoder(torch.zeros(2, 3), max_dose=0.0)
     empty = MoleculeEncoder(torch.zeros(0, 3), n_hidden=4, n_output=2, max_dose=1.0)
     assert torch.equal(_embed(empty, [[-1]], [[0.0]]), torch.zeros(1, 2))
+
+
+def test_fingerprints_tell_stereoisomers_apart_only_with_chirality():
+    l_alanine, d_alanine = "C[C@H](N)C(=O)O", "C[C@@H](N)C(=O)O"
+    plain = morgan_fingerprints([l_alanine, d_alanine], n_bits=256)
+    chiral = morgan_fingerprints([l_alanine, d_alanine], n_bits=256, chirality=True)
+    assert (plain[0] == plain[1]).all()
+    assert not (chiral[0] == chiral[1]).all()

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from ..perturbation import (
@@ -18,14 +19,48 @@ from ..perturbation import (
 N_NODE_FEATURES = 32
 # Pseudo-count of nonzero values with which per-condition moments lean on their cell type's.
 EXPRESSED_PRIOR_STRENGTH = 10.0
-CHUNK_ROWS = 4096
+# A dense row block holds at most this many values (64 MB in float64), however many genes there are.
+BLOCK_VALUES = 2**23
+MAX_BLOCK_ROWS = 10_000
 MAX_COEXPRESSION_CELLS = 5000
 
 
-def _dense_rows(X, rows) -> np.ndarray:
-    block = X[rows]
+def block_rows(n_genes: int) -> int:
+    """Rows read at a time from a matrix of ``n_genes`` columns, so that a dense block stays small."""
+    return int(np.clip(BLOCK_VALUES // max(n_genes, 1), 64, MAX_BLOCK_ROWS))
+
+
+def is_in_memory(X) -> bool:
+    """Whether ``X`` is a numpy array or scipy sparse matrix (not an on-disk, backed one)."""
+    return isinstance(X, np.ndarray) or sparse.issparse(X)
+
+
+def read_rows(X, rows: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Rows of ``X`` (dense, sparse or backed) as a dense array, in the order given; repeats allowed.
+
+    On-disk matrices (h5py datasets, anndata's backed sparse datasets) are read once per distinct
+    row in increasing order, which is what h5py requires, and as one slice when the rows are
+    contiguous, the fast case for both formats.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if is_in_memory(X) or len(rows) == 0:
+        block = X[rows]
+    else:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        contiguous = unique[-1] - unique[0] + 1 == len(unique)
+        block = X[int(unique[0]) : int(unique[-1]) + 1] if contiguous else X[unique]
+        if len(unique) != len(rows) or not np.array_equal(unique, rows):
+            block = block[inverse.ravel()]
     block = block.toarray() if sparse.issparse(block) else np.asarray(block)
-    return block.astype(np.float64, copy=False)
+    return block.astype(dtype, copy=False)
+
+
+def _row_block(X, start: int, stop: int):
+    """Rows ``start:stop`` in float64: a CSR matrix when ``X`` is sparse (in memory or backed), else dense."""
+    block = X[start:stop]
+    if sparse.issparse(block):
+        return sparse.csr_matrix(block, dtype=np.float64)
+    return np.asarray(block, dtype=np.float64)
 
 
 @dataclass
@@ -136,6 +171,7 @@ def summarize_training_data(
     seed: int = 0,
     doses: np.ndarray | None = None,
     smiles: Sequence[str] | None = None,
+    molecule_table: pd.DataFrame | None = None,
 ) -> TrainingSummary:
     """Summarise registered training data in one streaming pass over its rows.
 
@@ -163,6 +199,10 @@ def summarize_training_data(
     smiles
         SMILES per cell (``"+"``-joined for combinations, in the order of the label's components):
         components with a SMILES are molecules, embedded from their structure.
+    molecule_table
+        Precomputed molecule embeddings indexed by drug name or SMILES (see
+        :meth:`~scdoloris.perturbation.MoleculeFeatures.from_table`), used instead of Morgan
+        fingerprints. Components named in its index are molecules even without a SMILES column.
     """
     rng = np.random.default_rng(seed)
     n_cells, n_genes = X.shape
@@ -202,14 +242,35 @@ def summarize_training_data(
     nonzero = np.zeros((n_conditions, n_genes))
     counts = np.bincount(condition_of_cell, minlength=n_conditions).astype(np.float64)
     x_max = 0.0
-    for start in range(0, n_cells, CHUNK_ROWS):
-        rows = np.arange(start, min(start + CHUNK_ROWS, n_cells))
-        block = _dense_rows(X, rows)
-        x_max = max(x_max, float(block.max(initial=0.0)))
-        groups = condition_of_cell[rows]
-        np.add.at(sums, groups, block)
-        np.add.at(squares, groups, block**2)
-        np.add.at(nonzero, groups, block != 0)
+    # One pass in row blocks with exact accumulators (sums, sums of squares, nonzero counts), so a
+    # sparse or backed matrix is never densified whole. Each block is added per condition by a
+    # 0/1 matrix product, which keeps sparse blocks sparse.
+    step = block_rows(n_genes)
+    for start in range(0, n_cells, step):
+        stop = min(start + step, n_cells)
+        block = _row_block(X, start, stop)
+        values = block.data if sparse.issparse(block) else block
+        # setup_anndata checks every value of an in-memory matrix but only a sample of a backed one.
+        if values.size and not np.isfinite(values).all():
+            raise ValueError("The expression matrix contains NaN or infinite values.")
+        if values.size and values.min() < 0:
+            raise ValueError(f"The expression matrix contains negative values (min {values.min():.3g}).")
+        x_max = max(x_max, float(values.max(initial=0.0)))
+        indicator = sparse.csr_matrix(
+            (np.ones(stop - start), (condition_of_cell[start:stop], np.arange(stop - start))),
+            shape=(n_conditions, stop - start),
+        )
+        if sparse.issparse(block):
+            squared, expressed = block.copy(), block.copy()
+            squared.data = block.data**2
+            expressed.data = (block.data != 0).astype(np.float64)
+            sums += (indicator @ block).toarray()
+            squares += (indicator @ squared).toarray()
+            nonzero += (indicator @ expressed).toarray()
+        else:
+            sums += indicator @ block
+            squares += indicator @ block**2
+            nonzero += indicator @ (block != 0).astype(np.float64)
     if x_max <= 0:
         raise ValueError("The expression matrix is all zeros.")
     means = sums / counts[:, None]
@@ -248,7 +309,14 @@ def summarize_training_data(
         reference_rows.append(members)
     reference_condition = np.concatenate([np.full(len(r), g) for g, r in enumerate(reference_rows)])
     reference_rows = np.concatenate(reference_rows)
-    reference_masks = np.packbits(_dense_rows(X, np.sort(reference_rows)) != 0, axis=1)
+    # Read in sorted blocks (bounded memory; sorted rows for h5py), packed to bits block by block.
+    sorted_rows = np.sort(reference_rows)
+    reference_masks = np.concatenate(
+        [
+            np.packbits(read_rows(X, sorted_rows[i : i + step], np.float32) != 0, axis=1)
+            for i in range(0, len(sorted_rows), step)
+        ]
+    )
     # Rows were read in sorted order: put them back in condition order.
     order = np.argsort(np.argsort(reference_rows))
     reference_masks = reference_masks[order]
@@ -257,7 +325,18 @@ def summarize_training_data(
     # learned categories.
     components = [split_perturbation(label, control_values) for label in perturbation_labels]
     molecule_smiles = _molecule_smiles(components, perturbation_codes, smiles) if smiles is not None else {}
-    molecules = MoleculeFeatures.from_smiles(molecule_smiles) if molecule_smiles else None
+    if molecule_table is not None:
+        in_table = {str(name) for name in molecule_table.index}
+        for comps in components:
+            molecule_smiles.update({c: None for c in comps if c in in_table and c not in molecule_smiles})
+        if not molecule_smiles:
+            raise ValueError(
+                "molecule_table was given, but no perturbation is a molecule: register a SMILES column "
+                "(setup_anndata(..., smiles_key=...)) or index the table by the perturbation labels' components."
+            )
+        molecules = MoleculeFeatures.from_table(molecule_table, molecule_smiles)
+    else:
+        molecules = MoleculeFeatures.from_smiles(molecule_smiles) if molecule_smiles else None
     gene_components = [[c for c in comps if c not in molecule_smiles] for comps in components]
     all_components = sorted({c for comps in gene_components for c in comps})
     gene_names = [str(g) for g in gene_names]
@@ -268,7 +347,7 @@ def summarize_training_data(
         gene_graph = _auto_graph(all_components, gene_names)
     specs = gene_graph if isinstance(gene_graph, list | tuple) else [gene_graph]
     needs_controls = any(isinstance(s, str) and s == "coexpression" for s in specs)
-    frozen = freeze_prior(gene_graph, _dense_rows(X, control_rows) if needs_controls else None, gene_names)
+    frozen = freeze_prior(gene_graph, read_rows(X, control_rows) if needs_controls else None, gene_names)
     graph = GeneGraph.build(thaw_prior(frozen), gene_names, all_components, frozen)
     node_set = set(graph.nodes)
     categories = [c for c in all_components if c not in node_set]

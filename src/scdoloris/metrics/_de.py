@@ -51,6 +51,7 @@ def rank_genes(
     never modified. Gene names are handled by position, so duplicated names are fine.
     """
     import scanpy as sc
+    import torch
 
     if group.shape[0] < 2 or reference.shape[0] < 2:
         raise ValueError(
@@ -70,17 +71,23 @@ def rank_genes(
     if isinstance(layer_log1p, Mapping):
         # Only used by scanpy for the (unused here) log fold changes; avoids a spurious warning.
         tmp.uns["log1p"] = dict(layer_log1p)
-    sc.tl.rank_genes_groups(
-        tmp,
-        "_de_group",
-        groups=["group"],
-        reference="reference",
-        method="wilcoxon",
-        n_genes=x.shape[1],
-        rankby_abs=rankby_abs,
-        use_raw=False,
-        pts=False,
-    )
+    # scanpy's Wilcoxon test (numba) resets the OpenMP thread count torch shares, to one per core:
+    # a notebook that chose torch.set_num_threads(1) would silently get its training slowed or changed.
+    threads = torch.get_num_threads()
+    try:
+        sc.tl.rank_genes_groups(
+            tmp,
+            "_de_group",
+            groups=["group"],
+            reference="reference",
+            method="wilcoxon",
+            n_genes=x.shape[1],
+            rankby_abs=rankby_abs,
+            use_raw=False,
+            pts=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
     positions = tmp.uns["rank_genes_groups"]["names"]["group"].astype(int)
     return list(var_names[positions])
 

@@ -7,30 +7,43 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses it without importing it)
 import scvi
 import torch
 from anndata import AnnData
-from scipy import sparse
+from lightning.pytorch.callbacks import Callback
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
-from scvi.dataloaders import DataSplitter
+from scvi.model._utils import parse_device_args, use_distributed_sampler
 from scvi.model.base import BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 from scvi.utils import track
+from torch.utils.data import DistributedSampler
 
 from .._constants import REGISTRY_KEYS
 from ..data import TrainingSummary, summarize_training_data
+from ..data._mudata import DEFAULT_MODALITIES, prepare_mudata, registered_modality
+from ..data._summary import read_rows
 from ..module import DolorisModule, MaskReference, sample_activation_mask
 from ..perturbation import split_perturbation
 from ..perturbation._encoder import GraphTensors
 from ..preprocessing import check_expression
+from ..preprocessing._checks import (
+    check_labels_present,
+    check_perturbation_labels,
+    check_unique_genes,
+    drop_unused_categories,
+    perturbation_label_problem,
+)
 from ..train import DolorisTrainingPlan
+from ..train._training_plan import ResumableDataSplitter, checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +127,64 @@ def _check_doses(values: pd.Series, key: str) -> None:
         )
 
 
+def _check_setup(
+    adata: AnnData,
+    perturbation_key: str,
+    controls: list[str],
+    cell_type_key: str | None,
+    dose_key: str | None,
+    layer: str | None,
+    training: bool,
+) -> None:
+    """Setup checks that need only ``adata`` (before anything is registered or trained).
+
+    ``training`` is ``False`` when ``load`` re-registers data under a saved registry: then the
+    data need not be a full training set (it may lack a cell type's controls, say).
+    """
+    if adata.is_view:
+        raise ValueError("adata is a view of another AnnData; run adata = adata.copy() and set that up.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); pass cells and genes.")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers)}); pass an existing one.")
+    check_unique_genes(adata)
+    if not controls or not all(isinstance(c, str) and c for c in controls):
+        raise ValueError(f"control_value must be a non-empty label or list of labels, got {controls!r}.")
+    labels = set(adata.obs[perturbation_key].astype(str))
+    if not labels & set(controls):
+        raise ValueError(
+            f"control_value {controls[0] if len(controls) == 1 else controls!r} does not occur in "
+            f"adata.obs[{perturbation_key!r}] (values include {sorted(labels)[:10]}); pass the label of the "
+            "unperturbed cells."
+        )
+    check_perturbation_labels(adata.obs[perturbation_key], perturbation_key, controls)
+    if cell_type_key is not None:
+        check_labels_present(adata.obs[cell_type_key], cell_type_key)
+    if not training:
+        return
+    labels = adata.obs[perturbation_key].astype(str).to_numpy()
+    is_control = np.isin(labels, controls)
+    if dose_key is not None:
+        is_control |= adata.obs[dose_key].to_numpy(dtype=np.float64) == 0
+    if cell_type_key is not None:
+        types = adata.obs[cell_type_key].astype(str).to_numpy()
+        without = sorted(set(types) - set(types[is_control]))
+        if without:
+            raise ValueError(
+                f"Cell type(s) {without[:5]} of adata.obs[{cell_type_key!r}] have no control cells "
+                f"({controls[0]!r}); Doloris starts every prediction from a cell type's controls. Add control "
+                "cells of these cell types or drop their cells."
+            )
+
+
+def _check_model_args(**sizes: int) -> None:
+    """Network sizes and step counts must be positive integers (``n_timesteps`` at least 2)."""
+    for name, value in sizes.items():
+        minimum = 2 if name == "n_timesteps" else 1
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+            raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+
+
 def _molecule_tensor(summary: TrainingSummary) -> torch.Tensor | None:
     molecules = summary.molecule_features
     return None if molecules is None else torch.as_tensor(molecules.features)
@@ -124,6 +195,38 @@ def _resolve_seed(seed: int | None) -> int:
     if seed is None:
         seed = scvi.settings.seed
     return 0 if seed is None else int(seed)
+
+
+def _world_size(accelerator, devices, trainer_kwargs: dict) -> int:
+    """Processes that share each epoch's training cells: 1 unless a DDP strategy runs on several devices."""
+    strategy = trainer_kwargs.get("strategy")
+    if strategy is None or not use_distributed_sampler(strategy):
+        return 1
+    # Lightning's own resolution of accelerator x devices x nodes, as scvi-tools' TrainRunner does it.
+    # Every DDP variant has the same world size; "ddp" spares configuring a caller's Strategy object twice.
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    accelerator, devices, _ = parse_device_args(accelerator=accelerator, devices=devices, return_device="torch")
+    connector = _AcceleratorConnector(
+        accelerator=accelerator, devices=devices, strategy="ddp", num_nodes=trainer_kwargs.get("num_nodes", 1)
+    )
+    return int(getattr(connector.strategy, "world_size", 1))
+
+
+class _DistributedSamplerSeed(Callback):
+    """Under DDP, the run's seed orders each epoch's cells.
+
+    scvi-tools' distributed sampler would otherwise shuffle with torch's fixed default seed (0),
+    whatever the run's seed. (Per-process noise comes from the training plan's per-step seeds.)
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.seed = self.seed  # the same on every process: their shards stay disjoint
 
 
 class Doloris(BaseModelClass):
@@ -137,7 +240,8 @@ class Doloris(BaseModelClass):
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`: control and perturbed training cells.
+        AnnData registered with :meth:`setup_anndata`: control and perturbed training cells; or a
+        MuData registered with :meth:`setup_mudata` (the model then uses its expression modality).
     gene_graph
         Prior over genes for gene perturbations: ``"auto"`` (GO for human gene symbols,
         co-expression when perturbed genes are measured but unknown to GO, none when no perturbation
@@ -156,6 +260,11 @@ class Doloris(BaseModelClass):
         Diffusion steps ``T``.
     mask_reference_cells
         Real cells kept per training condition for mask sampling.
+    molecule_table
+        Precomputed molecule embeddings (e.g. from a pretrained molecular model), a numeric
+        DataFrame indexed by drug name or SMILES, used instead of Morgan fingerprints. A component
+        of a perturbation label is a molecule when it has a SMILES in the registered column or its
+        name is in the table's index; at prediction, molecules in the table need no ``smiles=``.
 
     Examples
     --------
@@ -182,10 +291,27 @@ class Doloris(BaseModelClass):
         dropout: float = 0.1,
         n_timesteps: int = 500,
         mask_reference_cells: int = 100,
+        molecule_table: pd.DataFrame | None = None,
     ):
+        if not isinstance(adata, AnnData) and hasattr(adata, "mod"):  # MuData: its modality set up by setup_mudata
+            adata = registered_modality(adata, lambda mod: self._get_most_recent_anndata_manager(mod) is not None)
+        _check_model_args(
+            n_hidden=n_hidden,
+            n_blocks=n_blocks,
+            n_hidden_mask=n_hidden_mask,
+            n_blocks_mask=n_blocks_mask,
+            n_perturbation=n_perturbation,
+            n_timesteps=n_timesteps,
+            mask_reference_cells=mask_reference_cells,
+        )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
         super().__init__(adata)
         saved = _SAVED_SUMMARY.get()
-        summary = TrainingSummary(**saved) if saved is not None else self._summarize(gene_graph, mask_reference_cells)
+        if saved is not None:
+            summary = TrainingSummary(**saved)
+        else:
+            summary = self._summarize(gene_graph, mask_reference_cells, molecule_table)
         self.summary_ = summary.to_dict()
         self._summary = summary
         # Initial weights come from the seed too, without disturbing the caller's RNG stream.
@@ -272,15 +398,14 @@ class Doloris(BaseModelClass):
             if key is not None and key not in adata.obs:
                 raise KeyError(f"{name}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
         controls = [control_value] if isinstance(control_value, str) else list(control_value)
-        labels = set(adata.obs[perturbation_key].astype(str))
-        if not any(c in labels for c in controls):
-            raise ValueError(
-                f"control_value {control_value!r} does not occur in adata.obs[{perturbation_key!r}] "
-                f"(values include {sorted(labels)[:10]})."
-            )
+        training = not kwargs.get("source_registry")
         if dose_key is not None:
             _check_doses(adata.obs[dose_key], dose_key)
-        if not kwargs.get("source_registry"):
+        _check_setup(adata, perturbation_key, controls, cell_type_key, dose_key, layer, training)
+        if training:
+            # Declared levels without cells would become perturbations or cell types without cells.
+            drop_unused_categories(adata, [perturbation_key, cell_type_key])
+        if training:
             check_expression(adata, layer)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -292,6 +417,86 @@ class Doloris(BaseModelClass):
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata,
+        rna_layer: str | None = None,
+        perturbation_key: str = "perturbation",
+        control_value: str | Sequence[str] = "control",
+        cell_type_key: str | None = None,
+        dose_key: str | None = None,
+        smiles_key: str | None = None,
+        modalities: dict[str, str | None] | None = None,
+        guide_threshold: float = 1,
+        guide_gene_key: str | None = None,
+        guide_layer: str | None = None,
+        control_guides: Sequence[str] = (),
+    ):
+        """Register a MuData: an expression modality, with perturbation labels from ``obs`` or from guide counts.
+
+        Doloris trains on one AnnData, the expression modality (``modalities["rna"]``). The
+        ``obs`` columns it needs are taken from that modality's ``obs``, else from ``mdata.obs``
+        (matched by cell name), and the perturbation labels, when neither has them, from the guide
+        modality (``modalities["guides"]``, cells x guides counts): a guide is present in a cell when
+        its count is at least ``guide_threshold``; cells without a guide are ``control_value``, and
+        cells with guides for several genes get the genes joined by ``"+"`` (alphabetically).
+        Derived columns are written into the expression modality's ``obs`` (labels also into
+        ``mdata.obs``); expression is never modified. That modality is then registered with
+        :meth:`setup_anndata`, so ``Doloris(mdata)`` trains on it, ``model.adata`` is it, and
+        ``Doloris.load(path, mdata.mod["rna"])`` loads a saved model for it. All modalities must
+        share the expression modality's cells (missing cells raise an error that says what to do).
+
+        Parameters
+        ----------
+        mdata
+            A :class:`mudata.MuData`.
+        rna_layer
+            Layer of the expression modality with log1p expression; ``X`` by default.
+        perturbation_key, control_value, cell_type_key, dose_key, smiles_key
+            As in :meth:`setup_anndata`; ``perturbation_key`` is also the column written from guides.
+        modalities
+            ``{"rna": expression modality, "guides": guide-count modality or None}``; default
+            ``{"rna": "rna", "guides": None}``.
+        guide_threshold
+            Minimum guide count (UMIs) for a guide to be assigned.
+        guide_gene_key
+            Column of the guide modality's ``var`` with each guide's target gene; ``None`` uses the
+            guide names.
+        guide_layer
+            Layer of the guide modality with counts; ``X`` by default.
+        control_guides
+            Targets of non-targeting guides, ignored in the assignment (e.g. ``["non-targeting"]``).
+
+        Examples
+        --------
+        >>> import mudata as md  # doctest: +SKIP
+        >>> sd.Doloris.setup_mudata(  # doctest: +SKIP
+        ...     mdata, modalities={"rna": "rna", "guides": "guides"}, guide_gene_key="gene", guide_threshold=3
+        ... )
+        >>> model = sd.Doloris(mdata)  # doctest: +SKIP
+        """
+        rna = prepare_mudata(
+            mdata,
+            perturbation_key,
+            control_value,
+            [cell_type_key, dose_key, smiles_key],
+            {**DEFAULT_MODALITIES, **(modalities or {})},
+            guide_threshold,
+            guide_gene_key,
+            guide_layer,
+            control_guides,
+        )
+        cls.setup_anndata(
+            rna,
+            perturbation_key=perturbation_key,
+            control_value=control_value,
+            cell_type_key=cell_type_key,
+            dose_key=dose_key,
+            smiles_key=smiles_key,
+            layer=rna_layer,
+        )
 
     @property
     def _setup_args(self) -> dict:
@@ -316,7 +521,7 @@ class Doloris(BaseModelClass):
             return None
         return np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOSE_KEY), dtype=np.float32).reshape(-1)
 
-    def _summarize(self, gene_graph, mask_reference_cells: int) -> TrainingSummary:
+    def _summarize(self, gene_graph, mask_reference_cells: int, molecule_table=None) -> TrainingSummary:
         manager = self.adata_manager
         smiles_key = self._setup_args.get("smiles_key")
         return summarize_training_data(
@@ -332,6 +537,7 @@ class Doloris(BaseModelClass):
             seed=_resolve_seed(None),
             doses=self._doses(),
             smiles=None if smiles_key is None else self.adata.obs[smiles_key].to_numpy(dtype=object),
+            molecule_table=molecule_table,
         )
 
     # ------------------------------------------------------------------ training
@@ -349,6 +555,8 @@ class Doloris(BaseModelClass):
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         seed: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int = 100,
         **trainer_kwargs,
     ):
         """Train the diffusion model and the mask model.
@@ -362,7 +570,10 @@ class Doloris(BaseModelClass):
         batch_size
             Cells per step.
         accelerator, devices
-            Lightning accelerator and devices (``strategy=`` passes through ``trainer_kwargs``).
+            Lightning accelerator and devices (``strategy=`` passes through ``trainer_kwargs``). With a DDP
+            strategy (``strategy="ddp"``, e.g. under ``torchrun``) each process trains on its own share of
+            the training cells every epoch and ``batch_size`` counts cells per process; see the
+            multi-device page of the documentation.
         train_size, validation_size, shuffle_set_split
             Random split of cells into training and validation (scvi-tools' ``DataSplitter``).
         early_stopping
@@ -372,16 +583,33 @@ class Doloris(BaseModelClass):
         datasplitter_kwargs
             Extra keyword arguments of the data splitter.
         seed
-            Seed of the run's randomness; ``scvi.settings.seed`` by default.
+            Seed of the run's randomness; ``scvi.settings.seed`` by default. Each step's batch and
+            noise depend only on the seed and the step, so a resumed run ends with the weights of an
+            uninterrupted one.
+        checkpoint_dir
+            Directory for a Lightning checkpoint (``last.ckpt``, written atomically every
+            ``checkpoint_every_n_steps``). When it already holds one, training resumes from it (same
+            model set-up and arguments expected); delete it to start afresh.
+        checkpoint_every_n_steps
+            Optimizer steps between checkpoints.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning).
         """
+        checkpoint, resume_from = (None, None)
+        if checkpoint_dir is not None:
+            checkpoint, resume_from = checkpointing(checkpoint_dir, checkpoint_every_n_steps)
+            if "ckpt_path" in trainer_kwargs:
+                raise ValueError("Pass checkpoint_dir= or ckpt_path=, not both: checkpoint_dir resumes by itself.")
+            trainer_kwargs["ckpt_path"] = resume_from
         seed = _resolve_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
         n_train = math.ceil(self.adata.n_obs * train_size)
-        steps_per_epoch = max(math.ceil(n_train / batch_size), 1)
+        # Under DDP each process takes its own 1/world of the training cells per epoch (scvi-tools'
+        # BatchDistributedSampler), so an epoch has that many fewer steps.
+        world_size = _world_size(accelerator, devices, trainer_kwargs)
+        steps_per_epoch = max(math.ceil(math.ceil(n_train / world_size) / batch_size), 1)
         if max_steps is None and max_epochs is None:
             max_steps = 4000
         if max_epochs is None:
@@ -393,13 +621,23 @@ class Doloris(BaseModelClass):
         order = np.random.default_rng(seed).permutation(n_cells) if shuffle_set_split else np.arange(n_cells)
         n_val = n_cells - n_train if validation_size is None else int(round(n_cells * validation_size))
         splits = [order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]]
-        data_splitter = DataSplitter(
+        datasplitter_kwargs = dict(datasplitter_kwargs or {})
+        if use_distributed_sampler(trainer_kwargs.get("strategy")):
+            # Every process computes the same split from the seed; the sampler gives each its shard.
+            datasplitter_kwargs.setdefault("distributed_sampler", True)
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), _DistributedSamplerSeed(seed)]
+        # Batches indexed by (seed, step), not by the global random state: exact resumption.
+        data_splitter = ResumableDataSplitter(
             self.adata_manager,
             batch_size=batch_size,
             external_indexing=[np.sort(part) for part in splits],
-            **(datasplitter_kwargs or {}),
+            seed=seed,
+            **datasplitter_kwargs,
         )
-        training_plan = self._training_plan_cls(self.module, **(plan_kwargs or {}))
+        plan_kwargs = {"seed": seed, **(plan_kwargs or {})}
+        if checkpoint is not None:
+            plan_kwargs["callbacks"] = [*plan_kwargs.get("callbacks", []), checkpoint]
+        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         if train_size < 1.0 or validation_size:
@@ -422,9 +660,8 @@ class Doloris(BaseModelClass):
     def _expression_rows(self, adata: AnnData, rows: np.ndarray) -> torch.Tensor:
         layer = self._setup_args.get("layer")
         X = adata.X if layer is None else adata.layers[layer]
-        block = X[rows]
-        block = block.toarray() if sparse.issparse(block) else np.asarray(block)
-        return torch.as_tensor(block, dtype=torch.float32)
+        # Only these rows are densified; backed (h5py) matrices need sorted, distinct row reads.
+        return torch.as_tensor(read_rows(X, rows, np.float32))
 
     def _resolve_cell_types(self, cell_type) -> list[str]:
         known = self.cell_types
@@ -463,6 +700,11 @@ class Doloris(BaseModelClass):
                     "setup_anndata(..., smiles_key=...) to predict molecules from their structure."
                 )
             molecules = molecules.extended({name: value for name, value in smiles.items() if name not in molecules})
+        if molecules is not None and molecules.table is not None:
+            # Table features: molecules named in the table need no SMILES.
+            in_table = {str(name) for name in molecules.table.index}
+            named = {c: None for comps in components for c in comps if c in in_table and c not in molecules}
+            molecules = molecules.extended(named) if named else molecules
         molecule_names = set(molecules.names) if molecules is not None else set()
         gene_parts = [[c for c in comps if c not in molecule_names] for comps in components]
         molecule_parts = [[c for c in comps if c in molecule_names] for comps in components]
@@ -521,6 +763,7 @@ class Doloris(BaseModelClass):
         mask_strategy: str = "reference",
         mask_thresholds: tuple[float, float] = (0.05, 0.95),
         mask_reference_conditions: int = 1,
+        progress_bar: bool | None = None,
     ) -> AnnData | None:
         """Predict cells under perturbations, including ones never measured.
 
@@ -562,6 +805,9 @@ class Doloris(BaseModelClass):
             ``(low, high)`` probabilities that force a gene off / on.
         mask_reference_conditions
             Number of nearest training conditions forming the reference subset.
+        progress_bar
+            Show progress bars of the inversion and the generation; ``None``: only for long calls
+            (more than 200,000 cell-steps, i.e. cells x perturbations x ``n_steps``).
 
         Returns
         -------
@@ -573,6 +819,9 @@ class Doloris(BaseModelClass):
         self._check_if_trained(warn=True)
         if inplace and adata is None:
             raise ValueError("inplace=True writes into the `adata` of control cells you pass; none was given.")
+        self._check_prediction_args(
+            perturbations, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
+        )
         seed = _resolve_seed(seed)
         rng = np.random.default_rng(seed)
         resolved = self._resolve_perturbations(perturbations, dose, smiles)
@@ -600,7 +849,7 @@ class Doloris(BaseModelClass):
         chunks = list(range(0, n_sources, batch_size))
         n_jobs = n_sources * len(perturbations)
         job_chunks = list(range(0, n_jobs, batch_size))
-        show = n_jobs * n_steps > 200_000
+        show = n_jobs * n_steps > 200_000 if progress_bar is None else bool(progress_bar)
         latents, controls = [], []
         for start in track(chunks, description="Inverting controls", disable=not show, style="tqdm"):
             rows = sources[start : start + batch_size]
@@ -673,6 +922,43 @@ class Doloris(BaseModelClass):
             types += [name] * n_cells
         rows = np.concatenate(rows)
         return rows, list(self.adata.obs_names[rows]), types, self.adata
+
+    def _check_prediction_args(
+        self, perturbations, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
+    ) -> None:
+        """Checks of ``predict_perturbation``'s arguments, before any network call."""
+        counts = {"n_steps": n_steps, "batch_size": batch_size}
+        if adata is None:
+            counts["n_cells"] = n_cells  # with adata, its cells are the sources
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if mask_strategy not in ("reference", "bernoulli"):
+            raise ValueError(f"mask_strategy must be 'reference' or 'bernoulli', got {mask_strategy!r}.")
+        low, high = mask_thresholds
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
+        if smiles is not None and not isinstance(smiles, dict):
+            raise ValueError(f"smiles= must be a dict {{molecule name: SMILES}}, got {type(smiles).__name__}.")
+        for label in [perturbations] if isinstance(perturbations, str) else list(perturbations):
+            problem = perturbation_label_problem(str(label), self.control_values)
+            if problem is not None:
+                raise ValueError(f"Perturbation {label!r} {problem}.")
+        if adata is not None:
+            duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+            if len(duplicated):
+                raise ValueError(
+                    f"adata.var_names has duplicated gene name(s) {list(duplicated[:5])}; pass adata with the "
+                    "model's genes, each once, in the model's order."
+                )
+            if not adata.var_names.equals(self.adata.var_names):
+                missing = self.adata.var_names.difference(adata.var_names)
+                extra = adata.var_names.difference(self.adata.var_names)
+                raise ValueError(
+                    f"adata's genes differ from the model's ({self.adata.n_vars} genes): missing {list(missing[:5])}, "
+                    f"extra {list(extra[:5])}; subset and order it with adata[:, model.adata.var_names]."
+                )
+            check_expression(adata, self._setup_args.get("layer"))
 
     def _keys_for(self, key_added: str, perturbation: str) -> dict[str, tuple[str, str]]:
         base = f"{key_added}_{perturbation}"
@@ -753,13 +1039,37 @@ class Doloris(BaseModelClass):
 
         Writes to a temporary directory beside ``dir_path`` and moves it into place, so an
         interrupted save never leaves a half-written model; refuses an existing ``dir_path`` unless
-        ``overwrite=True``.
+        ``overwrite=True``, and even then one holding anything but a saved model (so that no
+        other file is deleted). The old model is removed only once the new one is complete.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write (replaced as a whole).
+        prefix
+            File-name prefix.
+        overwrite
+            Replace an existing saved model at ``dir_path``.
+        save_anndata
+            Also save the registered AnnData.
+        **kwargs
+            Passed to :meth:`anndata.AnnData.write` (with ``save_anndata``).
         """
-        dir_path = os.path.abspath(dir_path)
-        if os.path.exists(dir_path) and not overwrite:
-            raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
+        from .. import __version__
+
+        dir_path = os.path.abspath(os.fspath(dir_path))
+        if os.path.exists(dir_path):
+            if not overwrite:
+                raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
+            saved_files = {f"{prefix or ''}{name}" for name in ("model.pt", "adata.h5ad", "mdata.h5mu")}
+            if not os.path.isdir(dir_path) or not set(os.listdir(dir_path)) <= saved_files:
+                raise ValueError(
+                    f"{dir_path} is not a saved model (it holds other files); overwrite=True replaces only a saved "
+                    "model, so that nothing else is deleted. Choose another dir_path."
+                )
         parent = os.path.dirname(dir_path)
         os.makedirs(parent, exist_ok=True)
+        self.scdoloris_version_ = __version__  # saved with the attributes; checked by load
         staging = tempfile.mkdtemp(prefix=".doloris-save-", dir=parent)
         try:
             super().save(os.path.join(staging, "model"), prefix=prefix, save_anndata=save_anndata, **kwargs)
@@ -784,8 +1094,14 @@ class Doloris(BaseModelClass):
             File-name prefix used when saving.
         **kwargs
             ``accelerator``, ``device``: where to put the model.
+
+        Raises
+        ------
+        ValueError
+            No saved model at ``dir_path``; a corrupted or truncated model file; a model of another
+            class or of an incompatible scdoloris version; ``adata`` with other genes.
         """
-        attr_dict, var_names, _, _ = _load_saved_files(dir_path, load_adata=False, prefix=prefix)
+        attr_dict, var_names = cls._read_saved_model(os.fspath(dir_path), prefix)
         if adata is not None:
             var_names = pd.Index(np.asarray(var_names).astype(str))
             if not pd.Index(adata.var_names.astype(str)).equals(var_names):
@@ -803,3 +1119,42 @@ class Doloris(BaseModelClass):
             _SAVED_SUMMARY.reset(token)
         model._summary = TrainingSummary(**model.summary_)
         return model
+
+    @classmethod
+    def _read_saved_model(cls, dir_path: str, prefix: str | None) -> tuple[dict, np.ndarray]:
+        """The attributes and genes of a saved model, with clear errors for what cannot be loaded."""
+        from .. import __version__
+
+        model_path = os.path.join(dir_path, f"{prefix or ''}model.pt")
+        if not os.path.isfile(model_path):
+            raise ValueError(
+                f"No saved model at {dir_path}: {model_path} does not exist. Pass the directory written by "
+                "Doloris.save (and its prefix=, if one was used)."
+            )
+        try:
+            attr_dict, var_names, _, _ = _load_saved_files(dir_path, load_adata=False, prefix=prefix)
+        except Exception as error:  # torch/pickle/zip errors of a damaged file; the cause stays chained
+            raise ValueError(
+                f"{model_path} is corrupted or truncated and cannot be read ({type(error).__name__}: {error}). "
+                "Save the model again, or restore the file from a backup."
+            ) from error
+        if not isinstance(attr_dict, dict) or "registry_" not in attr_dict:
+            raise ValueError(f"{model_path} is corrupted or truncated: it lacks the model's attributes.")
+        model_name = attr_dict["registry_"].get("model_name")
+        if model_name != cls.__name__:
+            raise ValueError(f"{model_path} holds a {model_name} model, not a {cls.__name__}; load it with that class.")
+        saved_version = attr_dict.get("scdoloris_version_")
+        if saved_version is not None and saved_version != __version__:
+            warnings.warn(
+                f"{model_path} was saved by scdoloris {saved_version}; this is {__version__}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        try:
+            TrainingSummary(**attr_dict["summary_"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"{model_path} was saved by scdoloris {saved_version or 'of an older version'}, whose model format "
+                f"this version ({__version__}) cannot read ({error}). Install that version, or retrain the model."
+            ) from error
+        return attr_dict, var_names

@@ -60,10 +60,13 @@ def canonical_smiles(smiles: Sequence[str], names: Sequence[str] | None = None) 
         SMILES strings.
     names
         Optional molecule names, one per SMILES, used in error messages.
+    chirality
+        Include chirality (R/S tags) in the atom invariants.
 
     Returns
     -------
-    The canonical SMILES, in input order: two spellings of the same molecule give the same string.
+    list of str
+        The canonical SMILES, in input order: two spellings of the same molecule give the same string.
 
     Raises
     ------
@@ -83,12 +86,15 @@ def morgan_fingerprints(
     n_bits: int = 2048,
     radius: int = 2,
     names: Sequence[str] | None = None,
+    chirality: bool = False,
 ) -> np.ndarray:
     """Morgan (ECFP-like) bit fingerprints of molecules, computed with RDKit.
 
-    Uses the current RDKit API (:func:`rdkit.Chem.rdFingerprintGenerator.GetMorganGenerator`, no
-    chirality). Each SMILES is canonicalised first and each distinct molecule is fingerprinted once,
-    so two spellings of the same molecule get identical rows.
+    Uses the current RDKit API (:func:`rdkit.Chem.rdFingerprintGenerator.GetMorganGenerator`). The
+    model's default fingerprints ignore chirality, so stereoisomers share a row; a table built with
+    ``chirality=True`` and passed as ``Doloris(..., molecule_table=...)`` tells them apart. Each
+    SMILES is canonicalised first and each distinct molecule is fingerprinted once, so two spellings
+    of the same molecule get identical rows.
 
     Parameters
     ----------
@@ -103,7 +109,8 @@ def morgan_fingerprints(
 
     Returns
     -------
-    A ``float32`` array of 0/1 values, shape ``(len(smiles), n_bits)``.
+    numpy.ndarray
+        A ``float32`` array of 0/1 values, shape ``(len(smiles), n_bits)``.
 
     Raises
     ------
@@ -117,11 +124,16 @@ def morgan_fingerprints(
     ((3, 256), dtype('float32'))
     >>> bool((fp[0] == fp[1]).all()), bool((fp[0] == fp[2]).all())
     (True, False)
+    >>> r, s = morgan_fingerprints(["C[C@H](N)C(=O)O", "C[C@@H](N)C(=O)O"], n_bits=256, chirality=True)
+    >>> bool((r == s).all())
+    False
     """
     if int(n_bits) < 1 or int(radius) < 0:
         raise ValueError(f"n_bits must be >= 1 and radius >= 0, got n_bits={n_bits}, radius={radius}.")
     canonical = canonical_smiles(smiles, names)
-    generator = rdFingerprintGenerator.GetMorganGenerator(radius=int(radius), fpSize=int(n_bits))
+    generator = rdFingerprintGenerator.GetMorganGenerator(
+        radius=int(radius), fpSize=int(n_bits), includeChirality=bool(chirality)
+    )
     rows: dict[str, np.ndarray] = {}
     for s in canonical:
         if s not in rows:
@@ -422,8 +434,9 @@ class MoleculeFeatures:
 
         Returns
         -------
-        ``(rows, doses)``: ``int64`` and ``float32`` arrays of shape ``(len(components), width)``, the
-        inputs of :class:`MoleculeEncoder`.
+        tuple of numpy.ndarray
+            ``(rows, doses)``: ``int64`` and ``float32`` arrays of shape ``(len(components), width)``, the
+            inputs of :class:`MoleculeEncoder`.
 
         Raises
         ------
@@ -535,7 +548,8 @@ def dose_scale(dose: torch.Tensor | float | Sequence[float], max_dose: float) ->
 
     Returns
     -------
-    A float tensor of the shape of ``dose`` (float32 unless ``dose`` is a floating tensor).
+    torch.Tensor
+        A float tensor of the shape of ``dose`` (float32 unless ``dose`` is a floating tensor).
 
     Raises
     ------
@@ -650,7 +664,8 @@ class MoleculeEncoder(nn.Module):
 
         Returns
         -------
-        ``(batch, n_output)`` embeddings.
+        torch.Tensor
+            ``(batch, n_output)`` embeddings.
         """
         features = self.features if features is None else features.to(self.features)
         if molecules.ndim != 2 or doses.shape != molecules.shape:

@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
+
+from ..perturbation._vocabulary import COMBINATION_SEPARATOR
 
 # Log1p of depth-normalised counts stays well below this; raw UMI counts do not.
 MAX_LOG_VALUE = 30.0
@@ -94,3 +100,117 @@ def log_normalize(adata: AnnData, target_sum: float = 1e4, layer: str | None = N
     counts = adata.X if layer is None else adata.layers[layer]
     normalized = sc.pp.normalize_total(AnnData(counts.copy()), target_sum=target_sum, inplace=False)["X"]
     adata.layers[key_added] = normalized.log1p() if sparse.issparse(normalized) else np.log1p(normalized)
+
+
+def check_unique_genes(adata: AnnData) -> None:
+    """Genes must be named once each: a duplicated name makes genes ambiguous at prediction and load.
+
+    Raises
+    ------
+    ValueError
+        Naming the duplicated genes.
+    """
+    duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(
+            f"adata.var_names has {len(duplicated)} duplicated gene name(s), e.g. {list(duplicated[:5])}; make "
+            "them unique with adata.var_names_make_unique() or aggregate the duplicated genes first."
+        )
+
+
+def check_labels_present(values: pd.Series, key: str) -> None:
+    """An ``obs`` column of labels must have no missing values.
+
+    Raises
+    ------
+    ValueError
+        Naming the column and some of the cells without a label.
+    """
+    missing = values.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"adata.obs[{key!r}] has {int(missing.sum())} missing value(s) (cells "
+            f"{list(values.index[missing][:3])}); give every cell a label, or subset adata to labelled cells."
+        )
+
+
+def check_perturbation_labels(values: pd.Series, key: str, control_values: Sequence[str]) -> None:
+    """Perturbation labels must parse: ``"A"`` or ``"A+B"``, no empty component, no stray whitespace.
+
+    ``"A++B"``, ``"+A"``, ``"A+"``, ``" A"`` or ``"A +B"`` would otherwise be read silently as some
+    other perturbation. Components equal to a control label are allowed (GEARS writes ``"A+ctrl"``),
+    but a label made only of control components must be a control label itself.
+
+    Parameters
+    ----------
+    values
+        The column of labels.
+    key
+        Its name in ``adata.obs``, for the message.
+    control_values
+        Labels of unperturbed cells.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad labels and what to do.
+    """
+    check_labels_present(values, key)
+    for label in pd.unique(values.astype(str)):
+        problem = perturbation_label_problem(label, control_values)
+        if problem is not None:
+            raise ValueError(
+                f"adata.obs[{key!r}] has label {label!r}, which {problem}. Fix these labels (or drop their cells)."
+            )
+
+
+def perturbation_label_problem(label: str, control_values: Sequence[str]) -> str | None:
+    """What is wrong with one perturbation label (a phrase for an error message), or ``None``."""
+    controls = set(control_values)
+    if label in controls:
+        return None
+    if label == "":
+        return "is empty (unperturbed cells take the control label)"
+    components = label.split(COMBINATION_SEPARATOR)
+    if any(part == "" for part in components):
+        return (
+            f"has an empty component (combinations are components joined by a single {COMBINATION_SEPARATOR!r}, "
+            "e.g. 'KLF1+MAP2K6')"
+        )
+    if any(part != part.strip() for part in components):
+        return "has leading or trailing whitespace in a component (strip it, e.g. with .str.strip())"
+    if all(part in controls for part in components):
+        return f"has only control components (a control, labelled {sorted(controls)[0]!r}, not a perturbation)"
+    return None
+
+
+def drop_unused_categories(adata: AnnData, keys: Sequence[str]) -> None:
+    """Drop declared-but-unused categories of categorical ``obs`` columns, with a warning.
+
+    After subsetting (``adata[adata.obs[...] != ...]``) a categorical column keeps the categories
+    of the cells removed. They would become perturbations or cell types with no cells; scvi-tools
+    keeps such levels silently, Doloris drops them. Only the list of categories changes: every
+    cell keeps its value.
+
+    Parameters
+    ----------
+    adata
+        Annotated data; its ``obs`` columns ``keys`` are rewritten when they have unused levels.
+    keys
+        ``obs`` columns to clean (``None`` entries are skipped).
+    """
+    for key in keys:
+        if key is None or not isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
+            continue
+        column = adata.obs[key]
+        unused = column.cat.categories.difference(pd.Index(column.dropna().unique()))
+        if len(unused):
+            warnings.warn(
+                f"adata.obs[{key!r}] declares {len(unused)} categor(y/ies) with no cells, e.g. {list(unused[:5])}; "
+                "dropped them (cell values unchanged). Run "
+                f"adata.obs[{key!r}] = adata.obs[{key!r}].cat.remove_unused_categories() beforehand to avoid this "
+                "warning.",
+                UserWarning,
+                stacklevel=3,
+            )
+            adata.obs[key] = column.cat.remove_unused_categories()
