@@ -186,3 +186,24 @@ def test_runner_records_a_method_that_cannot_fit():
     result = sd.benchmark.run_benchmark(adata, split, methods, n_cells=10, n_de_genes=(), progress=False)
     assert set(result.scores["method"]) >= {"no_change", "mean_shift"}
     assert "linear" in set(result.failures["method"]) and "linear" not in set(result.scores["method"])
+
+
+def test_doloris_variant_shares_the_trained_model(synthetic):
+    """A variant scores the parent's model with other predict settings, without training again."""
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    doloris = sd.benchmark.DolorisMethod(
+        {"gene_graph": synthetic.uns["synthetic"]["edges"], **SMALL}, {"max_steps": 10}
+    )
+    variant = doloris.variant("doloris_bernoulli", mask_strategy="bernoulli")
+    # Listed before its parent, a variant cannot fit: the runner records that instead of crashing.
+    early = sd.benchmark.run_benchmark(synthetic, split, [variant, doloris], seeds=(0,), n_cells=10, progress=False)
+    assert set(early.failures["method"]) == {"doloris_bernoulli"}
+    assert "list 'doloris' before" in early.failures["error"].iloc[0]
+    model = doloris.model
+    later = sd.benchmark.run_benchmark(synthetic, split, [doloris, variant], seeds=(0,), n_cells=10, progress=False)
+    assert doloris.model is not model  # the parent trained again for this run ...
+    double = str(split.test["perturbation"].iloc[0])
+    direct = doloris.model.predict_perturbation([double], n_cells=10, seed=0, mask_strategy="bernoulli")
+    shared = variant.predict([double], cell_type=None, n_cells=10, seed=0)
+    np.testing.assert_array_equal(direct.X, shared.X)  # ... and the variant predicts from that model
+    assert set(later.scores["method"]) == {"doloris", "doloris_bernoulli"} and len(later.failures) == 0

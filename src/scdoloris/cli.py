@@ -187,6 +187,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     )
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
+    doloris = next((m for m in methods if m.name == "doloris"), None)
+    if doloris is not None:
+        # Other mask samplers score the same trained model, listed right after it.
+        variants = [doloris.variant(f"doloris_{v}", mask_strategy=v) for v in args.mask_variants]
+        at = methods.index(doloris) + 1
+        methods[at:at] = variants
     result = sd.benchmark.run_benchmark(adata, split, methods, seeds=args.seeds, n_cells=args.n_cells)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -235,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--n-cells", type=int, default=100, help="Generated cells per condition (default 100).")
     bench.add_argument(
         "--methods", nargs="+", help="Only these methods (doloris no_change mean_shift additive linear)."
+    )
+    bench.add_argument(
+        "--mask-variants",
+        nargs="*",
+        default=[],
+        choices=["bernoulli"],
+        help="Also score Doloris' model with these mask samplers (as doloris_<name>); default: none.",
     )
     bench.add_argument("--perturbation-key", help="obs column of the perturbation labels (for an .h5ad).")
     bench.add_argument("--control-value", help="Label of control cells (for an .h5ad).")

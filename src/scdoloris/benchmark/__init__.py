@@ -1,6 +1,14 @@
 """Seeded splits and the runner that compares Doloris with the baselines on them."""
 
-from ._runner import BaselineMethod, BenchmarkResult, DolorisMethod, default_methods, run_benchmark, score_condition
+from ._runner import (
+    BaselineMethod,
+    BenchmarkResult,
+    DolorisMethod,
+    SharedDolorisMethod,
+    default_methods,
+    run_benchmark,
+    score_condition,
+)
 from ._splits import (
     Split,
     singles_to_doubles,
@@ -14,6 +22,7 @@ __all__ = [
     "BaselineMethod",
     "BenchmarkResult",
     "DolorisMethod",
+    "SharedDolorisMethod",
     "Split",
     "default_methods",
     "run_benchmark",

@@ -33,14 +33,36 @@ class DolorisMethod:
         Passed to :class:`scdoloris.Doloris` (e.g. ``gene_graph``, ``n_hidden``).
     train_kwargs
         Passed to :meth:`scdoloris.Doloris.train` (e.g. ``max_steps``, ``batch_size``).
+    predict_kwargs
+        Passed to :meth:`scdoloris.Doloris.predict_perturbation` (e.g. ``mask_strategy``).
+    name
+        Name of the method in the tables.
+
+    Examples
+    --------
+    Two ways of sampling the mask from one trained model, scored side by side:
+
+    >>> doloris = DolorisMethod(train_kwargs={"max_steps": 500})
+    >>> methods = [doloris, doloris.variant("doloris_bernoulli", mask_strategy="bernoulli")]
     """
 
-    name = "doloris"
-
-    def __init__(self, model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None):
+    def __init__(
+        self,
+        model_kwargs: Mapping | None = None,
+        train_kwargs: Mapping | None = None,
+        predict_kwargs: Mapping | None = None,
+        name: str = "doloris",
+    ):
         self.model_kwargs = dict(model_kwargs or {})
         self.train_kwargs = dict(train_kwargs or {})
+        self.predict_kwargs = dict(predict_kwargs or {})
+        self.name = name
         self.model = None
+        self.fitted_seed: int | None = None
+
+    def variant(self, name: str, **predict_kwargs) -> SharedDolorisMethod:
+        """The same trained model predicting with other ``predict_kwargs``; list it after this method."""
+        return SharedDolorisMethod(self, name, predict_kwargs)
 
     def fit(self, train: ad.AnnData, split: Split, seed: int) -> DolorisMethod:
         """Register ``train`` (a copy), build and train a model with ``seed``."""
@@ -64,6 +86,7 @@ class DolorisMethod:
             self.model.train(**{"enable_progress_bar": False, **self.train_kwargs, "seed": seed})
         finally:
             scvi.settings.seed = previous
+        self.fitted_seed = seed
         return self
 
     def predict(
@@ -71,7 +94,41 @@ class DolorisMethod:
     ) -> ad.AnnData:
         """Generated cells of ``perturbations`` in ``cell_type`` (at ``dose``; ``smiles`` of molecules)."""
         return self.model.predict_perturbation(
-            list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose, smiles=smiles or None
+            list(perturbations),
+            cell_type=cell_type,
+            n_cells=n_cells,
+            seed=seed,
+            dose=dose,
+            smiles=smiles or None,
+            **self.predict_kwargs,
+        )
+
+
+class SharedDolorisMethod:
+    """Another prediction setting of a :class:`DolorisMethod`'s trained model (no second training).
+
+    Built by :meth:`DolorisMethod.variant`; the runner must fit the parent first, on the same seed.
+    """
+
+    def __init__(self, parent: DolorisMethod, name: str, predict_kwargs: Mapping):
+        self.parent = parent
+        self.name = name
+        self.predict_kwargs = dict(predict_kwargs)
+
+    def fit(self, train: ad.AnnData, split: Split, seed: int) -> SharedDolorisMethod:
+        """Check that the parent was fitted on this seed (methods are fitted in list order)."""
+        if self.parent.model is None or self.parent.fitted_seed != seed:
+            raise ValueError(f"{self.name!r} shares {self.parent.name!r}'s model: list {self.parent.name!r} before it.")
+        return self
+
+    def predict(
+        self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
+    ) -> ad.AnnData:
+        """Generated cells from the parent's model with this variant's settings."""
+        kwargs = {**self.parent.predict_kwargs, **self.predict_kwargs}
+        return self.parent.model.predict_perturbation(
+            list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose, smiles=smiles or None,
+            **kwargs,
         )
 
 
