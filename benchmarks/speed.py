@@ -325,7 +325,8 @@ def run_train(args: argparse.Namespace) -> dict:
     del x_all
     # The training plan's optimizer (its learning-rate schedule costs nothing measurable).
     parameters = list(module.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4, fused=fused_adamw_supported(parameters))
+    fused = fused_adamw_supported(parameters) and not args.unfused_adamw
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4, fused=fused)
 
     def step(b):
         optimizer.zero_grad(set_to_none=True)
@@ -552,7 +553,7 @@ def _child_command(args: argparse.Namespace, kind: str, genes: int, batch: int, 
     command += ["--conditions", str(args.conditions), "--cells", str(args.cells), "--n-steps", str(args.n_steps)]
     command += ["--predict-batch", str(args.predict_batch), "--threads", str(args.threads), "--device", args.device]
     command += ["--mm-size", str(args.mm_size), "--seed", str(args.seed)]
-    return command + (["--bf16"] if args.bf16 else [])
+    return command + (["--bf16"] if args.bf16 else []) + (["--unfused-adamw"] if args.unfused_adamw else [])
 
 
 def _run_child(args: argparse.Namespace, kind: str, genes: int, batch: int) -> dict:
@@ -764,6 +765,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (and OMP/MKL threads)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument(
+        "--unfused-adamw", action="store_true", help="per-tensor AdamW instead of the training plan's fused one"
+    )
     parser.add_argument("--mm-size", type=int, default=1024, help="size of the square fp32 matmul reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json and speed.md")
