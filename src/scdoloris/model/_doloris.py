@@ -791,8 +791,12 @@ class Doloris(BaseModelClass):
             Prefix of the keys written in place.
         overwrite
             Allow replacing existing keys in place.
-        dose, smiles
-            For molecular perturbations (not supported in this release).
+        dose
+            Molecular perturbations: the dose of every perturbation (a number) or one per
+            perturbation; written to ``obs["dose"]``. Doses never trained are fine.
+        smiles
+            ``{name: SMILES}`` for molecules not seen in training (not needed for trained molecules,
+            nor for molecules in the model's ``molecule_table``).
         n_steps
             DDIM steps of the inversion and of the sampling.
         seed
