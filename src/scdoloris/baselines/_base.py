@@ -43,6 +43,22 @@ class Baseline(ABC):
     ----------
     clip
         Clip shifted expression at 0 (log1p data is never negative).
+
+    Examples
+    --------
+    Every baseline shares this interface; here the additive one. Fitting reduces each training
+    condition to its mean shift from the controls:
+
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    >>> baseline = sd.baselines.Additive().fit(adata)
+    >>> isinstance(baseline, sd.baselines.Baseline), baseline
+    (True, Additive(clip=True) [fitted])
+    >>> baseline.shifts_.shape  # (perturbation, cell type) x genes
+    (6, 20)
+    >>> pred = baseline.predict(["G001+G003"], n_cells=5)
+    >>> pred.shape, pred.uns["baseline"]["name"]
+    ((5, 20), 'additive')
     """
 
     #: Short name of the baseline, written to ``uns["baseline"]`` of predictions.

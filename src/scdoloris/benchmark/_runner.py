@@ -44,6 +44,8 @@ class DolorisMethod:
 
     >>> doloris = DolorisMethod(train_kwargs={"max_steps": 500})
     >>> methods = [doloris, doloris.variant("doloris_bernoulli", mask_strategy="bernoulli")]
+    >>> [method.name for method in methods]
+    ['doloris', 'doloris_bernoulli']
     """
 
     def __init__(
@@ -108,6 +110,23 @@ class SharedDolorisMethod:
     """Another prediction setting of a :class:`DolorisMethod`'s trained model (no second training).
 
     Built by :meth:`DolorisMethod.variant`; the runner must fit the parent first, on the same seed.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> doloris = sd.benchmark.DolorisMethod(train_kwargs={"max_steps": 500})
+    >>> bernoulli = doloris.variant("doloris_bernoulli", mask_strategy="bernoulli")
+    >>> bernoulli.parent is doloris, bernoulli.predict_kwargs
+    (True, {'mask_strategy': 'bernoulli'})
+
+    Fitting it before its parent is an error (the runner fits methods in list order):
+
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    >>> split = sd.benchmark.singles_to_doubles(adata)
+    >>> bernoulli.fit(split.train_data(adata), split, seed=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'doloris_bernoulli' shares 'doloris''s model: list 'doloris' before it.
     """
 
     def __init__(self, parent: DolorisMethod, name: str, predict_kwargs: Mapping):
@@ -127,13 +146,36 @@ class SharedDolorisMethod:
         """Generated cells from the parent's model with this variant's settings."""
         kwargs = {**self.parent.predict_kwargs, **self.predict_kwargs}
         return self.parent.model.predict_perturbation(
-            list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose, smiles=smiles or None,
+            list(perturbations),
+            cell_type=cell_type,
+            n_cells=n_cells,
+            seed=seed,
+            dose=dose,
+            smiles=smiles or None,
             **kwargs,
         )
 
 
 class BaselineMethod:
-    """A :mod:`scdoloris.baselines` class behind the runner's interface."""
+    """A :mod:`scdoloris.baselines` class behind the runner's interface.
+
+    Parameters
+    ----------
+    name
+        Name of the method in the tables.
+    factory
+        Called without arguments to make a fresh, unfitted baseline at each ``fit``.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    >>> split = sd.benchmark.singles_to_doubles(adata)
+    >>> method = sd.benchmark.BaselineMethod("additive", sd.baselines.Additive)
+    >>> method = method.fit(split.train_data(adata), split, seed=0)
+    >>> method.predict(["G001+G002"], cell_type=None, n_cells=10, seed=0).shape
+    (10, 20)
+    """
 
     def __init__(self, name: str, factory: Callable[[], object]):
         self.name = name
@@ -181,7 +223,29 @@ def _dosed_labels(adata: ad.AnnData, split: Split) -> pd.Categorical:
 def default_methods(
     model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None, gene_graph="auto"
 ) -> list:
-    """Doloris and every baseline: no change, mean shift, additive, linear."""
+    """Doloris and every baseline: no change, mean shift, additive, linear.
+
+    Parameters
+    ----------
+    model_kwargs
+        Passed to :class:`scdoloris.Doloris` (``gene_graph`` is set from ``gene_graph``).
+    train_kwargs
+        Passed to :meth:`scdoloris.Doloris.train`.
+    gene_graph
+        Gene-graph prior of Doloris and of the linear baseline.
+
+    Returns
+    -------
+    list
+        The methods, ready for :func:`run_benchmark`; nothing is fitted yet.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> methods = sd.benchmark.default_methods(train_kwargs={"max_steps": 500})
+    >>> [method.name for method in methods]
+    ['doloris', 'no_change', 'mean_shift', 'additive', 'linear']
+    """
     return [
         DolorisMethod({"gene_graph": gene_graph, **(model_kwargs or {})}, train_kwargs),
         BaselineMethod("no_change", baselines.NoChange),
@@ -198,6 +262,39 @@ class BenchmarkResult:
     ``scores`` is tidy: columns ``method``, ``seed``, ``perturbation``, ``cell_type``, ``gene_set``,
     ``metric``, ``value``. Methods that could not predict a condition (e.g. the additive baseline
     for a gene it never saw) are listed in ``failures`` instead.
+
+    Examples
+    --------
+    :func:`run_benchmark` returns one; here one is made by hand to show its tables:
+
+    >>> import pandas as pd
+    >>> from scdoloris.benchmark import BenchmarkResult
+    >>> scores = pd.DataFrame(
+    ...     {
+    ...         "method": ["doloris", "no_change", "doloris", "no_change"],
+    ...         "seed": 0,
+    ...         "perturbation": ["A", "A", "B", "B"],
+    ...         "cell_type": "all",
+    ...         "gene_set": "all",
+    ...         "metric": "e_distance",
+    ...         "value": [0.5, 1.0, 2.0, 1.5],
+    ...     }
+    ... )
+    >>> result = BenchmarkResult(scores, "unseen_perturbations")
+    >>> result.summary()[["method", "mean", "count"]]
+          method  mean  count
+    0    doloris  1.25      2
+    1  no_change  1.25      2
+    >>> result.wins().to_dict()  # Doloris is better on A, worse on B
+    {'no_change': 0.5}
+    >>> print(result.to_markdown())
+    **unseen_perturbations, genes: all** (mean ± std over conditions and seeds)
+    <BLANKLINE>
+    | method | e_distance |
+    |---|---|
+    | doloris | 1.250 ± 1.061 |
+    | no_change | 1.250 ± 0.354 |
+    <BLANKLINE>
     """
 
     scores: pd.DataFrame
@@ -261,7 +358,42 @@ def score_condition(
     gene_sets: Mapping[str, Sequence[str] | None],
     metric_names: Sequence[str] = DEFAULT_METRICS,
 ) -> list[dict]:
-    """Every metric over every gene set for one condition (log1p scale)."""
+    """Every metric over every gene set for one condition (log1p scale).
+
+    Parameters
+    ----------
+    predicted, real, control
+        Predicted cells, real cells of the condition and control cells of its cell type.
+    gene_sets
+        ``{name: genes}``; ``None`` scores all genes.
+    metric_names
+        Metrics to compute, among ``"e_distance"``, ``"emd"``, ``"mean_rmse"`` and ``"pearson_delta"``.
+
+    Returns
+    -------
+    list of dict
+        One ``{"gene_set", "metric", "value"}`` row per gene set and metric.
+
+    Raises
+    ------
+    KeyError
+        If a gene set names genes that are not in ``real``.
+    ValueError
+        For an unknown metric.
+
+    Examples
+    --------
+    The real cells scored as their own prediction:
+
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    >>> real = adata[adata.obs["perturbation"] == "G001+G002"]
+    >>> control = adata[adata.obs["perturbation"] == "control"]
+    >>> gene_sets = {"all": None, "first5": list(adata.var_names[:5])}
+    >>> rows = sd.benchmark.score_condition(real, real, control, gene_sets, ["e_distance", "mean_rmse"])
+    >>> [(row["gene_set"], row["metric"], round(row["value"], 6)) for row in rows]
+    [('all', 'e_distance', 0.0), ('all', 'mean_rmse', 0.0), ('first5', 'e_distance', 0.0), ('first5', 'mean_rmse', 0.0)]
+    """
     rows = []
     for gene_set, genes in gene_sets.items():
         columns = slice(None) if genes is None else real.var_names.get_indexer(list(genes))

@@ -37,6 +37,20 @@ class Split:
     dose_key, smiles_key
         For molecular perturbations: conditions are then (perturbation, cell type, dose) and
         ``test`` has a ``dose`` column.
+
+    Examples
+    --------
+    Splits are made by the functions of :mod:`scdoloris.benchmark`, e.g. :func:`singles_to_doubles`:
+
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    >>> split = sd.benchmark.singles_to_doubles(adata)
+    >>> split
+    Split('singles_to_doubles': 700 training cells, 1 held-out condition(s), seed=None)
+    >>> split.test.to_dict("records")
+    [{'perturbation': 'G001+G002', 'cell_type': 'all'}]
+    >>> split.train_data(adata).n_obs, split.cells(adata, "G001+G002").n_obs, split.controls(adata).n_obs
+    (700, 80, 300)
     """
 
     name: str

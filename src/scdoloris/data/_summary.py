@@ -68,6 +68,26 @@ class TrainingSummary:
     """Everything Doloris keeps of its training data, saved with the model.
 
     All arrays are numpy; ``graph`` is :meth:`GeneGraph.to_dict`.
+
+    Examples
+    --------
+    Made by :func:`summarize_training_data` (here 5 genes, a control, a single and a double):
+
+    >>> import numpy as np
+    >>> from scdoloris.data import summarize_training_data
+    >>> X = np.log1p(np.random.default_rng(0).poisson(1.0, size=(60, 5)))
+    >>> summary = summarize_training_data(
+    ...     X, np.repeat([0, 1, 2], 20), np.zeros(60, dtype=int), ["control", "A", "A+B"], ["T"],
+    ...     ["control"], ["g0", "g1", "g2", "g3", "g4"], gene_graph=None,
+    ... )
+    >>> summary.control_mean.shape, summary.condition_frequencies.shape  # (cell types | conditions, genes)
+    ((1, 5), (3, 5))
+    >>> summary.categories  # no gene-graph prior: both components are learned categories
+    ['A', 'B']
+    >>> summary.vocabulary().recipes([["A", "B"]])  # rows after the 5 gene nodes
+    array([[5, 6]])
+    >>> summary.gene_graph.n_nodes, summary.max_dose, summary.molecule_features is None
+    (5, 1.0, True)
     """
 
     x_max: float
@@ -203,6 +223,39 @@ def summarize_training_data(
         Precomputed molecule embeddings indexed by drug name or SMILES (see
         :meth:`~scdoloris.perturbation.MoleculeFeatures.from_table`), used instead of Morgan
         fingerprints. Components named in its index are molecules even without a SMILES column.
+
+    Returns
+    -------
+    TrainingSummary
+        What the model keeps of its training data.
+
+    Examples
+    --------
+    Twenty control cells, twenty with gene ``A`` perturbed and twenty with ``A+B``, one cell type;
+    the prior links ``A`` to measured ``g0``, so ``A`` becomes a graph node and ``B`` a category:
+
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> X = np.log1p(np.random.default_rng(0).poisson(1.0, size=(60, 5)))
+    >>> prior = pd.DataFrame({"source": ["g0", "g1", "A"], "target": ["g1", "g2", "g0"], "weight": [1.0, 0.5, 0.8]})
+    >>> summary = summarize_training_data(
+    ...     X,
+    ...     perturbation_codes=np.repeat([0, 1, 2], 20),
+    ...     cell_type_codes=np.zeros(60, dtype=int),
+    ...     perturbation_labels=["control", "A", "A+B"],
+    ...     cell_types=["T"],
+    ...     control_values=["control"],
+    ...     gene_names=["g0", "g1", "g2", "g3", "g4"],
+    ...     gene_graph=prior,
+    ... )
+    >>> summary.gene_graph.nodes, summary.categories
+    (['g0', 'g1', 'g2', 'g3', 'g4', 'A'], ['B'])
+    >>> summary.train_recipes  # token rows per label: node 5 is A, row 6 the category B
+    array([[-1, -1],
+           [ 5, -1],
+           [ 5,  6]])
+    >>> summary.is_control.tolist(), summary.node_features.shape
+    ([True, False, False], (6, 32))
     """
     rng = np.random.default_rng(seed)
     n_cells, n_genes = X.shape

@@ -21,7 +21,22 @@ _TIMEOUT_S = 60
 
 
 class ChecksumError(OSError):
-    """A downloaded or cached file does not have the expected SHA-256."""
+    """A downloaded or cached file does not have the expected SHA-256.
+
+    Raised by the downloading loaders (:func:`~scdoloris.datasets.norman2019` and the like)
+    when a download is corrupted or a cached file was changed; nothing corrupt is kept or loaded.
+    It is an :class:`OSError`, so ``except OSError`` catches it along with network errors.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> issubclass(sd.datasets.ChecksumError, OSError)
+    True
+    >>> try:  # doctest: +SKIP
+    ...     adata = sd.datasets.norman2019()
+    ... except sd.datasets.ChecksumError as error:
+    ...     print(error)  # names the file and how to get a good copy
+    """
 
 
 def get_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -56,6 +56,8 @@ class GaussianDiffusion:
     >>> diffusion = GaussianDiffusion(500)
     >>> x0 = torch.rand(4, 10)
     >>> x_t = diffusion.q_sample(x0, torch.full((4,), 499), torch.randn(4, 10))
+    >>> x_t.shape, x_t.dtype
+    (torch.Size([4, 10]), torch.float32)
     """
 
     def __init__(self, n_timesteps: int = 500):

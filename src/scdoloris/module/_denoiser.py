@@ -28,6 +28,23 @@ class Denoiser(nn.Module):
         Residual MLP blocks.
     dropout
         Dropout in each block.
+
+    Examples
+    --------
+    Two source rows and two target rows of 10 genes:
+
+    >>> import torch
+    >>> denoiser = Denoiser(n_genes=10, n_cell_types=2, n_perturbation=8, n_hidden=32, n_blocks=2)
+    >>> x0_hat = denoiser(
+    ...     x_t=torch.randn(4, 10),
+    ...     t=torch.tensor([0, 10, 250, 499]),
+    ...     cell_type=torch.tensor([0, 1, 0, 1]),
+    ...     is_target=torch.tensor([False, False, True, True]),
+    ...     perturbation=torch.randn(4, 8),
+    ...     control=torch.rand(4, 10),
+    ... )
+    >>> x0_hat.shape
+    torch.Size([4, 10])
     """
 
     def __init__(

@@ -76,6 +76,53 @@ class DolorisModule(nn.Module):
         At inference, replace the zeros of the real control cell by the cell type's control mean
         before using it as control information: in training that input is ``mu + sigma * eps``
         (Eq. 12), which has no zeros.
+
+    Examples
+    --------
+    :class:`scdoloris.Doloris` builds it from its training summary. By hand: 10 genes, one cell
+    type, an empty gene graph and two perturbations that are learned categories (labels
+    ``control``, ``P1``, ``P2``), with small networks:
+
+    >>> import torch
+    >>> from scdoloris.perturbation._encoder import GraphTensors
+    >>> empty_graph = GraphTensors(
+    ...     torch.zeros(0, 32), torch.zeros(0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
+    ... )
+    >>> module = DolorisModule(
+    ...     n_genes=10,
+    ...     n_cell_types=1,
+    ...     graph=empty_graph,
+    ...     n_categories=2,
+    ...     train_recipes=torch.tensor([[-1], [0], [1]]),
+    ...     is_control=torch.tensor([True, False, False]),
+    ...     control_mean=torch.full((1, 10), 0.3),
+    ...     control_std=torch.full((1, 10), 0.1),
+    ...     x_max=5.0,
+    ...     n_hidden=32,
+    ...     n_blocks=1,
+    ...     n_hidden_mask=16,
+    ...     n_blocks_mask=1,
+    ...     n_perturbation=8,
+    ...     n_timesteps=100,
+    ... )
+
+    Training loss of a batch (log1p expression, perturbation and cell-type codes):
+
+    >>> x = 5 * torch.rand(6, 10)
+    >>> perturbation, cell_type = torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6, dtype=torch.long)
+    >>> losses = module.loss(x, perturbation, cell_type)
+    >>> sorted(losses)
+    ['diffusion_loss', 'loss', 'mask_loss']
+
+    Inference: invert two control cells, then bridge them to perturbation ``P1`` (``[0, 1]`` scale):
+
+    >>> cell_type = torch.zeros(2, dtype=torch.long)
+    >>> latent = module.encode_latent(x[:2], cell_type, n_steps=5)
+    >>> embedding, mask_embedding = module.embed(torch.tensor([[0], [0]]))
+    >>> module.bridge(latent, x[:2], cell_type, embedding, n_steps=5).shape
+    torch.Size([2, 10])
+    >>> module.activation_probabilities(x[:2], cell_type, mask_embedding).shape
+    torch.Size([2, 10])
     """
 
     def __init__(

@@ -27,6 +27,15 @@ class MaskModel(nn.Module):
         Residual MLP blocks.
     dropout
         Dropout in each block.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mask_model = MaskModel(n_genes=10, n_cell_types=2, n_perturbation=8, n_hidden=32, n_blocks=1)
+    >>> logits = mask_model(torch.rand(4, 10), torch.tensor([0, 1, 0, 1]), torch.randn(4, 8))
+    >>> probs = torch.sigmoid(logits)  # probability that each gene is expressed
+    >>> probs.shape
+    torch.Size([4, 10])
     """
 
     def __init__(

@@ -21,6 +21,24 @@ class MaskReference:
         ``(cells,)`` condition of each reference cell, sorted ascending.
     n_genes
         Number of genes (to unpack).
+
+    Examples
+    --------
+    Two training conditions of one cell type, with two and one reference cells over 4 genes:
+
+    >>> import numpy as np
+    >>> patterns = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
+    >>> reference = MaskReference(
+    ...     frequencies=[[1.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 1.0]],
+    ...     cell_types=[0, 0],
+    ...     packed_masks=np.packbits(patterns, axis=1),
+    ...     cell_condition=[0, 0, 1],
+    ...     n_genes=4,
+    ... )
+    >>> reference.counts.tolist(), reference.starts.tolist()  # cells of each condition
+    ([2, 1], [0, 2])
+    >>> reference.masks(np.array([2])).astype(int)
+    array([[0, 0, 1, 1]])
     """
 
     def __init__(self, frequencies, cell_types, packed_masks, cell_condition, n_genes: int):
@@ -77,6 +95,28 @@ def sample_activation_mask(
     -------
     torch.Tensor
         Float tensor of 0/1, shape ``(n, genes)``, on the device of ``probs``.
+
+    Examples
+    --------
+    One reference cell per training condition. Each generated cell copies the pattern of a cell
+    from its nearest condition, then genes with ``probs >= high`` are switched on (gene 1 of the
+    first cell) and those with ``probs <= low`` off:
+
+    >>> import numpy as np
+    >>> import torch
+    >>> patterns = np.array([[1, 0, 1, 0], [0, 0, 1, 1]], dtype=bool)
+    >>> reference = MaskReference(patterns.astype(float), [0, 0], np.packbits(patterns, axis=1), [0, 1], 4)
+    >>> probs = torch.tensor([[0.9, 0.97, 0.6, 0.2], [0.02, 0.1, 0.8, 0.7]])
+    >>> cell_type = torch.tensor([0, 0])
+    >>> sample_activation_mask(probs, cell_type, reference, np.random.default_rng(0))
+    tensor([[1., 1., 1., 0.],
+            [0., 0., 1., 1.]])
+
+    ``"bernoulli"`` needs no reference; the thresholds apply all the same:
+
+    >>> mask = sample_activation_mask(probs, cell_type, None, np.random.default_rng(0), strategy="bernoulli")
+    >>> mask.shape, mask[0, 1].item(), mask[1, 0].item()
+    (torch.Size([2, 4]), 1.0, 0.0)
     """
     p = probs.detach().float().cpu()
     if strategy == "bernoulli":

@@ -48,6 +48,24 @@ class PerturbationEncoder(nn.Module):
         Attention heads per GAT layer.
     n_layers
         GAT layers.
+
+    Examples
+    --------
+    A 3-gene path graph ``A - B - C`` with 8 node features and one category:
+
+    >>> import torch
+    >>> from scdoloris.perturbation import PerturbationVocabulary
+    >>> from scdoloris.perturbation._encoder import GraphTensors
+    >>> _ = torch.manual_seed(0)
+    >>> edges = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+    >>> graph = GraphTensors(torch.randn(3, 8), torch.ones(3, dtype=torch.bool), edges, torch.ones(4))
+    >>> encoder = PerturbationEncoder(graph, n_categories=1, n_hidden=16, n_output=4)
+    >>> encoder.token_table().shape  # 3 nodes + 1 category
+    torch.Size([4, 16])
+    >>> recipes = PerturbationVocabulary(["A", "B", "C"], ["stimulated"]).recipes([[], ["A"], ["B", "stimulated"]])
+    >>> embedding = encoder(torch.as_tensor(recipes))
+    >>> embedding.shape, bool((embedding[0] == 0).all())  # the control embeds to zero
+    (torch.Size([3, 4]), True)
     """
 
     def __init__(

@@ -114,6 +114,46 @@ def resolve_gene_graph(spec, control_expression=None, gene_names: Sequence[str] 
         Dense training-control expression, needed for ``"coexpression"``.
     gene_names
         Measured gene names (columns of ``control_expression``).
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Edge table with columns ``source``, ``target``, ``weight`` (``1`` where the table had no
+        weights), without self loops; ``None`` for ``spec=None``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``spec``, a table without ``source`` and ``target`` columns, or
+        ``"coexpression"`` without control cells.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"source": ["A", "B"], "target": ["B", "C"]})
+    >>> resolve_gene_graph(table)
+      source target  weight
+    0      A      B     1.0
+    1      B      C     1.0
+
+    A list gives the union; an edge named twice keeps its strongest weight:
+
+    >>> stronger = pd.DataFrame({"source": ["A"], "target": ["B"], "weight": [3.0]})
+    >>> resolve_gene_graph([table, stronger])
+      source target  weight
+    0      A      B     3.0
+    1      B      C     1.0
+
+    ``"coexpression"`` correlates control cells (here ``B`` follows ``A``, ``C`` is independent):
+
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(50, 3))
+    >>> X[:, 1] = 2 * X[:, 0] + 0.01 * X[:, 2]
+    >>> resolve_gene_graph("coexpression", X, ["A", "B", "C"])[["source", "target"]]
+      source target
+    0      B      A
+    1      A      B
     """
     if spec is None:
         return None
@@ -139,6 +179,26 @@ def freeze_prior(spec, control_expression=None, gene_names: Sequence[str] = ()) 
     The bundled GO graph is kept by name (it ships with the package); co-expression and user tables
     are kept as edge arrays, so that genes first asked for at prediction time can be linked after
     a reload.
+
+    Parameters
+    ----------
+    spec, control_expression, gene_names
+        As for :func:`resolve_gene_graph`.
+
+    Returns
+    -------
+    list
+        ``"go"`` or a ``{"source", "target", "weight"}`` dict of arrays per prior; empty without one.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"source": ["A", "B"], "target": ["B", "C"], "weight": [1.0, 0.5]})
+    >>> frozen = freeze_prior(["go", table])
+    >>> frozen[0], sorted(frozen[1]), frozen[1]["source"].tolist()
+    ('go', ['source', 'target', 'weight'], ['A', 'B'])
+    >>> freeze_prior(None)
+    []
     """
     if spec is None:
         return []
@@ -154,7 +214,21 @@ def freeze_prior(spec, control_expression=None, gene_names: Sequence[str] = ()) 
 
 
 def thaw_prior(frozen: Sequence) -> pd.DataFrame | None:
-    """Inverse of :func:`freeze_prior`: the union edge table, or ``None`` without a prior."""
+    """Inverse of :func:`freeze_prior`: the union edge table, or ``None`` without a prior.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"source": ["A", "B"], "target": ["B", "C"], "weight": [1.0, 0.5]})
+    >>> thaw_prior(freeze_prior(table))
+      source target  weight
+    0      A      B     1.0
+    1      B      C     0.5
+    >>> thaw_prior(["go"]).shape  # the bundled GO graph, by name
+    (409974, 3)
+    >>> thaw_prior([]) is None
+    True
+    """
     if not frozen:
         return None
     specs = [item if isinstance(item, str) else _validate_edges(pd.DataFrame(dict(item))) for item in frozen]
@@ -186,6 +260,33 @@ class GeneGraph:
         Edge weights.
     prior
         The prior as :func:`freeze_prior` returns it, to link genes added later.
+
+    Examples
+    --------
+    Three measured genes and a perturbed gene ``KO`` that is not measured; the prior reaches it
+    through ``X``, a bridge node linked to the measured ``C``:
+
+    >>> import pandas as pd
+    >>> prior = pd.DataFrame(
+    ...     {"source": ["A", "B", "KO", "X"], "target": ["B", "C", "X", "C"], "weight": [1.0, 0.5, 0.9, 0.7]}
+    ... )
+    >>> graph = GeneGraph.build(prior, measured=["A", "B", "C"], perturbed=["KO"])
+    >>> graph.nodes, graph.n_measured, graph.n_nodes
+    (['A', 'B', 'C', 'KO', 'X'], 3, 5)
+    >>> graph.edges.tolist()  # sources, targets: no edge runs from an added node into a measured gene
+    [[0, 1, 1, 2, 2, 3, 4], [1, 0, 2, 1, 4, 4, 3]]
+
+    A gene first asked for at prediction time is joined the same way; one the prior cannot link
+    raises a ``KeyError``:
+
+    >>> graph.extended(["X", "KO"]) is graph  # nothing new
+    True
+    >>> graph.extended(["Z"])
+    Traceback (most recent call last):
+    ...
+    KeyError: ['Z']
+    >>> GeneGraph.from_dict(graph.to_dict()).nodes == graph.nodes
+    True
     """
 
     nodes: list[str]

@@ -39,6 +39,20 @@ class PerturbationVocabulary:
         Gene-graph node names in table order.
     categories
         Components that have no prior and get a learned embedding.
+
+    Examples
+    --------
+    >>> vocabulary = PerturbationVocabulary(nodes=["A", "B", "C"], categories=["stimulated"])
+    >>> vocabulary.token("C"), vocabulary.token("stimulated"), vocabulary.token("unknown")
+    (2, 3, None)
+    >>> vocabulary.recipes([[], ["A"], ["B", "stimulated"]])  # control, single, combination
+    array([[-1, -1],
+           [ 0, -1],
+           [ 1,  3]])
+    >>> vocabulary.recipes([["A", "Q"]])
+    Traceback (most recent call last):
+    ...
+    KeyError: ['Q']
     """
 
     nodes: Sequence[str]

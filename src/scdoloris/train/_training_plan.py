@@ -60,6 +60,44 @@ class DolorisTrainingPlan(pl.LightningModule):
     callbacks
         Lightning callbacks to attach at ``fit`` (e.g. a ``ModelCheckpoint``), via
         :meth:`configure_callbacks`.
+
+    Examples
+    --------
+    :meth:`scdoloris.Doloris.train` makes one and runs it. By hand, on a small
+    :class:`~scdoloris.module.DolorisModule` (10 genes, labels ``control``, ``P1``, ``P2``) and
+    batches keyed like the registered data:
+
+    >>> import lightning.pytorch as pl
+    >>> import torch
+    >>> from torch.utils.data import DataLoader
+    >>> from scdoloris.module import DolorisModule
+    >>> from scdoloris.perturbation._encoder import GraphTensors
+    >>> empty_graph = GraphTensors(
+    ...     torch.zeros(0, 32), torch.zeros(0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
+    ... )
+    >>> module = DolorisModule(
+    ...     n_genes=10, n_cell_types=1, graph=empty_graph, n_categories=2,
+    ...     train_recipes=torch.tensor([[-1], [0], [1]]), is_control=torch.tensor([True, False, False]),
+    ...     control_mean=torch.full((1, 10), 0.3), control_std=torch.full((1, 10), 0.1), x_max=5.0,
+    ...     n_hidden=32, n_blocks=1, n_hidden_mask=16, n_blocks_mask=1, n_perturbation=8, n_timesteps=100,
+    ... )
+    >>> batch = {
+    ...     "X": 5 * torch.rand(6, 10),
+    ...     "perturbation": torch.tensor([[0], [0], [1], [1], [2], [2]]),
+    ...     "cell_type": torch.zeros(6, 1, dtype=torch.long),
+    ... }
+    >>> plan = DolorisTrainingPlan(module, lr=1e-3, seed=0)
+    >>> trainer = pl.Trainer(
+    ...     max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+    ...     enable_progress_bar=False, enable_model_summary=False,
+    ... )
+    >>> loader = DataLoader([batch], batch_size=None)  # one batch per epoch
+    >>> trainer.fit(plan, train_dataloaders=loader, val_dataloaders=loader)
+    >>> trainer.global_step
+    3
+    >>> sorted(trainer.callback_metrics)  # doctest: +NORMALIZE_WHITESPACE
+    ['train_diffusion_loss', 'train_loss', 'train_mask_loss',
+     'validation_diffusion_loss', 'validation_loss', 'validation_mask_loss']
     """
 
     def __init__(
