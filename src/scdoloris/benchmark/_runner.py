@@ -95,6 +95,9 @@ class DolorisMethod:
         self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
     ) -> ad.AnnData:
         """Generated cells of ``perturbations`` in ``cell_type`` (at ``dose``; ``smiles`` of molecules)."""
+        return self._predict(perturbations, cell_type, n_cells, seed, dose, smiles, self.predict_kwargs)
+
+    def _predict(self, perturbations, cell_type, n_cells, seed, dose, smiles, predict_kwargs) -> ad.AnnData:
         return self.model.predict_perturbation(
             list(perturbations),
             cell_type=cell_type,
@@ -102,7 +105,7 @@ class DolorisMethod:
             seed=seed,
             dose=dose,
             smiles=smiles or None,
-            **self.predict_kwargs,
+            **predict_kwargs,
         )
 
 
@@ -145,15 +148,7 @@ class SharedDolorisMethod:
     ) -> ad.AnnData:
         """Generated cells from the parent's model with this variant's settings."""
         kwargs = {**self.parent.predict_kwargs, **self.predict_kwargs}
-        return self.parent.model.predict_perturbation(
-            list(perturbations),
-            cell_type=cell_type,
-            n_cells=n_cells,
-            seed=seed,
-            dose=dose,
-            smiles=smiles or None,
-            **kwargs,
-        )
+        return self.parent._predict(perturbations, cell_type, n_cells, seed, dose, smiles, kwargs)
 
 
 class BaselineMethod:

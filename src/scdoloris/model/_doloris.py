@@ -38,6 +38,7 @@ from ..preprocessing import check_expression
 from ..preprocessing._checks import (
     check_labels_present,
     check_perturbation_labels,
+    check_same_genes,
     check_unique_genes,
     drop_unused_categories,
     perturbation_label_problem,
@@ -893,15 +894,7 @@ class Doloris(BaseModelClass):
     def _source_cells(self, adata, cell_type, n_cells, rng):
         """Rows, names and cell types of the control cells to start from, and the AnnData holding them."""
         ct_key = self._setup_args.get("cell_type_key")
-        if adata is not None:
-            missing = self.adata.var_names.difference(adata.var_names)
-            if len(missing):
-                raise ValueError(f"adata lacks {len(missing)} of the model's genes, e.g. {list(missing[:5])}.")
-            if not adata.var_names.equals(self.adata.var_names):
-                raise ValueError("adata's genes must be the model's genes in the same order (subset adata[:, genes]).")
-            layer = self._setup_args.get("layer")
-            if layer is not None and layer not in adata.layers:
-                raise KeyError(f"adata has no layer {layer!r}, which the model was set up with.")
+        if adata is not None:  # genes, layer and values checked by _check_prediction_args
             if ct_key is not None and ct_key in adata.obs:
                 types = adata.obs[ct_key].astype(str).to_numpy()
                 self._resolve_cell_types(sorted(set(types)))
@@ -914,8 +907,6 @@ class Doloris(BaseModelClass):
                 types = np.full(adata.n_obs, name)
             return np.arange(adata.n_obs), list(adata.obs_names), list(types), adata
 
-        if n_cells < 1:
-            raise ValueError(f"n_cells must be at least 1, got {n_cells}.")
         perturbation_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
         type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
         is_control = self._summary.is_control[perturbation_codes]
@@ -949,19 +940,7 @@ class Doloris(BaseModelClass):
             if problem is not None:
                 raise ValueError(f"Perturbation {label!r} {problem}.")
         if adata is not None:
-            duplicated = adata.var_names[adata.var_names.duplicated()].unique()
-            if len(duplicated):
-                raise ValueError(
-                    f"adata.var_names has duplicated gene name(s) {list(duplicated[:5])}; pass adata with the "
-                    "model's genes, each once, in the model's order."
-                )
-            if not adata.var_names.equals(self.adata.var_names):
-                missing = self.adata.var_names.difference(adata.var_names)
-                extra = adata.var_names.difference(self.adata.var_names)
-                raise ValueError(
-                    f"adata's genes differ from the model's ({self.adata.n_vars} genes): missing {list(missing[:5])}, "
-                    f"extra {list(extra[:5])}; subset and order it with adata[:, model.adata.var_names]."
-                )
+            check_same_genes(adata, self.adata.var_names)
             check_expression(adata, self._setup_args.get("layer"))
 
     def _keys_for(self, key_added: str, perturbation: str) -> dict[str, tuple[str, str]]:
@@ -1107,15 +1086,7 @@ class Doloris(BaseModelClass):
         """
         attr_dict, var_names = cls._read_saved_model(os.fspath(dir_path), prefix)
         if adata is not None:
-            var_names = pd.Index(np.asarray(var_names).astype(str))
-            if not pd.Index(adata.var_names.astype(str)).equals(var_names):
-                missing = var_names.difference(adata.var_names)
-                extra = pd.Index(adata.var_names).difference(var_names)
-                raise ValueError(
-                    f"adata's genes differ from the model's ({len(var_names)} genes): missing {list(missing[:5])}"
-                    f"{' ...' if len(missing) > 5 else ''}, extra {list(extra[:5])}"
-                    f"{' ...' if len(extra) > 5 else ''}; order must match too."
-                )
+            check_same_genes(adata, var_names)
         token = _SAVED_SUMMARY.set(attr_dict["summary_"])
         try:
             model = super().load(dir_path, adata=adata, prefix=prefix, **kwargs)

@@ -118,6 +118,31 @@ def check_unique_genes(adata: AnnData) -> None:
         )
 
 
+def check_same_genes(adata: AnnData, genes: pd.Index) -> None:
+    """``adata`` must have exactly ``genes`` (a model's), each once, in the same order.
+
+    Raises
+    ------
+    ValueError
+        Naming duplicated, missing and extra genes, or saying that only the order differs.
+    """
+    check_unique_genes(adata)
+    genes = pd.Index(np.asarray(genes).astype(str))
+    own = pd.Index(adata.var_names.astype(str))
+    if own.equals(genes):
+        return
+    missing, extra = genes.difference(own), own.difference(genes)
+    if len(missing) or len(extra):
+        problem = f"missing {list(missing[:5])}{' ...' if len(missing) > 5 else ''}, "
+        problem += f"extra {list(extra[:5])}{' ...' if len(extra) > 5 else ''}"
+    else:
+        problem = "the same genes in another order"
+    raise ValueError(
+        f"adata's genes differ from the model's ({len(genes)} genes): {problem}; subset and order it with "
+        "adata[:, model.adata.var_names]."
+    )
+
+
 def check_labels_present(values: pd.Series, key: str) -> None:
     """An ``obs`` column of labels must have no missing values.
 
