@@ -276,6 +276,78 @@ def _matmul_rate(torch, m: int, k: int, n: int, device: str, repeats: int = 15, 
     return {"shape": [m, k, n], "flop": flop, "median_ms": median * 1e3, "gflops": flop / median / 1e9}
 
 
+def _stream_bandwidth(torch, device: str, n_bytes: int = 256 * 2**20, repeats: int = 11) -> dict:
+    """Memory bandwidth of ``c = a + b`` on ``n_bytes`` arrays (two reads and one write per element).
+
+    Parameters
+    ----------
+    torch
+        The torch module.
+    device
+        ``"cpu"`` or ``"cuda"``.
+    n_bytes
+        Size of each array; far above the caches.
+    repeats
+        Timed additions; the median gives the rate.
+
+    Returns
+    -------
+    dict
+        ``bytes`` moved per addition, ``median_ms`` and ``gb_per_s``.
+    """
+    n = n_bytes // 4
+    a, b, c = (torch.rand(n, device=device) for _ in range(3))
+    torch.add(a, b, out=c)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.add(a, b, out=c)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"bytes": 3 * n * 4, "median_ms": median * 1e3, "gb_per_s": 3 * n * 4 / median / 1e9}
+
+
+def roofline_fraction(flop: float, n_parameters: int, mm_gflops: float, gb_per_s: float) -> float:
+    """Upper bound on a training step's FLOP rate, as a fraction of the matmul rate, from memory traffic.
+
+    Every fp32 parameter crosses memory at least 10 times per step when the parameters do not fit in
+    the caches: read by the forward pass and by the backward input gradient, its gradient written
+    (3), then read by AdamW with the gradient and both moments and written back with both moments
+    (7). The optimizer runs after the backward pass, so its time adds; the products can at best
+    overlap their own weight traffic.
+
+    Parameters
+    ----------
+    flop
+        Matrix-product FLOPs of one step.
+    n_parameters
+        Trained parameters.
+    mm_gflops
+        Rate of the matmul reference.
+    gb_per_s
+        Measured memory bandwidth.
+
+    Returns
+    -------
+    float
+        ``flop / mm_rate / bound_time``, ``bound_time = 7 B / bw + max(flop / mm_rate, 3 B / bw)``
+        with ``B = 4 n_parameters`` bytes.
+
+    Examples
+    --------
+    A step of 2.5 GFLOP over 13 M parameters, a 190 GFLOP/s matmul and 25 GB/s memory:
+
+    >>> round(roofline_fraction(2.5e9, 13_000_000, 190.0, 25.0), 2)
+    0.47
+    """
+    compute = flop / (mm_gflops * 1e9)
+    param_bytes = 4.0 * n_parameters
+    bound = 7 * param_bytes / (gb_per_s * 1e9) + max(compute, 3 * param_bytes / (gb_per_s * 1e9))
+    return compute / bound
+
+
 # ---------------------------------------------------------------------------------------------- training
 def run_train(args: argparse.Namespace) -> dict:
     """Time the training step of one (genes, batch) configuration in this process.
@@ -353,6 +425,23 @@ def run_train(args: argparse.Namespace) -> dict:
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     rss_train = _rss_mb()
 
+    # The same steps split: forward + backward alone, then the AdamW update alone (on the last gradients).
+    backward_times, optimizer_times = [], []
+    for i in range(args.steps):
+        b = batches[i % n_distinct]
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        start = time.perf_counter()
+        with _autocast(torch, args.bf16):
+            loss = module.loss(*b)["loss"]
+        loss.backward()
+        _sync(device)
+        backward_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        optimizer_times.append(time.perf_counter() - start)
+
     # FLOPs (after timing: the counter slows the step down), averaged over the distinct batches.
     # The split by network comes from the forward pass alone (the counter's attribution of backward
     # products to modules is not reliable); both perturbation encoders count as "PerturbationEncoder".
@@ -371,8 +460,12 @@ def run_train(args: argparse.Namespace) -> dict:
     flop_step = float(np.mean(flops))
     achieved = flop_step / median_s / 1e9
 
+    rss_peak = _rss_mb()  # before the reference measurements (the bandwidth arrays take 768 MB)
     mm_square = _matmul_rate(torch, args.mm_size, args.mm_size, args.mm_size, device)
     mm_shaped = _matmul_rate(torch, batch, n_genes, module.denoiser.n_hidden, device)
+    bandwidth = _stream_bandwidth(torch, device)
+    n_parameters = sum(p.numel() for p in module.parameters())
+    forward_backward_s = float(np.median(backward_times))
     return {
         "kind": "train",
         "genes": n_genes,
@@ -380,7 +473,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "device": device,
         "bf16": args.bf16,
         "threads": torch.get_num_threads(),
-        "n_parameters": sum(p.numel() for p in module.parameters()),
+        "n_parameters": n_parameters,
         "n_training_cells": n_cells,
         "target_fraction": target_fraction,
         "warmup": args.warmup,
@@ -395,7 +488,12 @@ def run_train(args: argparse.Namespace) -> dict:
         "mm_shaped": mm_shaped,
         "fraction_of_mm_square": achieved / mm_square["gflops"],
         "fraction_of_mm_shaped": achieved / mm_shaped["gflops"],
-        "rss_mb": {"after_import": rss_import, "after_setup": rss_setup, "after_train": rss_train, "peak": _rss_mb()},
+        "forward_backward_ms": forward_backward_s * 1e3,
+        "optimizer_ms": float(np.median(optimizer_times)) * 1e3,
+        "fraction_of_mm_forward_backward": flop_step / forward_backward_s / 1e9 / mm_square["gflops"],
+        "bandwidth": bandwidth,
+        "roofline_fraction": roofline_fraction(flop_step, n_parameters, mm_square["gflops"], bandwidth["gb_per_s"]),
+        "rss_mb": {"after_import": rss_import, "after_setup": rss_setup, "after_train": rss_train, "peak": rss_peak},
         "cuda_max_allocated_mb": cuda_peak,
     }
 
@@ -612,6 +710,16 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _parts(result: dict) -> str:
+    """Forward + backward and optimizer medians, and the former's FLOP rate (older reports: ``-``)."""
+    if "forward_backward_ms" not in result:
+        return "-"
+    return (
+        f"{result['forward_backward_ms']:.1f} / {result['optimizer_ms']:.1f} "
+        f"({result['fraction_of_mm_forward_backward']:.2f})"
+    )
+
+
 def _split(result: dict) -> str:
     """Shares of the forward FLOPs of a training step: denoiser, mask model, perturbation encoders (GAT).
 
@@ -689,6 +797,9 @@ def markdown(report: dict) -> str:
         "GFLOP/s",
         "frac. of mm",
         "frac. of shaped mm",
+        "fwd+bwd / AdamW ms (fwd+bwd frac. of mm)",
+        "memory GB/s",
+        "roofline bound frac.",
         "fwd FLOP % denoiser/mask/GAT",
         "train peak RSS MB (+ above imports)",
         "predict s",
@@ -713,6 +824,9 @@ def markdown(report: dict) -> str:
                 _fmt(row["achieved_gflops"]),
                 f"{row['fraction_of_mm_square']:.2f}",
                 f"{row['fraction_of_mm_shaped']:.2f}",
+                _parts(row),
+                _fmt(row["bandwidth"]["gb_per_s"]) if "bandwidth" in row else "-",
+                f"{row['roofline_fraction']:.2f}" if "roofline_fraction" in row else "-",
                 _split(row),
                 _peak(row),
             ]
@@ -733,6 +847,11 @@ def markdown(report: dict) -> str:
         "`FlopCounterMode` (elementwise ops, GAT message passing and the optimizer not counted). "
         "GFLOP/s = GFLOP/step / median step. frac. of mm: that rate / fp32 `torch.mm` rate of the "
         "square reference; shaped mm: (batch x genes) @ (genes x n_hidden), the denoiser's input layer. "
+        "fwd+bwd / AdamW: the same steps timed in two parts (medians; the FLOP rate of the first part alone in "
+        "brackets). memory GB/s: `c = a + b` on 256 MB arrays. roofline bound: the highest FLOP rate the step can "
+        "reach at that bandwidth, as a fraction of mm, when every fp32 parameter crosses memory 10 times per "
+        "step (forward read, backward read, gradient write; AdamW reads parameter, gradient and two moments and "
+        "writes three) and the optimizer cannot overlap the products. "
         "fwd FLOP %: split of the forward pass's matrix-product FLOPs between the denoiser, the mask model and "
         "the two perturbation encoders (GAT over the 2-hop neighbourhood of the batch's genes plus the pooling MLP). "
         "Prediction (measured once per gene count, shown on each of its rows): wall time of "

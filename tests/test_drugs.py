@@ -126,8 +126,12 @@ def test_precomputed_molecule_table(drug_data, tmp_path):
     table = pd.DataFrame(rng.normal(size=(4, 16)), index=index)
     adata = drug_data.copy()
     sd.Doloris.setup_anndata(
-        adata, perturbation_key="drug", control_value="control", cell_type_key="cell_type",
-        dose_key="dose", smiles_key="smiles",
+        adata,
+        perturbation_key="drug",
+        control_value="control",
+        cell_type_key="cell_type",
+        dose_key="dose",
+        smiles_key="smiles",
     )
     model = sd.Doloris(adata, molecule_table=table, **SMALL)
     features = model.summary_["molecules"]

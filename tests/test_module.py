@@ -239,7 +239,7 @@ def test_mask_sampling_deterministic_given_seed(two_conditions):
     reference = _reference([low, high], [0, 0])
     probs = torch.rand(80, N_GENES, generator=torch.Generator().manual_seed(0))
     cell_types = torch.zeros(80, dtype=torch.long)
-    for strategy in ("reference", "bernoulli"):
+    for strategy in ("reference", "bernoulli", "matched"):
         a = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(5), strategy)
         b = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(5), strategy)
         c = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(6), strategy)
@@ -255,3 +255,61 @@ def test_mask_sampling_errors(two_conditions):
     reference = _reference(list(two_conditions), [0, 0])
     with pytest.raises(ValueError, match="strategy"):
         sample_activation_mask(probs, cell_types, reference, np.random.default_rng(0), "gumbel")
+
+
+def _nested_pool(n_cells: int, seed: int = 0):
+    """Real-looking patterns with strong co-expression: one 'depth' per cell switches genes on in order."""
+    rng = np.random.default_rng(seed)
+    depth = rng.random((n_cells, 1))
+    q = np.linspace(0.15, 0.85, N_GENES)
+    return depth > 1.0 - q[None, :]  # gene g on iff depth > 1 - q_g: marginals q, nested patterns
+
+
+def test_tilt_matches_marginals_and_stays_close_to_uniform():
+    from scdoloris.module._mask_sampling import tilt_to_marginals
+
+    patterns = torch.from_numpy(np.random.default_rng(0).random((400, 6)) < 0.5).float()
+    target = torch.tensor([0.2, 0.3, 0.5, 0.6, 0.7, 0.8])
+    weights = tilt_to_marginals(patterns, target, ridge=0.0)
+    assert weights.min() >= 0 and abs(weights.sum().item() - 1) < 1e-5
+    torch.testing.assert_close(weights @ patterns, target, atol=1e-4, rtol=0)
+    # Already matching: the weights stay uniform.
+    uniform = tilt_to_marginals(patterns, patterns.mean(0), ridge=0.0)
+    torch.testing.assert_close(uniform, torch.full((400,), 1 / 400), atol=1e-6, rtol=0)
+
+
+def test_matched_mask_draws_real_patterns_at_the_predicted_frequencies():
+    pool = _nested_pool(300)
+    reference = _reference([pool[:150], pool[150:]], [0, 0])
+    n = 4000
+    # Two perturbations of one cell type: one shifts every gene's probability up, one down.
+    frequencies = pool.mean(axis=0)
+    up = torch.from_numpy(frequencies + 0.08).float().clamp(max=0.9)
+    down = torch.from_numpy(frequencies - 0.08).float().clamp(min=0.1)
+    probs = torch.cat([up.expand(n, -1), down.expand(n, -1)])
+    groups = torch.repeat_interleave(torch.tensor([0, 1]), n)
+    mask = sample_activation_mask(
+        probs, torch.zeros(2 * n, dtype=torch.long), reference, np.random.default_rng(0), "matched", groups=groups
+    )
+    assert all(_rows_in(mask.numpy(), pool))  # coherent: every mask is a real cell's
+    np.testing.assert_allclose(mask[:n].mean(0).numpy(), up.numpy(), atol=0.03)
+    np.testing.assert_allclose(mask[n:].mean(0).numpy(), down.numpy(), atol=0.03)
+    # The nearest-condition reference cannot follow the shift: its frequencies stay the pool's.
+    nearest = sample_activation_mask(probs, torch.zeros(2 * n, dtype=torch.long), reference, np.random.default_rng(0))
+    assert np.abs(nearest[:n].mean(0).numpy() - up.numpy()).mean() > 0.05
+
+
+def test_matched_mask_respects_cell_types_and_thresholds():
+    pool = _nested_pool(200)
+    reference = _reference([pool[:100], ~pool[100:]], [0, 1])  # cell type 1: complementary patterns
+    probs = torch.full((50, N_GENES), 0.5)
+    probs[:, 0] = 0.99
+    cell_type = torch.tensor([0] * 25 + [1] * 25)
+    mask = sample_activation_mask(probs, cell_type, reference, np.random.default_rng(0), "matched")
+    assert bool((mask[:, 0] == 1).all())  # Eq. 27
+    assert all(_rows_in(mask[:25, 1:].numpy(), pool[:100, 1:]))
+    assert all(_rows_in(mask[25:, 1:].numpy(), ~pool[100:, 1:]))
+    with pytest.raises(ValueError, match="one cell type"):
+        sample_activation_mask(
+            probs, cell_type, reference, np.random.default_rng(0), "matched", groups=torch.zeros(50, dtype=torch.long)
+        )

@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--mask-variants",
         nargs="*",
         default=[],
-        choices=["bernoulli"],
+        choices=["bernoulli", "matched", "reference"],
         help="Also score Doloris' model with these mask samplers (as doloris_<name>); default: none.",
     )
     bench.add_argument("--perturbation-key", help="obs column of the perturbation labels (for an .h5ad).")

@@ -32,6 +32,7 @@ from ..data import TrainingSummary, summarize_training_data
 from ..data._mudata import DEFAULT_MODALITIES, prepare_mudata, registered_modality
 from ..data._summary import read_rows
 from ..module import DolorisModule, MaskReference, sample_activation_mask
+from ..module._mask_sampling import MASK_STRATEGIES
 from ..perturbation import split_perturbation
 from ..perturbation._encoder import GraphTensors
 from ..preprocessing import check_expression
@@ -805,7 +806,11 @@ class Doloris(BaseModelClass):
         batch_size
             Cells per network call.
         mask_strategy
-            ``"reference"`` (paper A.11) or ``"bernoulli"``.
+            ``"reference"`` (paper A.11): each cell's zeros copied from a real training cell of the
+            nearest training condition(s); ``"bernoulli"``: genes drawn independently (Eq. 23);
+            ``"matched"``: real training cells of the cell type, reweighted so that their gene
+            frequencies equal the predicted probabilities of the perturbation (see
+            :func:`~scdoloris.module.sample_activation_mask`).
         mask_thresholds
             ``(low, high)`` probabilities that force a gene off / on.
         mask_reference_conditions
@@ -873,7 +878,15 @@ class Doloris(BaseModelClass):
             continuous = module.bridge(latents[s_index], x_c, ct, embedding[p_index], n_steps)
             probs = module.activation_probabilities(x_c, ct, mask_embedding[p_index])
             mask = sample_activation_mask(
-                probs, ct, reference, rng, mask_strategy, high, low, mask_reference_conditions
+                probs,
+                ct,
+                reference,
+                rng,
+                mask_strategy,
+                high,
+                low,
+                mask_reference_conditions,
+                groups=p_index * len(self.cell_types) + ct,  # one (perturbation, cell type) per group
             )
             outputs["continuous"].append(continuous.clamp(min=0.0) * module.x_max)
             outputs["mask"].append(mask)
@@ -928,8 +941,8 @@ class Doloris(BaseModelClass):
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if mask_strategy not in ("reference", "bernoulli"):
-            raise ValueError(f"mask_strategy must be 'reference' or 'bernoulli', got {mask_strategy!r}.")
+        if mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
         low, high = mask_thresholds
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")

@@ -55,6 +55,100 @@ class MaskReference:
         """Unpacked boolean masks of reference cells ``rows``."""
         return np.unpackbits(self.packed_masks[rows], axis=1, count=self.n_genes).astype(bool)
 
+    def cells_of_type(self, cell_type: int) -> np.ndarray:
+        """Rows of the reference cells whose condition is in ``cell_type``."""
+        of_type = (self.cell_types == cell_type).numpy()
+        return np.concatenate(
+            [
+                np.arange(start, start + count)
+                for start, count in zip(self.starts[of_type], self.counts[of_type], strict=True)
+            ]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+
+
+MASK_STRATEGIES = ("reference", "bernoulli", "matched")
+
+
+def tilt_to_marginals(
+    patterns: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3, max_iter: int = 100
+) -> torch.Tensor:
+    """Weights over real patterns whose weighted gene frequencies match ``target``.
+
+    Among all reweightings of the patterns, the one closest to uniform in KL divergence with
+    ``sum_s w_s patterns[s] = target`` (an I-projection); it has the form ``w = softmax(patterns @ lam)``
+    and ``lam`` minimises the convex dual ``logsumexp(patterns @ lam) - target @ lam + ridge |lam|^2 / 2``
+    (the ridge keeps ``lam`` finite where ``target`` is outside the patterns' reach).
+
+    Parameters
+    ----------
+    patterns
+        ``(cells, genes)`` 0/1 float patterns.
+    target
+        ``(genes,)`` frequencies to match.
+    ridge
+        L2 penalty on the dual variables.
+    max_iter
+        L-BFGS iterations.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(cells,)`` weights summing to 1.
+
+    Examples
+    --------
+    Four patterns over two genes; uniform weights give frequencies (0.5, 0.5). Asking for (0.8, 0.5)
+    moves weight onto the patterns that express gene 0, without breaking their pairing with gene 1:
+
+    >>> import torch
+    >>> patterns = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> w = tilt_to_marginals(patterns, torch.tensor([0.8, 0.5]), ridge=0.0)
+    >>> (w @ patterns).numpy().round(3), w.numpy().round(3)
+    (array([0.8, 0.5], dtype=float32), array([0.4, 0.4, 0.1, 0.1], dtype=float32))
+    """
+    patterns = patterns.double()
+    target = target.double()
+    lam = torch.zeros(patterns.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([lam], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def dual() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = torch.logsumexp(patterns @ lam, 0) - target @ lam + 0.5 * ridge * lam.square().sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(dual)
+    return torch.softmax(patterns @ lam.detach(), 0).float()
+
+
+def _matched_draw(p, cell_type, groups, reference, rng, low, high, max_pool) -> torch.Tensor:
+    """Patterns of real cells drawn from a pool tilted to each group's mean probabilities."""
+    groups = cell_type if groups is None else groups.cpu()
+    sampled = torch.zeros(p.shape, dtype=torch.bool)
+    pools: dict[int, torch.Tensor] = {}
+    for group in torch.unique(groups).tolist():
+        members = torch.nonzero(groups == group).flatten()
+        types = torch.unique(cell_type[members])
+        if len(types) != 1:
+            raise ValueError("Each group of mask_strategy='matched' must lie in one cell type.")
+        ct = int(types[0])
+        if ct not in pools:
+            rows = reference.cells_of_type(ct)
+            if len(rows) == 0:  # a cell type without reference cells: pool every cell
+                rows = np.arange(len(reference.packed_masks))
+            if len(rows) > max_pool:
+                rows = np.sort(rng.choice(rows, max_pool, replace=False))
+            pools[ct] = torch.from_numpy(reference.masks(rows)).float()
+        patterns = pools[ct]
+        target = p[members].mean(0)
+        free = (target > low) & (target < high)  # the rest is set by Eq. 27 anyway
+        weights = tilt_to_marginals(patterns[:, free], target[free]).double().numpy()
+        chosen = rng.choice(len(patterns), size=len(members), p=weights / weights.sum())
+        sampled[members] = patterns[chosen].bool()
+    return sampled
+
 
 def sample_activation_mask(
     probs: torch.Tensor,
@@ -65,6 +159,8 @@ def sample_activation_mask(
     high: float = 0.95,
     low: float = 0.05,
     n_reference_conditions: int = 1,
+    groups: torch.Tensor | None = None,
+    max_pool: int = 2000,
 ) -> torch.Tensor:
     """Binary activation masks for generated cells.
 
@@ -73,6 +169,14 @@ def sample_activation_mask(
     subset; a real cell is drawn uniformly from it (Eq. 26) and its pattern ``x != 0`` is overridden
     to 1 where ``probs >= high`` and to 0 where ``probs <= low`` (Eq. 27). ``"bernoulli"`` draws each
     gene independently (Eq. 23), which the paper shows to be globally incoherent.
+
+    ``"matched"`` (ours) reads Eq. 25 as a *reweighting* of real cells rather than a choice of
+    condition: the reference cells of the cell type (at most ``max_pool``, drawn with ``rng``) are
+    reweighted, per group of cells, as little as possible (:func:`tilt_to_marginals`) so that their
+    gene frequencies equal the group's mean predicted probabilities wherever those lie between the
+    thresholds; a real cell is drawn from these weights (Eq. 26) and Eq. 27 applied. Patterns stay real
+    cells (coherent), their frequencies follow the prediction rather than the nearest training
+    condition's, and they come from a pool of many cells rather than one condition's few.
 
     Parameters
     ----------
@@ -85,11 +189,16 @@ def sample_activation_mask(
     rng
         Seeded generator for the draws.
     strategy
-        ``"reference"`` or ``"bernoulli"``.
+        ``"reference"``, ``"bernoulli"`` or ``"matched"``.
     high, low
         Thresholds ``delta_h`` and ``delta_l``.
     n_reference_conditions
-        Size of the reference subset, in nearest training conditions.
+        Size of the reference subset, in nearest training conditions (``"reference"``).
+    groups
+        ``(n,)`` group of each cell (e.g. one per perturbation and cell type) for ``"matched"``,
+        whose frequencies are matched per group; ``None``: one group per cell type.
+    max_pool
+        Most reference cells per cell type that ``"matched"`` reweights.
 
     Returns
     -------
@@ -138,7 +247,11 @@ def sample_activation_mask(
         chosen = nearest[np.arange(len(p)), (u[:, None] >= cumulative).sum(axis=1).clip(max=k - 1)]
         rows = reference.starts[chosen] + (rng.random(len(p)) * reference.counts[chosen]).astype(np.int64)
         sampled = torch.from_numpy(reference.masks(rows))
+    elif strategy == "matched":
+        if reference is None:
+            raise ValueError("strategy='matched' needs the model's reference cells.")
+        sampled = _matched_draw(p, cell_type.cpu(), groups, reference, rng, low, high, max_pool)
     else:
-        raise ValueError(f"strategy must be 'reference' or 'bernoulli', got {strategy!r}.")
+        raise ValueError(f"strategy must be one of {MASK_STRATEGIES}, got {strategy!r}.")
     mask = torch.where(p >= high, True, torch.where(p <= low, False, sampled))  # Eq. 27
     return mask.to(device=probs.device, dtype=probs.dtype)
