@@ -50,6 +50,8 @@ class MaskReference:
         counts = np.bincount(cell_condition, minlength=len(self.frequencies))
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.counts = counts
+        # Pools of mask_strategy="matched" by (cell type, size, components), built on first use.
+        self.matched_pools: dict[tuple[int, int, int], _Pool] = {}
 
     def masks(self, rows: np.ndarray) -> np.ndarray:
         """Unpacked boolean masks of reference cells ``rows``."""
@@ -70,22 +72,23 @@ class MaskReference:
 MASK_STRATEGIES = ("reference", "bernoulli", "matched")
 
 
-def tilt_to_marginals(
-    patterns: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3, max_iter: int = 100
+def tilt_to_moments(
+    features: torch.Tensor, target: torch.Tensor, ridge: float = 0.0, max_iter: int = 100
 ) -> torch.Tensor:
-    """Weights over real patterns whose weighted gene frequencies match ``target``.
+    """Weights over cells, closest to uniform, whose weighted mean of ``features`` is ``target``.
 
-    Among all reweightings of the patterns, the one closest to uniform in KL divergence with
-    ``sum_s w_s patterns[s] = target`` (an I-projection); it has the form ``w = softmax(patterns @ lam)``
-    and ``lam`` minimises the convex dual ``logsumexp(patterns @ lam) - target @ lam + ridge |lam|^2 / 2``
-    (the ridge keeps ``lam`` finite where ``target`` is outside the patterns' reach).
+    The I-projection: among weights with ``w @ features = target`` the one of least KL divergence
+    from uniform. It has the form ``w = softmax(features @ lam)``; ``lam`` minimises the convex dual
+    ``logsumexp(features @ lam) - target @ lam + ridge |lam|^2 / 2``. A positive ``ridge`` trades
+    exactness for spread (the moments are then matched only approximately), and keeps ``lam`` finite
+    where ``target`` is out of the cells' reach.
 
     Parameters
     ----------
-    patterns
-        ``(cells, genes)`` 0/1 float patterns.
+    features
+        ``(cells, k)`` features of each cell (0/1 gene patterns, or their principal components).
     target
-        ``(genes,)`` frequencies to match.
+        ``(k,)`` weighted means to reach.
     ridge
         L2 penalty on the dual variables.
     max_iter
@@ -94,7 +97,7 @@ def tilt_to_marginals(
     Returns
     -------
     torch.Tensor
-        ``(cells,)`` weights summing to 1.
+        ``(cells,)`` float64 weights summing to 1.
 
     Examples
     --------
@@ -103,51 +106,104 @@ def tilt_to_marginals(
 
     >>> import torch
     >>> patterns = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-    >>> w = tilt_to_marginals(patterns, torch.tensor([0.8, 0.5]), ridge=0.0)
-    >>> (w @ patterns).numpy().round(3), w.numpy().round(3)
-    (array([0.8, 0.5], dtype=float32), array([0.4, 0.4, 0.1, 0.1], dtype=float32))
+    >>> w = tilt_to_moments(patterns, torch.tensor([0.8, 0.5]))
+    >>> (w @ patterns.double()).numpy().round(3), w.numpy().round(3)
+    (array([0.8, 0.5]), array([0.4, 0.4, 0.1, 0.1]))
     """
-    patterns = patterns.double()
+    features = features.double()
     target = target.double()
-    lam = torch.zeros(patterns.shape[1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([lam], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+    lam = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([lam], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-10)
 
     def dual() -> torch.Tensor:
         optimizer.zero_grad()
-        value = torch.logsumexp(patterns @ lam, 0) - target @ lam + 0.5 * ridge * lam.square().sum()
+        value = torch.logsumexp(features @ lam, 0) - target @ lam + 0.5 * ridge * lam.square().sum()
         value.backward()
         return value
 
     with torch.enable_grad():
         optimizer.step(dual)
-    return torch.softmax(patterns @ lam.detach(), 0).float()
+    return torch.softmax(features @ lam.detach(), 0)
 
 
-def _matched_draw(p, cell_type, groups, reference, rng, low, high, max_pool) -> torch.Tensor:
-    """Patterns of real cells drawn from a pool tilted to each group's mean probabilities."""
+def effective_cells(weights: torch.Tensor) -> float:
+    """Kish's effective sample size ``1 / sum(w^2)`` of normalised weights."""
+    return float(1.0 / weights.square().sum())
+
+
+class _Pool:
+    """Reference patterns of one cell type and their principal directions."""
+
+    def __init__(self, patterns: np.ndarray, n_components: int, rng: np.random.Generator):
+        self.patterns = torch.from_numpy(patterns).double()
+        self.mean = self.patterns.mean(0)
+        centered = (self.patterns - self.mean).float()
+        k = max(1, min(n_components, *centered.shape))
+        # Principal directions of the patterns (the co-expression a reweighting can move), by a
+        # randomized range finder with two power iterations: a full SVD of a 2,000 x 5,000 pool takes
+        # seconds, this takes milliseconds; ``rng`` keeps it deterministic.
+        probe = torch.from_numpy(rng.standard_normal((centered.shape[1], min(k + 10, *centered.shape)))).float()
+        basis = torch.linalg.qr(centered @ probe).Q
+        for _ in range(2):
+            basis = torch.linalg.qr(centered @ (centered.T @ basis)).Q
+        _, _, vh = torch.linalg.svd(basis.T @ centered, full_matrices=False)
+        self.components = vh[:k].T.double()  # (genes, k)
+        self.features = centered.double() @ self.components
+
+    def weights(self, target: torch.Tensor, min_effective: float) -> torch.Tensor:
+        """Tilt towards ``target``'s principal coordinates, relaxed until ``min_effective`` cells carry it."""
+        coordinates = (target.double() - self.mean) @ self.components
+        floor = min(min_effective, len(self.patterns) / 2)
+        ridge = 0.0
+        for _ in range(12):
+            weights = tilt_to_moments(self.features, coordinates, ridge)
+            if effective_cells(weights) >= floor:
+                return weights
+            ridge = 1e-3 if ridge == 0.0 else ridge * 4.0
+        return torch.full((len(self.patterns),), 1.0 / len(self.patterns), dtype=torch.float64)
+
+
+def _matched_draw(p, cell_type, groups, reference, rng, max_pool, n_components, min_effective) -> torch.Tensor:
+    """Real patterns drawn from a pool tilted towards each group's mean probabilities, then coupled to ``p``."""
     groups = cell_type if groups is None else groups.cpu()
     sampled = torch.zeros(p.shape, dtype=torch.bool)
-    pools: dict[int, torch.Tensor] = {}
+    # One pool per cell type for the reference's lifetime (one prediction call), not per batch.
+    pools = reference.matched_pools
     for group in torch.unique(groups).tolist():
         members = torch.nonzero(groups == group).flatten()
         types = torch.unique(cell_type[members])
         if len(types) != 1:
             raise ValueError("Each group of mask_strategy='matched' must lie in one cell type.")
         ct = int(types[0])
-        if ct not in pools:
+        if (ct, max_pool, n_components) not in pools:
             rows = reference.cells_of_type(ct)
             if len(rows) == 0:  # a cell type without reference cells: pool every cell
                 rows = np.arange(len(reference.packed_masks))
+            # The pool is a fixed function of the reference (its own seed), so caching it does not
+            # change what the caller's rng draws next.
+            pool_rng = np.random.default_rng([ct, max_pool, n_components])
             if len(rows) > max_pool:
-                rows = np.sort(rng.choice(rows, max_pool, replace=False))
-            pools[ct] = torch.from_numpy(reference.masks(rows)).float()
-        patterns = pools[ct]
-        target = p[members].mean(0)
-        free = (target > low) & (target < high)  # the rest is set by Eq. 27 anyway
-        weights = tilt_to_marginals(patterns[:, free], target[free]).double().numpy()
-        chosen = rng.choice(len(patterns), size=len(members), p=weights / weights.sum())
-        sampled[members] = patterns[chosen].bool()
+                rows = np.sort(pool_rng.choice(rows, max_pool, replace=False))
+            pools[ct, max_pool, n_components] = _Pool(reference.masks(rows), n_components, pool_rng)
+        pool = pools[ct, max_pool, n_components]
+        weights = pool.weights(p[members].mean(0), min_effective)
+        chosen = rng.choice(len(weights), size=len(members), p=(weights / weights.sum()).numpy())
+        frequency = (weights @ pool.patterns).float()  # each gene's frequency under the tilted draw
+        sampled[members] = _couple(pool.patterns[chosen].bool(), frequency.expand(len(members), -1), p[members], rng)
     return sampled
+
+
+def _couple(drawn: torch.Tensor, q: torch.Tensor, p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Change drawn ``Bernoulli(q)`` patterns as little as possible so that each gene is on with probability ``p``.
+
+    A maximal coupling per gene: an expressed gene is kept with probability ``min(1, p / q)``, a silent
+    one switched on with probability ``max(0, (p - q) / (1 - q))``.
+    """
+    u = torch.from_numpy(rng.random(tuple(p.shape))).to(p.dtype)
+    tiny = torch.finfo(p.dtype).tiny
+    keep_on = u < p / q.clamp(min=tiny)
+    switch_on = u < (p - q) / (1.0 - q).clamp(min=tiny)
+    return torch.where(drawn, keep_on, switch_on)
 
 
 def sample_activation_mask(
@@ -161,6 +217,8 @@ def sample_activation_mask(
     n_reference_conditions: int = 1,
     groups: torch.Tensor | None = None,
     max_pool: int = 2000,
+    n_components: int = 32,
+    min_effective: float = 100.0,
 ) -> torch.Tensor:
     """Binary activation masks for generated cells.
 
@@ -171,12 +229,15 @@ def sample_activation_mask(
     gene independently (Eq. 23), which the paper shows to be globally incoherent.
 
     ``"matched"`` (ours) reads Eq. 25 as a *reweighting* of real cells rather than a choice of
-    condition: the reference cells of the cell type (at most ``max_pool``, drawn with ``rng``) are
-    reweighted, per group of cells, as little as possible (:func:`tilt_to_marginals`) so that their
-    gene frequencies equal the group's mean predicted probabilities wherever those lie between the
-    thresholds; a real cell is drawn from these weights (Eq. 26) and Eq. 27 applied. Patterns stay real
-    cells (coherent), their frequencies follow the prediction rather than the nearest training
-    condition's, and they come from a pool of many cells rather than one condition's few.
+    condition. Per group of cells (one perturbation in one cell type), the reference cells of the cell
+    type (at most ``max_pool``, a fixed subsample) are reweighted as little as possible (in KL,
+    :func:`tilt_to_moments`) so that their mean pattern equals the group's mean predicted
+    probabilities along the patterns' ``n_components`` principal directions, the co-expression that
+    real cells share; the tilt is relaxed until at least ``min_effective`` cells carry the weight. A
+    real cell is drawn from these weights (Eq. 26), and each gene of its pattern is then changed with
+    the least probability that makes it expressed with probability ``probs`` exactly (a maximal
+    coupling), before Eq. 27. So each gene's frequency is the predicted one, as with Bernoulli draws,
+    while the patterns keep real cells' co-expression where the prediction allows.
 
     Parameters
     ----------
@@ -199,6 +260,10 @@ def sample_activation_mask(
         whose frequencies are matched per group; ``None``: one group per cell type.
     max_pool
         Most reference cells per cell type that ``"matched"`` reweights.
+    n_components
+        Principal directions of the reference patterns that ``"matched"`` tilts along.
+    min_effective
+        Fewest effective cells (``1 / sum(w^2)``) that ``"matched"``'s weights may concentrate on.
 
     Returns
     -------
@@ -250,7 +315,7 @@ def sample_activation_mask(
     elif strategy == "matched":
         if reference is None:
             raise ValueError("strategy='matched' needs the model's reference cells.")
-        sampled = _matched_draw(p, cell_type.cpu(), groups, reference, rng, low, high, max_pool)
+        sampled = _matched_draw(p, cell_type.cpu(), groups, reference, rng, max_pool, n_components, min_effective)
     else:
         raise ValueError(f"strategy must be one of {MASK_STRATEGIES}, got {strategy!r}.")
     mask = torch.where(p >= high, True, torch.where(p <= low, False, sampled))  # Eq. 27
