@@ -762,7 +762,7 @@ class Doloris(BaseModelClass):
         n_steps: int = 50,
         seed: int | None = None,
         batch_size: int = 1024,
-        mask_strategy: str = "reference",
+        mask_strategy: str = "matched",
         mask_thresholds: tuple[float, float] = (0.05, 0.95),
         mask_reference_conditions: int = 1,
         progress_bar: bool | None = None,
@@ -806,11 +806,12 @@ class Doloris(BaseModelClass):
         batch_size
             Cells per network call.
         mask_strategy
-            ``"reference"`` (paper A.11): each cell's zeros copied from a real training cell of the
-            nearest training condition(s); ``"bernoulli"``: genes drawn independently (Eq. 23);
-            ``"matched"``: real training cells of the cell type, reweighted so that their gene
-            frequencies equal the predicted probabilities of the perturbation (see
-            :func:`~scdoloris.module.sample_activation_mask`).
+            ``"matched"`` (default): patterns of real training cells of the cell type, reweighted
+            so that their gene frequencies follow the predicted probabilities, then adjusted per gene
+            to match them exactly; ``"reference"`` (the paper's A.11 as we read it): each cell's zeros
+            copied from a real training cell of the nearest training condition(s); ``"bernoulli"``:
+            genes drawn independently (Eq. 23). See :func:`~scdoloris.module.sample_activation_mask`
+            and BENCHMARKS.md for how they compare.
         mask_thresholds
             ``(low, high)`` probabilities that force a gene off / on.
         mask_reference_conditions
