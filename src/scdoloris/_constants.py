@@ -9,3 +9,6 @@ class _RegistryKeys(NamedTuple):
 
 
 REGISTRY_KEYS = _RegistryKeys()
+
+# Mask samplers of predict_perturbation, the default first (module/_mask_sampling.py).
+MASK_STRATEGIES = ("matched", "reference", "bernoulli")

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ._constants import MASK_STRATEGIES
+
 DEMO_STEPS = 4000
 
 
@@ -246,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--mask-variants",
         nargs="*",
         default=[],
-        choices=["bernoulli", "matched", "reference"],
+        choices=list(MASK_STRATEGIES),
         help="Also score Doloris' model with these mask samplers (as doloris_<name>); default: none.",
     )
     bench.add_argument("--perturbation-key", help="obs column of the perturbation labels (for an .h5ad).")

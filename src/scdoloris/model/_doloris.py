@@ -27,12 +27,11 @@ from scvi.train import TrainRunner
 from scvi.utils import track
 from torch.utils.data import DistributedSampler
 
-from .._constants import REGISTRY_KEYS
+from .._constants import MASK_STRATEGIES, REGISTRY_KEYS
 from ..data import TrainingSummary, summarize_training_data
 from ..data._mudata import DEFAULT_MODALITIES, prepare_mudata, registered_modality
 from ..data._summary import read_rows
 from ..module import DolorisModule, MaskReference, sample_activation_mask
-from ..module._mask_sampling import MASK_STRATEGIES
 from ..perturbation import split_perturbation
 from ..perturbation._encoder import GraphTensors
 from ..preprocessing import check_expression
@@ -741,11 +740,19 @@ class Doloris(BaseModelClass):
         return resolved
 
     def _mask_reference(self) -> MaskReference:
+        """The summary's reference cells, built once per summary.
+
+        The pools that ``mask_strategy="matched"`` derives from them are then reused across calls.
+        """
         s = self._summary
-        n_genes = s.control_mean.shape[1]
-        return MaskReference(
-            s.condition_frequencies, s.condition_cell_type, s.reference_masks, s.reference_condition, n_genes
-        )
+        cached = self.__dict__.get("_mask_reference_cache")
+        if cached is None or cached[0] is not s:
+            n_genes = s.control_mean.shape[1]
+            reference = MaskReference(
+                s.condition_frequencies, s.condition_cell_type, s.reference_masks, s.reference_condition, n_genes
+            )
+            self._mask_reference_cache = cached = (s, reference)
+        return cached[1]
 
     @torch.no_grad()
     def predict_perturbation(

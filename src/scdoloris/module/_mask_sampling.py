@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._constants import MASK_STRATEGIES
+
 
 class MaskReference:
     """Binary expression patterns of real training cells, grouped by training condition.
@@ -58,18 +60,8 @@ class MaskReference:
         return np.unpackbits(self.packed_masks[rows], axis=1, count=self.n_genes).astype(bool)
 
     def cells_of_type(self, cell_type: int) -> np.ndarray:
-        """Rows of the reference cells whose condition is in ``cell_type``."""
-        of_type = (self.cell_types == cell_type).numpy()
-        return np.concatenate(
-            [
-                np.arange(start, start + count)
-                for start, count in zip(self.starts[of_type], self.counts[of_type], strict=True)
-            ]
-            or [np.zeros(0, dtype=np.int64)]
-        )
-
-
-MASK_STRATEGIES = ("reference", "bernoulli", "matched")
+        """Rows of the reference cells whose condition is in ``cell_type`` (rows are in condition order)."""
+        return np.flatnonzero(np.repeat(self.cell_types.numpy() == cell_type, self.counts))
 
 
 def tilt_to_moments(
