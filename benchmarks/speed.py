@@ -59,6 +59,8 @@ CELLS_PER_CONDITION = 40
 N_CONTROL_CELLS = 300
 # Distinct training batches prepared up front; the timed steps cycle through them.
 MAX_DISTINCT_BATCHES = 8
+# The operators whose FLOPs FlopCounterMode counts on this network (matrix products).
+PRODUCT_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -348,6 +350,46 @@ def roofline_fraction(flop: float, n_parameters: int, mm_gflops: float, gb_per_s
     return compute / bound
 
 
+def _product_time(torch, step, batches: list, device: str) -> dict:
+    """Own time of the matrix products in a training step, from ``torch.profiler``.
+
+    The products' FLOPs over this time is the rate the step would reach if every other operation
+    (elementwise, indexing, GAT message passing, optimizer, Python) took no time: the ceiling of the
+    step's FLOP rate with these products, at these shapes, as they run inside the step.
+
+    Parameters
+    ----------
+    torch
+        The torch module.
+    step
+        One training step of a batch.
+    batches
+        The prepared batches; each is stepped once, profiled, after one unprofiled pass.
+    device
+        ``"cpu"`` (operator self CPU time) or ``"cuda"`` (kernel time of the operators).
+
+    Returns
+    -------
+    dict
+        ``product_ms`` and ``profiled_step_ms`` per step (the profiler slows the rest of the step).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for b in batches:
+        step(b)
+    with profile(activities=activities) as profiler:
+        _sync(device)
+        start = time.perf_counter()
+        for b in batches:
+            step(b)
+        _sync(device)
+        wall = time.perf_counter() - start
+    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    product_us = sum(getattr(e, attribute) for e in profiler.key_averages() if e.key in PRODUCT_OPERATORS)
+    return {"product_ms": product_us / 1e3 / len(batches), "profiled_step_ms": wall * 1e3 / len(batches)}
+
+
 # ---------------------------------------------------------------------------------------------- training
 def run_train(args: argparse.Namespace) -> dict:
     """Time the training step of one (genes, batch) configuration in this process.
@@ -459,6 +501,7 @@ def run_train(args: argparse.Namespace) -> dict:
                 by_module[name] = by_module.get(name, 0) + sum(ops.values()) / len(batches)
     flop_step = float(np.mean(flops))
     achieved = flop_step / median_s / 1e9
+    products = _product_time(torch, step, batches, device)
 
     rss_peak = _rss_mb()  # before the reference measurements (the bandwidth arrays take 768 MB)
     mm_square = _matmul_rate(torch, args.mm_size, args.mm_size, args.mm_size, device)
@@ -491,6 +534,9 @@ def run_train(args: argparse.Namespace) -> dict:
         "forward_backward_ms": forward_backward_s * 1e3,
         "optimizer_ms": float(np.median(optimizer_times)) * 1e3,
         "fraction_of_mm_forward_backward": flop_step / forward_backward_s / 1e9 / mm_square["gflops"],
+        "product_ms": products["product_ms"],
+        "profiled_step_ms": products["profiled_step_ms"],
+        "fraction_of_mm_products_only": flop_step / (products["product_ms"] / 1e3) / 1e9 / mm_square["gflops"],
         "bandwidth": bandwidth,
         "roofline_fraction": roofline_fraction(flop_step, n_parameters, mm_square["gflops"], bandwidth["gb_per_s"]),
         "rss_mb": {"after_import": rss_import, "after_setup": rss_setup, "after_train": rss_train, "peak": rss_peak},
@@ -720,6 +766,14 @@ def _parts(result: dict) -> str:
     )
 
 
+def _products(result: dict) -> str:
+    """The products' own time per step, its share of the profiled step and their FLOP rate (older reports: ``-``)."""
+    if "product_ms" not in result:
+        return "-"
+    share = 100 * result["product_ms"] / result["profiled_step_ms"]
+    return f"{result['product_ms']:.1f} ({share:.0f}%; {result['fraction_of_mm_products_only']:.2f})"
+
+
 def _split(result: dict) -> str:
     """Shares of the forward FLOPs of a training step: denoiser, mask model, perturbation encoders (GAT).
 
@@ -798,6 +852,7 @@ def markdown(report: dict) -> str:
         "frac. of mm",
         "frac. of shaped mm",
         "fwd+bwd / AdamW ms (fwd+bwd frac. of mm)",
+        "products ms (% of step; frac. of mm)",
         "memory GB/s",
         "roofline bound frac.",
         "fwd FLOP % denoiser/mask/GAT",
@@ -825,6 +880,7 @@ def markdown(report: dict) -> str:
                 f"{row['fraction_of_mm_square']:.2f}",
                 f"{row['fraction_of_mm_shaped']:.2f}",
                 _parts(row),
+                _products(row),
                 _fmt(row["bandwidth"]["gb_per_s"]) if "bandwidth" in row else "-",
                 f"{row['roofline_fraction']:.2f}" if "roofline_fraction" in row else "-",
                 _split(row),
@@ -848,7 +904,10 @@ def markdown(report: dict) -> str:
         "GFLOP/s = GFLOP/step / median step. frac. of mm: that rate / fp32 `torch.mm` rate of the "
         "square reference; shaped mm: (batch x genes) @ (genes x n_hidden), the denoiser's input layer. "
         "fwd+bwd / AdamW: the same steps timed in two parts (medians; the FLOP rate of the first part alone in "
-        "brackets). memory GB/s: `c = a + b` on 256 MB arrays. roofline bound: the highest FLOP rate the step can "
+        "brackets). products: own time of the matrix products per step (`torch.profiler`, operator self time), "
+        "its share of the profiled step, and the FLOP rate of the products alone as a fraction of mm: the "
+        "step's rate if everything else took no time. memory GB/s: `c = a + b` on 256 MB arrays. "
+        "roofline bound: the highest FLOP rate the step can "
         "reach at that bandwidth, as a fraction of mm, when every fp32 parameter crosses memory 10 times per "
         "step (forward read, backward read, gradient write; AdamW reads parameter, gradient and two moments and "
         "writes three) and the optimizer cannot overlap the products. "

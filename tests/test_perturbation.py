@@ -253,6 +253,38 @@ def test_gat_runs_once_per_training_step(fresh_model):
     assert after == (before[0] + 4, before[1] + 4)
 
 
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_gat_rows_and_gradients_at_asked_nodes_equal_full_graph(n_layers):
+    """The bipartite last layer gives the full graph's rows and parameter gradients, self-loops included."""
+    rng = np.random.default_rng(n_layers)
+    n_nodes = 120
+    edges = rng.integers(0, n_nodes, size=(2, 500))
+    edges = np.concatenate([edges, np.stack([np.arange(0, n_nodes, 7)] * 2)], axis=1)  # some self-loops
+    graph = GraphTensors(
+        torch.as_tensor(rng.normal(size=(n_nodes, 8)), dtype=torch.float32),
+        torch.arange(n_nodes) < 100,
+        torch.as_tensor(edges),
+        torch.as_tensor(rng.uniform(0.1, 1.0, edges.shape[1]), dtype=torch.float32),
+    )
+    torch.manual_seed(0)
+    enc = PerturbationEncoder(graph, n_categories=0, n_hidden=16, n_output=8, n_layers=n_layers)
+    nodes = torch.tensor([105, 14, 0, 63])  # unsorted, one unmeasured, one with a self-loop
+    weights = torch.randn(len(nodes), 16)
+
+    def rows_and_grads(rows_fn):
+        enc.zero_grad()
+        rows = rows_fn()
+        (rows * weights).sum().backward()
+        return rows.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None]
+
+    full, full_grads = rows_and_grads(lambda: enc.node_embeddings()[nodes])
+    part, part_grads = rows_and_grads(lambda: enc.node_rows(graph, nodes))
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+    assert len(part_grads) == len(full_grads) > 0
+    for a, b in zip(part_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_gat_on_needed_nodes_equals_full_graph():
     """Running the GAT on the 2-hop neighbourhood of the asked nodes gives the full graph's rows exactly."""
     rng = np.random.default_rng(1)
@@ -280,3 +312,18 @@ def test_gat_on_needed_nodes_equals_full_graph():
     others[nodes] = False
     assert float(part[others].abs().max()) == 0.0
     torch.testing.assert_close(via_forward, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbourhood_reused_for_same_nodes_and_dropped_when_edges_change():
+    """Both encoders of a training step ask for the same nodes: the neighbourhood is computed once."""
+    edges = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
+    graph = GraphTensors(torch.randn(4, 8), torch.ones(4, dtype=torch.bool), edges, torch.ones(4))
+    first = graph.neighbourhood(torch.tensor([1, 3]), 2)
+    assert graph.neighbourhood(torch.tensor([1, 3]), 2) is first
+    assert graph.neighbourhood(torch.tensor([1, 2]), 2) is not first
+    again = graph.neighbourhood(torch.tensor([1, 2]), 2)
+    assert sorted(again.subset[again.sources].tolist()) == [0, 1, 2]  # 1 and 2, and 0 -> 1
+    graph.load_state_dict({**graph.state_dict(), "edges": torch.tensor([[1, 2, 3, 0], [0, 1, 2, 3]])})
+    changed = graph.neighbourhood(torch.tensor([1, 2]), 2)
+    assert changed is not again
+    assert sorted(changed.subset[changed.sources].tolist()) == [1, 2, 3]  # reversed edges: 2 -> 1, 3 -> 2

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch_geometric.nn import GATv2Conv
@@ -24,15 +26,69 @@ class GraphTensors(nn.Module):
         """Number of nodes."""
         return self.node_features.shape[0]
 
+    def neighbourhood(self, nodes: torch.Tensor, n_hops: int) -> Neighbourhood:
+        """The ``n_hops``-hop in-neighbourhood of ``nodes`` (distinct), laid out for a bipartite last layer.
+
+        The last call's result is kept: the diffusion and the mask encoders ask for the same nodes
+        in a training step (an in-place change of the edges, e.g. ``load_state_dict``, drops it).
+        """
+        last = getattr(self, "_last_neighbourhood", None)
+        key = (n_hops, self.edges._version, self.edges.data_ptr())
+        if (
+            last is not None
+            and last[1] == key
+            and last[0].device == nodes.device
+            and last[0].shape == nodes.shape
+            and bool((last[0] == nodes).all())
+        ):
+            return last[2]
+        subset, edges, asked, edge_mask = k_hop_subgraph(
+            nodes, n_hops, self.edges, relabel_nodes=True, num_nodes=self.n_nodes
+        )
+        into = torch.isin(edges[1], asked)
+        source, target = edges[:, into]
+        # The asked nodes come first among the sources, in the same order as the targets: a GAT layer
+        # adds the self-loop of target i as the bipartite edge (i, i).
+        sources = torch.cat([asked, source[~torch.isin(source, asked)].unique()])
+        source_code = torch.empty(len(subset), dtype=torch.long, device=subset.device)
+        source_code[sources] = torch.arange(len(sources), device=subset.device)
+        target_code = torch.empty_like(source_code)
+        target_code[asked] = torch.arange(len(asked), device=subset.device)
+        result = Neighbourhood(
+            subset, edges, edge_mask, asked, sources, torch.stack([source_code[source], target_code[target]]), into
+        )
+        self._last_neighbourhood = (nodes.clone(), key, result)
+        return result
+
+
+class Neighbourhood(NamedTuple):
+    """A node set's in-neighbourhood in a graph (from :meth:`GraphTensors.neighbourhood`)."""
+
+    subset: torch.Tensor
+    """Nodes of the neighbourhood (graph indices)."""
+    edges: torch.Tensor
+    """Its edges, as positions in ``subset``."""
+    edge_mask: torch.Tensor
+    """Which graph edges these are."""
+    asked: torch.Tensor
+    """Positions of the asked nodes in ``subset``, in their order."""
+    sources: torch.Tensor
+    """Positions in ``subset`` of the asked nodes then their other in-neighbours."""
+    last_edges: torch.Tensor
+    """Edges into the asked nodes, as (position in ``sources``, position in ``asked``)."""
+    into_asked: torch.Tensor
+    """Which of ``edges`` end at an asked node."""
+
 
 class PerturbationEncoder(nn.Module):
     """Embeds perturbations made of gene components (GAT over a gene graph) and plain categories.
 
     The token table holds one row per graph node (the GAT output at that gene, paper A.7) followed
     by one learned row per category without a prior (e.g. ``"stimulated"``). A perturbation is a
-    padded list of token rows; its components are summed (permutation invariant, any number of
-    them) and passed through an MLP. The GAT runs once per call over the whole graph and the
-    rows are gathered, never once per cell.
+    padded list of token rows; each distinct component of a call passes once through an MLP and a
+    perturbation's embedding is the sum over its components (permutation invariant, any number of
+    them). The GAT runs once per call, only where the call's genes need it (their in-neighbourhood,
+    exactly), never once per cell.
 
     Parameters
     ----------
@@ -96,28 +152,42 @@ class PerturbationEncoder(nn.Module):
     def node_embeddings(self, graph: GraphTensors | None = None, nodes: torch.Tensor | None = None) -> torch.Tensor:
         """GAT output for every node of ``graph`` (the training graph by default).
 
-        With ``nodes``, only those rows are computed (the others are zero): the GAT runs on their
-        ``n_layers``-hop in-neighbourhood, which gives exactly the full graph's output there. A batch
-        needs its perturbed genes only, a few hundred nodes out of thousands.
+        With ``nodes``, only those rows are computed (the others are zero), see :meth:`node_rows`.
         """
         graph = self.graph if graph is None else graph
+        if nodes is None:
+            self.n_graph_evaluations += 1
+            return self._gat(self._features(graph), graph.edges, graph.weights)
+        nodes = nodes.unique()
+        rows = self.node_rows(graph, nodes)
+        return rows.new_zeros(graph.n_nodes, rows.shape[1]).index_copy(0, nodes, rows)
+
+    def node_rows(self, graph: GraphTensors, nodes: torch.Tensor) -> torch.Tensor:
+        """GAT output at ``nodes`` only, one row per entry of ``nodes`` (distinct node indices).
+
+        Exactly the full graph's output there, from their ``n_layers``-hop in-neighbourhood: the
+        layers before the last run on that neighbourhood, the last one only from the asked nodes'
+        in-neighbours to the asked nodes (a bipartite layer). A training batch needs its perturbed
+        genes only, tens of nodes out of thousands.
+        """
         self.n_graph_evaluations += 1
-        features = torch.where(graph.measured[:, None], graph.node_features, self.unmeasured_feature)
-        edges, weights = graph.edges, graph.weights
-        if nodes is not None:
-            subset, edges, mapping, edge_mask = k_hop_subgraph(
-                nodes, len(self.gat_layers), edges, relabel_nodes=True, num_nodes=graph.n_nodes
-            )
-            features, weights = features[subset], weights[edge_mask]
-        h = features
+        hood = graph.neighbourhood(nodes, len(self.gat_layers))
+        h, weights = self._features(graph)[hood.subset], graph.weights[hood.edge_mask][:, None]
+        for layer in self.gat_layers[:-1]:
+            h = nn.functional.elu(layer(h, hood.edges, weights))
+        return self.gat_layers[-1]((h[hood.sources], h[hood.asked]), hood.last_edges, weights[hood.into_asked])
+
+    def _features(self, graph: GraphTensors) -> torch.Tensor:
+        """Node features, with the shared learned vector on genes without measured expression."""
+        return torch.where(graph.measured[:, None], graph.node_features, self.unmeasured_feature)
+
+    def _gat(self, h: torch.Tensor, edges: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """All GAT layers over a whole graph."""
         for i, layer in enumerate(self.gat_layers):
             h = layer(h, edges, weights[:, None])
             if i < len(self.gat_layers) - 1:
                 h = nn.functional.elu(h)
-        if nodes is None:
-            return h
-        # Rows of the neighbourhood's border are not the full graph's: keep the asked nodes only.
-        return h.new_zeros(graph.n_nodes, h.shape[1]).index_copy(0, subset[mapping], h[mapping])
+        return h
 
     def token_table(
         self, graph: GraphTensors | None = None, with_nodes: bool = True, nodes: torch.Tensor | None = None
@@ -147,9 +217,16 @@ class PerturbationEncoder(nn.Module):
         """
         graph = self.graph if graph is None else graph
         present = recipes >= 0
-        is_node = present & (recipes < graph.n_nodes)
-        uses_nodes = bool(is_node.any())
-        table = self.token_table(graph, with_nodes=uses_nodes, nodes=recipes[is_node].unique() if uses_nodes else None)
-        # Each component through the MLP, then summed: a combination's conditioning is the sum of its
-        # components', which is what lets doubles be predicted from singles (and padding adds nothing).
-        return (self.pool(table[recipes.clamp(min=0)]) * present[..., None]).sum(dim=1)
+        # Each distinct component through the MLP once, then summed per perturbation: a combination's
+        # conditioning is the sum of its components', which is what lets doubles be predicted from
+        # singles (and padding adds nothing).
+        tokens, position = torch.unique(recipes[present], return_inverse=True)  # sorted: nodes first
+        is_node = tokens < graph.n_nodes
+        categories = self.category_embedding(tokens[~is_node] - graph.n_nodes)
+        if bool(is_node.any()):
+            rows = torch.cat([self.node_rows(graph, tokens[is_node]), categories])
+        else:
+            rows = categories
+        pooled = self.pool(rows)
+        out = pooled.new_zeros(recipes.shape[0], self.n_output)
+        return out.index_add(0, present.nonzero()[:, 0], pooled[position])
