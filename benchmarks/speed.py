@@ -501,9 +501,9 @@ def run_train(args: argparse.Namespace) -> dict:
                 by_module[name] = by_module.get(name, 0) + sum(ops.values()) / len(batches)
     flop_step = float(np.mean(flops))
     achieved = flop_step / median_s / 1e9
-    products = _product_time(torch, step, batches, device)
 
-    rss_peak = _rss_mb()  # before the reference measurements (the bandwidth arrays take 768 MB)
+    rss_peak = _rss_mb()  # before the profiler's buffers and the references (bandwidth arrays: 768 MB)
+    products = _product_time(torch, step, batches, device)
     mm_square = _matmul_rate(torch, args.mm_size, args.mm_size, args.mm_size, device)
     mm_shaped = _matmul_rate(torch, batch, n_genes, module.denoiser.n_hidden, device)
     bandwidth = _stream_bandwidth(torch, device)
