@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, TRAIN_KWARGS
+from conftest import SMALL, TRAIN_KWARGS, training_subset
 from scipy import sparse
 
 import scdoloris as sd
@@ -132,6 +132,27 @@ def test_backed_training_and_prediction(synthetic_two_types, tmp_path, storage):
     from_disk = model.predict_perturbation("G000", adata=on_disk, n_steps=3, seed=1)
     from_memory = model.predict_perturbation("G000", adata=controls, n_steps=3, seed=1)
     np.testing.assert_allclose(from_disk.X, from_memory.X, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- mixed precision
+def test_bf16_mixed_training_matches_fp32(synthetic_two_types):
+    """``train(precision="bf16-mixed")`` reaches Lightning: the products run in bf16, the weights stay fp32,
+    and the losses follow the fp32 run's (CPU autocast; the CUDA path is the same Lightning plugin)."""
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        train = training_subset(synthetic_two_types)
+        model = sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], **SMALL)
+        dtypes = set()
+        record = lambda module, inputs, output, seen=dtypes: seen.add(output.dtype)  # noqa: E731
+        model.module.denoiser.input.register_forward_hook(record)
+        model.train(max_steps=40, seed=0, precision=precision, **TRAIN_KWARGS)
+        assert {p.dtype for p in model.module.parameters()} == {torch.float32}
+        runs[precision] = (dtypes, model.history)
+    assert runs["32-true"][0] == {torch.float32}
+    assert runs["bf16-mixed"][0] == {torch.bfloat16}
+    for key in ("train_diffusion_loss", "train_mask_loss", "validation_loss"):
+        fp32, bf16 = (float(runs[p][1][key].iloc[-1, 0]) for p in ("32-true", "bf16-mixed"))
+        assert np.isfinite(bf16) and abs(bf16 - fp32) < 0.02 * fp32, (key, fp32, bf16)
 
 
 # ---------------------------------------------------------------- 10^5 cells on disk
