@@ -253,6 +253,16 @@ def test_gat_runs_once_per_training_step(fresh_model):
     assert after == (before[0] + 4, before[1] + 4)
 
 
+def _random_graph(rng, edges: np.ndarray, n_nodes: int, n_measured: int) -> GraphTensors:
+    """Random 8-dimensional node features and edge weights on ``edges``; the first ``n_measured`` nodes measured."""
+    return GraphTensors(
+        torch.as_tensor(rng.normal(size=(n_nodes, 8)), dtype=torch.float32),
+        torch.arange(n_nodes) < n_measured,
+        torch.as_tensor(edges),
+        torch.as_tensor(rng.uniform(0.1, 1.0, edges.shape[1]), dtype=torch.float32),
+    )
+
+
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
 def test_gat_rows_and_gradients_at_asked_nodes_equal_full_graph(n_layers):
     """The bipartite last layer gives the full graph's rows and parameter gradients, self-loops included."""
@@ -260,12 +270,7 @@ def test_gat_rows_and_gradients_at_asked_nodes_equal_full_graph(n_layers):
     n_nodes = 120
     edges = rng.integers(0, n_nodes, size=(2, 500))
     edges = np.concatenate([edges, np.stack([np.arange(0, n_nodes, 7)] * 2)], axis=1)  # some self-loops
-    graph = GraphTensors(
-        torch.as_tensor(rng.normal(size=(n_nodes, 8)), dtype=torch.float32),
-        torch.arange(n_nodes) < 100,
-        torch.as_tensor(edges),
-        torch.as_tensor(rng.uniform(0.1, 1.0, edges.shape[1]), dtype=torch.float32),
-    )
+    graph = _random_graph(rng, edges, n_nodes, n_measured=100)
     torch.manual_seed(0)
     enc = PerturbationEncoder(graph, n_categories=0, n_hidden=16, n_output=8, n_layers=n_layers)
     nodes = torch.tensor([105, 14, 0, 63])  # unsorted, one unmeasured, one with a self-loop
@@ -291,12 +296,7 @@ def test_gat_on_needed_nodes_equals_full_graph():
     n_nodes = 200
     edges = rng.integers(0, n_nodes, size=(2, 800))
     edges = edges[:, edges[0] != edges[1]]
-    graph = GraphTensors(
-        torch.as_tensor(rng.normal(size=(n_nodes, 8)), dtype=torch.float32),
-        torch.arange(n_nodes) < 150,
-        torch.as_tensor(edges),
-        torch.as_tensor(rng.uniform(0.1, 1.0, edges.shape[1]), dtype=torch.float32),
-    )
+    graph = _random_graph(rng, edges, n_nodes, n_measured=150)
     torch.manual_seed(0)
     enc = PerturbationEncoder(graph, n_categories=1, n_hidden=16, n_output=8).eval()
     nodes = torch.tensor([3, 77, 160, 199])
