@@ -8,6 +8,8 @@ data with the default network sizes (n_hidden 512, 3 blocks; mask model 256, 2 b
   timed one step at a time with ``time.perf_counter``; median and quartiles over ``--steps`` steps
   after ``--warmup`` steps;
 * training throughput: batch / median step time (cells/s);
+* ``Doloris.train`` end to end, as a user runs it: wall time per step of ``--train-steps`` steps
+  (trainer setup, data loading from the AnnData and per-epoch validation included);
 * FLOPs of one training step (forward + backward, matrix products only) counted with
   ``torch.utils.flop_counter.FlopCounterMode`` and averaged over the prepared batches; the achieved
   rate is FLOPs / median step time, reported as a fraction of a plain fp32 ``torch.mm`` measured in
@@ -30,7 +32,7 @@ Full run (long: tens of minutes on a 2-core CPU)::
 Smoke test::
 
     OMP_NUM_THREADS=1 python benchmarks/speed.py --genes 200 --batch 32 --steps 5 --warmup 2 \\
-        --conditions 2 --cells 10 --n-steps 5 --out /tmp/speed
+        --conditions 2 --cells 10 --n-steps 5 --train-steps 10 --out /tmp/speed
 """
 
 from __future__ import annotations
@@ -390,6 +392,33 @@ def _product_time(torch, step, batches: list, device: str) -> dict:
     return {"product_ms": product_us / 1e3 / len(batches), "profiled_step_ms": wall * 1e3 / len(batches)}
 
 
+def _train_end_to_end(model, batch: int, args: argparse.Namespace) -> dict:
+    """Wall time of ``Doloris.train`` as a user runs it: Lightning, data loading and validation included.
+
+    Parameters
+    ----------
+    model
+        The benchmark's model (trained further by this call).
+    batch
+        Training batch size.
+    args
+        Parsed command line (``train_steps``, ``device``, ``bf16``, ``seed``).
+
+    Returns
+    -------
+    dict
+        ``steps``, ``wall_s`` and ``ms_per_step`` (the trainer's setup spread over the steps).
+    """
+    kwargs = {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1}
+    if args.bf16:
+        kwargs["precision"] = "bf16-mixed"
+    start = time.perf_counter()
+    model.train(max_steps=args.train_steps, batch_size=batch, seed=args.seed, enable_progress_bar=False, **kwargs)
+    _sync(args.device)
+    wall = time.perf_counter() - start
+    return {"steps": args.train_steps, "wall_s": wall, "ms_per_step": wall / args.train_steps * 1e3}
+
+
 # ---------------------------------------------------------------------------------------------- training
 def run_train(args: argparse.Namespace) -> dict:
     """Time the training step of one (genes, batch) configuration in this process.
@@ -508,6 +537,7 @@ def run_train(args: argparse.Namespace) -> dict:
     mm_shaped = _matmul_rate(torch, batch, n_genes, module.denoiser.n_hidden, device)
     bandwidth = _stream_bandwidth(torch, device)
     n_parameters = sum(p.numel() for p in module.parameters())
+    end_to_end = _train_end_to_end(model, batch, args) if args.train_steps > 0 else None
     forward_backward_s = float(np.median(backward_times))
     return {
         "kind": "train",
@@ -538,6 +568,7 @@ def run_train(args: argparse.Namespace) -> dict:
         "profiled_step_ms": products["profiled_step_ms"],
         "fraction_of_mm_products_only": flop_step / (products["product_ms"] / 1e3) / 1e9 / mm_square["gflops"],
         "bandwidth": bandwidth,
+        "end_to_end": end_to_end,
         "roofline_fraction": roofline_fraction(flop_step, n_parameters, mm_square["gflops"], bandwidth["gb_per_s"]),
         "rss_mb": {"after_import": rss_import, "after_setup": rss_setup, "after_train": rss_train, "peak": rss_peak},
         "cuda_max_allocated_mb": cuda_peak,
@@ -696,7 +727,7 @@ def _child_command(args: argparse.Namespace, kind: str, genes: int, batch: int, 
     command += ["--genes", str(genes), "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--conditions", str(args.conditions), "--cells", str(args.cells), "--n-steps", str(args.n_steps)]
     command += ["--predict-batch", str(args.predict_batch), "--threads", str(args.threads), "--device", args.device]
-    command += ["--mm-size", str(args.mm_size), "--seed", str(args.seed)]
+    command += ["--mm-size", str(args.mm_size), "--seed", str(args.seed), "--train-steps", str(args.train_steps)]
     return command + (["--bf16"] if args.bf16 else []) + (["--unfused-adamw"] if args.unfused_adamw else [])
 
 
@@ -847,6 +878,7 @@ def markdown(report: dict) -> str:
         "batch",
         "step ms median [q25, q75]",
         "train cells/s",
+        "`Doloris.train` ms/step",
         "GFLOP/step",
         "GFLOP/s",
         "frac. of mm",
@@ -875,6 +907,7 @@ def markdown(report: dict) -> str:
                 str(row["batch"]),
                 f"{s['median_ms']:.1f} [{s['q25_ms']:.1f}, {s['q75_ms']:.1f}]",
                 _fmt(row["train_cells_per_s"]),
+                f"{row['end_to_end']['ms_per_step']:.1f}" if row.get("end_to_end") else "-",
                 f"{row['flop_per_step'] / 1e9:.3f}",
                 _fmt(row["achieved_gflops"]),
                 f"{row['fraction_of_mm_square']:.2f}",
@@ -899,7 +932,9 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Step: forward `DolorisModule.loss` + backward + AdamW step on batches prepared up front (no data "
-        "loading, no Lightning). GFLOP/step: matrix products of forward + backward counted by "
+        "loading, no Lightning). `Doloris.train` ms/step: wall time of `model.train(max_steps=--train-steps, "
+        "batch_size=batch)` per step, as a user runs it (trainer setup, data loading, per-epoch validation "
+        "included), after the step measurements. GFLOP/step: matrix products of forward + backward counted by "
         "`FlopCounterMode` (elementwise ops, GAT message passing and the optimizer not counted). "
         "GFLOP/s = GFLOP/step / median step. frac. of mm: that rate / fp32 `torch.mm` rate of the "
         "square reference; shaped mm: (batch x genes) @ (genes x n_hidden), the denoiser's input layer. "
@@ -948,6 +983,12 @@ def _parser() -> argparse.ArgumentParser:
         "--unfused-adamw", action="store_true", help="per-tensor AdamW instead of the training plan's fused one"
     )
     parser.add_argument("--mm-size", type=int, default=1024, help="size of the square fp32 matmul reference")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=200,
+        help="steps of an end-to-end Doloris.train (Lightning, data loading, validation included; 0: skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json and speed.md")
     parser.add_argument("--single", choices=["train", "predict"], help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scvi
+import torch
 from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
@@ -294,6 +295,20 @@ def test_training_reproducible_with_train_seed(tiny_data, monkeypatch):
     first = _predict(_train_tiny(tiny_data, seed=4), [_double(tiny_data)], seed=0)
     second = _predict(_train_tiny(tiny_data, seed=4), [_double(tiny_data)], seed=0)
     np.testing.assert_array_equal(first.X, second.X)
+
+
+def test_continued_training_runs_in_train_mode(tiny_data):
+    """A second ``train`` after a prediction (which leaves the module in eval mode) trains with dropout on."""
+    model = _train_tiny(tiny_data, seed=0)
+    _predict(model, [_double(tiny_data)])
+    assert not model.module.training
+    modes = []
+    record = lambda module, inputs: modes.append((torch.is_grad_enabled(), module.training))  # noqa: E731
+    model.module.denoiser.register_forward_pre_hook(record)
+    model.train(max_steps=5, seed=0, **TRAIN_KWARGS)
+    training_calls = [training for grad, training in modes if grad]
+    assert len(training_calls) == 5 and all(training_calls)
+    assert any(not training for grad, training in modes if not grad)  # validation still in eval mode
 
 
 # ---------------------------------------------------------------------------------------- persistence

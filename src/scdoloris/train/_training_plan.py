@@ -133,6 +133,14 @@ class DolorisTrainingPlan(pl.LightningModule):
             )
         return losses["loss"]
 
+    def on_fit_start(self) -> None:
+        """Train mode for the whole module, whatever mode it was left in.
+
+        Lightning keeps the train/eval flags it finds; after a first ``train`` or a prediction the
+        module is in eval mode, which would turn dropout off when training continues.
+        """
+        self.train()
+
     def training_step(self, batch, batch_idx):  # noqa: D102
         if self.seed is not None:
             torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
