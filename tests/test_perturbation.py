@@ -327,3 +327,7 @@ def test_neighbourhood_reused_for_same_nodes_and_dropped_when_edges_change():
     changed = graph.neighbourhood(torch.tensor([1, 2]), 2)
     assert changed is not again
     assert sorted(changed.subset[changed.sources].tolist()) == [1, 2, 3]  # reversed edges: 2 -> 1, 3 -> 2
+    graph.edges = graph.edges.flip(0)  # a new tensor (back to the first edges), version 0 again
+    flipped = graph.neighbourhood(torch.tensor([1, 2]), 2)
+    assert flipped is not changed
+    assert sorted(flipped.subset[flipped.sources].tolist()) == [0, 1, 2]

@@ -33,15 +33,15 @@ class GraphTensors(nn.Module):
         in a training step (an in-place change of the edges, e.g. ``load_state_dict``, drops it).
         """
         last = getattr(self, "_last_neighbourhood", None)
-        key = (n_hops, self.edges._version, self.edges.data_ptr())
         if (
             last is not None
-            and last[1] == key
+            and last[1] == (n_hops, self.edges._version)
+            and last[2] is self.edges  # held, so a new edge tensor cannot reuse its address
             and last[0].device == nodes.device
             and last[0].shape == nodes.shape
             and bool((last[0] == nodes).all())
         ):
-            return last[2]
+            return last[3]
         subset, edges, asked, edge_mask = k_hop_subgraph(
             nodes, n_hops, self.edges, relabel_nodes=True, num_nodes=self.n_nodes
         )
@@ -57,7 +57,7 @@ class GraphTensors(nn.Module):
         result = Neighbourhood(
             subset, edges, edge_mask, asked, sources, torch.stack([source_code[source], target_code[target]]), into
         )
-        self._last_neighbourhood = (nodes.clone(), key, result)
+        self._last_neighbourhood = (nodes.clone(), (n_hops, self.edges._version), self.edges, result)
         return result
 
 
@@ -83,9 +83,9 @@ class Neighbourhood(NamedTuple):
 class PerturbationEncoder(nn.Module):
     """Embeds perturbations made of gene components (GAT over a gene graph) and plain categories.
 
-    The token table holds one row per graph node (the GAT output at that gene, paper A.7) followed
-    by one learned row per category without a prior (e.g. ``"stimulated"``). A perturbation is a
-    padded list of token rows; each distinct component of a call passes once through an MLP and a
+    Tokens are the graph's nodes (embedded by the GAT output at that gene, paper A.7) followed by
+    the categories without a prior, each a learned row (e.g. ``"stimulated"``). A perturbation is a
+    padded list of token indices; each distinct component of a call passes once through an MLP and a
     perturbation's embedding is the sum over its components (permutation invariant, any number of
     them). The GAT runs once per call, only where the call's genes need it (their in-neighbourhood,
     exactly), never once per cell.
@@ -116,8 +116,8 @@ class PerturbationEncoder(nn.Module):
     >>> edges = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
     >>> graph = GraphTensors(torch.randn(3, 8), torch.ones(3, dtype=torch.bool), edges, torch.ones(4))
     >>> encoder = PerturbationEncoder(graph, n_categories=1, n_hidden=16, n_output=4)
-    >>> encoder.token_table().shape  # 3 nodes + 1 category
-    torch.Size([4, 16])
+    >>> encoder.node_embeddings().shape  # the GAT's row of each of the 3 genes
+    torch.Size([3, 16])
     >>> recipes = PerturbationVocabulary(["A", "B", "C"], ["stimulated"]).recipes([[], ["A"], ["B", "stimulated"]])
     >>> embedding = encoder(torch.as_tensor(recipes))
     >>> embedding.shape, bool((embedding[0] == 0).all())  # the control embeds to zero
@@ -188,21 +188,6 @@ class PerturbationEncoder(nn.Module):
             if i < len(self.gat_layers) - 1:
                 h = nn.functional.elu(h)
         return h
-
-    def token_table(
-        self, graph: GraphTensors | None = None, with_nodes: bool = True, nodes: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Rows for every graph node then every category, shape ``(n_nodes + n_categories, n_hidden)``.
-
-        ``nodes`` limits the computed node rows to those (see :meth:`node_embeddings`).
-        """
-        graph = self.graph if graph is None else graph
-        categories = self.category_embedding.weight[: self.n_categories]
-        if not with_nodes or graph.n_nodes == 0:
-            node_rows = categories.new_zeros(graph.n_nodes, categories.shape[1])
-        else:
-            node_rows = self.node_embeddings(graph, nodes)
-        return torch.cat([node_rows, categories], dim=0)
 
     def forward(self, recipes: torch.Tensor, graph: GraphTensors | None = None) -> torch.Tensor:
         """Embed perturbations.
