@@ -131,6 +131,10 @@ class Denoiser(nn.Module):
         abar = abar[:, None].to(x_t.dtype)
         sigma_data = torch.as_tensor(sigma_data, dtype=x_t.dtype, device=x_t.device)
         s2 = (1.0 - abar) / abar
-        c_skip = sigma_data**2 / (s2 + sigma_data**2)
-        c_out = s2.sqrt() * sigma_data / (s2 + sigma_data**2).sqrt()
-        return c_skip * x_t / abar.sqrt() + (1.0 - c_skip) * prior + c_out * out
+        sd2 = sigma_data.square()
+        denominator = sd2 + s2
+        c_skip = sd2 / denominator
+        c_out = sigma_data * s2.sqrt() * denominator.rsqrt()
+        # c_skip x_t / sqrt(abar) + (1 - c_skip) prior + c_out F, in fewer passes over (rows, genes).
+        x0_hat = torch.addcmul(prior, c_skip, x_t * abar.rsqrt() - prior)
+        return torch.addcmul(x0_hat, c_out, out)

@@ -203,11 +203,20 @@ class DolorisModule(nn.Module):
     def on_load(self, model, **kwargs):
         """Hook called by scvi-tools' ``load``; nothing to restore beyond the state dict."""
 
-    def _predict_x0(self, x_t, t, cell_type, is_target, perturbation, control) -> torch.Tensor:
-        """The denoiser with its skip-connected parametrization (see :class:`Denoiser`)."""
+    def _skip_prior(self, cell_type: torch.Tensor, is_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-gene prior mean and spread of each row's model: the skip parametrization's inputs."""
         target = is_target[:, None]
         prior = torch.where(target, self.target_prior_mean[cell_type], self.control_mean[cell_type])
         sigma = torch.where(target, self.target_prior_std[cell_type], self.source_prior_std[cell_type])
+        return prior, sigma
+
+    def _predict_x0(self, x_t, t, cell_type, is_target, perturbation, control, skip_prior=None) -> torch.Tensor:
+        """The denoiser with its skip-connected parametrization (see :class:`Denoiser`).
+
+        ``skip_prior``: :meth:`_skip_prior` of these rows, when already computed (it does not change
+        along a DDIM trajectory).
+        """
+        prior, sigma = self._skip_prior(cell_type, is_target) if skip_prior is None else skip_prior
         abar = self.alphas_cumprod[t]
         return self.denoiser(
             x_t, t, cell_type, is_target, perturbation, control, abar=abar, prior=prior, sigma_data=sigma
@@ -294,9 +303,11 @@ class DolorisModule(nn.Module):
         n = cell_type.shape[0]
         is_target = torch.zeros(n, dtype=torch.bool, device=cell_type.device)
         no_perturbation = torch.zeros(n, self.encoder.n_output, device=cell_type.device)
+        no_control = torch.zeros(n, self.control_mean.shape[1], device=cell_type.device)
+        skip_prior = self._skip_prior(cell_type, is_target)
 
         def predict(x_t, t):
-            return self._predict_x0(x_t, t, cell_type, is_target, no_perturbation, torch.zeros_like(x_t))
+            return self._predict_x0(x_t, t, cell_type, is_target, no_perturbation, no_control, skip_prior)
 
         return predict
 
@@ -340,9 +351,10 @@ class DolorisModule(nn.Module):
         """DDIM sampling from the latent with the target conditioning (Eq. 16), on the ``[0, 1]`` scale."""
         is_target = torch.ones(latent.shape[0], dtype=torch.bool, device=latent.device)
         control = self.control_information(x_control, cell_type)
+        skip_prior = self._skip_prior(cell_type, is_target)
 
         def predict(x_t, t):
-            return self._predict_x0(x_t, t, cell_type, is_target, perturbation_embedding, control)
+            return self._predict_x0(x_t, t, cell_type, is_target, perturbation_embedding, control, skip_prior)
 
         return self.diffusion.sample(latent, predict, n_steps, spacing)
 
