@@ -14,6 +14,9 @@ data with the default network sizes (n_hidden 512, 3 blocks; mask model 256, 2 b
   ``torch.utils.flop_counter.FlopCounterMode`` and averaged over the prepared batches; the achieved
   rate is FLOPs / median step time, reported as a fraction of a plain fp32 ``torch.mm`` measured in
   the same process (square ``--mm-size`` and shaped like the denoiser's input layer);
+* where the step's time goes: forward + backward and the AdamW update timed apart, the matrix
+  products' own time from ``torch.profiler`` (their FLOP rate alone is the ceiling of the step's),
+  memory bandwidth (``c = a + b``) and the roofline bound it implies (:func:`roofline_fraction`);
 * prediction (once per gene count): ``Doloris.predict_perturbation`` of ``--conditions``
   perturbations x ``--cells`` cells with ``--n-steps`` DDIM steps each way, inversion of the shared
   control cells included; generated cells/s and denoiser evaluations per generated cell, counted

@@ -39,8 +39,8 @@ def drug_data():
     return adata
 
 
-@pytest.fixture(scope="module")
-def drug_model(drug_data):
+def _registered(drug_data):
+    """A copy of the drug data set up with doses and SMILES."""
     adata = drug_data.copy()
     sd.Doloris.setup_anndata(
         adata,
@@ -50,6 +50,12 @@ def drug_model(drug_data):
         dose_key="dose",
         smiles_key="smiles",
     )
+    return adata
+
+
+@pytest.fixture(scope="module")
+def drug_model(drug_data):
+    adata = _registered(drug_data)
     model = sd.Doloris(adata, **SMALL)
     model.train(max_steps=60, seed=0, **TRAIN_KWARGS)
     return model
@@ -124,15 +130,7 @@ def test_precomputed_molecule_table(drug_data, tmp_path):
     dacinostat, busulfan = "O=C(/C=C/c1ccc(CN(CCO)CCc2c[nH]c3ccccc23)cc1)NO", "CS(=O)(=O)OCCCCOS(=O)(=O)C"
     index = ["entinostat", dacinostat, busulfan, "mocetinostat"]
     table = pd.DataFrame(rng.normal(size=(4, 16)), index=index)
-    adata = drug_data.copy()
-    sd.Doloris.setup_anndata(
-        adata,
-        perturbation_key="drug",
-        control_value="control",
-        cell_type_key="cell_type",
-        dose_key="dose",
-        smiles_key="smiles",
-    )
+    adata = _registered(drug_data)
     model = sd.Doloris(adata, molecule_table=table, **SMALL)
     features = model.summary_["molecules"]
     assert features["kind"] == "table" and sorted(features["names"]) == sorted(DRUGS)

@@ -108,7 +108,8 @@ def test_skip_parametrization_is_gaussian_posterior_mean():
     abar = GaussianDiffusion(500).alphas_cumprod.float()[torch.tensor([0, 10, 100, 250, 400, 499])]
     x_t = torch.randn(n, genes)
     t = torch.zeros(n, dtype=torch.long)
-    out = denoiser(x_t, t, t, t.bool(), torch.zeros(n, 3), torch.zeros(n, genes), abar=abar, prior=mu, sigma_data=sd)
+    condition = denoiser.condition(t, t.bool(), torch.zeros(n, 3), torch.zeros(n, genes), prior=mu, sigma_data=sd)
+    out = denoiser(x_t, t, condition, abar=abar)
     a = abar[:, None]
     posterior = mu + sd**2 * a.sqrt() / (a * sd**2 + 1 - a) * (x_t - a.sqrt() * mu)
     torch.testing.assert_close(out, posterior, rtol=1e-4, atol=1e-5)

@@ -45,10 +45,8 @@ def test_tutorial_runs_in_fast_mode(path, monkeypatch, tmp_path):
         notebook, timeout=TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     start = time.perf_counter()
-    client.execute()
+    client.execute()  # raises CellExecutionError on any cell's error (allow_errors is off)
     seconds = time.perf_counter() - start
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the tutorial drew no figure"
     print(f"{path.name}: {seconds:.0f} s")

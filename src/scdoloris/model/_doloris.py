@@ -29,13 +29,14 @@ from torch.utils.data import DistributedSampler
 
 from .._constants import MASK_STRATEGIES, REGISTRY_KEYS
 from ..data import TrainingSummary, summarize_training_data
-from ..data._mudata import DEFAULT_MODALITIES, prepare_mudata, registered_modality
+from ..data._mudata import prepare_mudata, registered_modality
 from ..data._summary import read_rows
 from ..module import DolorisModule, MaskReference, sample_activation_mask
 from ..perturbation import split_perturbation
 from ..perturbation._encoder import GraphTensors
 from ..preprocessing import check_expression
 from ..preprocessing._checks import (
+    check_count,
     check_labels_present,
     check_perturbation_labels,
     check_same_genes,
@@ -181,9 +182,7 @@ def _check_setup(
 def _check_model_args(**sizes: int) -> None:
     """Network sizes and step counts must be positive integers (``n_timesteps`` at least 2)."""
     for name, value in sizes.items():
-        minimum = 2 if name == "n_timesteps" else 1
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-            raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+        check_count(name, value, minimum=2 if name == "n_timesteps" else 1)
 
 
 def _molecule_tensor(summary: TrainingSummary) -> torch.Tensor | None:
@@ -406,7 +405,6 @@ class Doloris(BaseModelClass):
         if training:
             # Declared levels without cells would become perturbations or cell types without cells.
             drop_unused_categories(adata, [perturbation_key, cell_type_key])
-        if training:
             check_expression(adata, layer)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -483,7 +481,7 @@ class Doloris(BaseModelClass):
             perturbation_key,
             control_value,
             [cell_type_key, dose_key, smiles_key],
-            {**DEFAULT_MODALITIES, **(modalities or {})},
+            modalities,
             guide_threshold,
             guide_gene_key,
             guide_layer,
@@ -769,7 +767,7 @@ class Doloris(BaseModelClass):
         n_steps: int = 50,
         seed: int | None = None,
         batch_size: int = 1024,
-        mask_strategy: str = "matched",
+        mask_strategy: str = MASK_STRATEGIES[0],
         mask_thresholds: tuple[float, float] = (0.05, 0.95),
         mask_reference_conditions: int = 1,
         progress_bar: bool | None = None,
@@ -947,8 +945,7 @@ class Doloris(BaseModelClass):
         if adata is None:
             counts["n_cells"] = n_cells  # with adata, its cells are the sources
         for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            check_count(name, value)
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
         low, high = mask_thresholds

@@ -6,7 +6,7 @@ from torch import nn
 from ..diffusion import GaussianDiffusion
 from ..perturbation._encoder import GraphTensors, PerturbationEncoder
 from ..perturbation._molecules import MoleculeEncoder
-from ._denoiser import Denoiser
+from ._denoiser import Denoiser, DenoiserCondition
 from ._mask_model import MaskModel
 
 # Floor of the per-gene spread in the skip parametrization ([0, 1] scale): a gene silent in the
@@ -203,24 +203,20 @@ class DolorisModule(nn.Module):
     def on_load(self, model, **kwargs):
         """Hook called by scvi-tools' ``load``; nothing to restore beyond the state dict."""
 
-    def _skip_prior(self, cell_type: torch.Tensor, is_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-gene prior mean and spread of each row's model: the skip parametrization's inputs."""
+    def _condition(self, cell_type, is_target, perturbation, control) -> DenoiserCondition:
+        """The denoiser's condition of these rows, with each row's skip-parametrization prior.
+
+        Fixed along a DDIM trajectory: the samplers compute it once and call :meth:`_predict_x0`
+        at every step.
+        """
         target = is_target[:, None]
         prior = torch.where(target, self.target_prior_mean[cell_type], self.control_mean[cell_type])
         sigma = torch.where(target, self.target_prior_std[cell_type], self.source_prior_std[cell_type])
-        return prior, sigma
+        return self.denoiser.condition(cell_type, is_target, perturbation, control, prior, sigma)
 
-    def _predict_x0(self, x_t, t, cell_type, is_target, perturbation, control, skip_prior=None) -> torch.Tensor:
-        """The denoiser with its skip-connected parametrization (see :class:`Denoiser`).
-
-        ``skip_prior``: :meth:`_skip_prior` of these rows, when already computed (it does not change
-        along a DDIM trajectory).
-        """
-        prior, sigma = self._skip_prior(cell_type, is_target) if skip_prior is None else skip_prior
-        abar = self.alphas_cumprod[t]
-        return self.denoiser(
-            x_t, t, cell_type, is_target, perturbation, control, abar=abar, prior=prior, sigma_data=sigma
-        )
+    def _predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: DenoiserCondition) -> torch.Tensor:
+        """The denoiser with its skip-connected parametrization (see :class:`Denoiser`)."""
+        return self.denoiser(x_t, t, condition, abar=self.alphas_cumprod[t])
 
     # ------------------------------------------------------------------ training
     def sample_control_information(self, cell_type: torch.Tensor) -> torch.Tensor:
@@ -258,7 +254,7 @@ class DolorisModule(nn.Module):
 
         t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
-        x0_hat = self._predict_x0(x_t, t, cell_type, is_target, embedding, control)
+        x0_hat = self._predict_x0(x_t, t, self._condition(cell_type, is_target, embedding, control))
         weight = (
             torch.where(is_target[:, None], expressed, torch.ones_like(expressed))
             if self.full_source_loss
@@ -304,10 +300,10 @@ class DolorisModule(nn.Module):
         is_target = torch.zeros(n, dtype=torch.bool, device=cell_type.device)
         no_perturbation = torch.zeros(n, self.encoder.n_output, device=cell_type.device)
         no_control = torch.zeros(n, self.control_mean.shape[1], device=cell_type.device)
-        skip_prior = self._skip_prior(cell_type, is_target)
+        condition = self._condition(cell_type, is_target, no_perturbation, no_control)
 
         def predict(x_t, t):
-            return self._predict_x0(x_t, t, cell_type, is_target, no_perturbation, no_control, skip_prior)
+            return self._predict_x0(x_t, t, condition)
 
         return predict
 
@@ -351,10 +347,10 @@ class DolorisModule(nn.Module):
         """DDIM sampling from the latent with the target conditioning (Eq. 16), on the ``[0, 1]`` scale."""
         is_target = torch.ones(latent.shape[0], dtype=torch.bool, device=latent.device)
         control = self.control_information(x_control, cell_type)
-        skip_prior = self._skip_prior(cell_type, is_target)
+        condition = self._condition(cell_type, is_target, perturbation_embedding, control)
 
         def predict(x_t, t):
-            return self._predict_x0(x_t, t, cell_type, is_target, perturbation_embedding, control, skip_prior)
+            return self._predict_x0(x_t, t, condition)
 
         return self.diffusion.sample(latent, predict, n_steps, spacing)
 

@@ -149,18 +149,17 @@ class PerturbationEncoder(nn.Module):
         self.n_output = n_output
         self.n_graph_evaluations = 0  # counted so tests can check the GAT runs once per batch
 
-    def node_embeddings(self, graph: GraphTensors | None = None, nodes: torch.Tensor | None = None) -> torch.Tensor:
+    def node_embeddings(self, graph: GraphTensors | None = None) -> torch.Tensor:
         """GAT output for every node of ``graph`` (the training graph by default).
 
-        With ``nodes``, only those rows are computed (the others are zero), see :meth:`node_rows`.
+        Training and prediction need only some nodes' rows, see :meth:`node_rows`.
         """
         graph = self.graph if graph is None else graph
-        if nodes is None:
-            self.n_graph_evaluations += 1
-            return self._gat(self._features(graph), graph.edges, graph.weights)
-        nodes = nodes.unique()
-        rows = self.node_rows(graph, nodes)
-        return rows.new_zeros(graph.n_nodes, rows.shape[1]).index_copy(0, nodes, rows)
+        self.n_graph_evaluations += 1
+        h, weights = self._features(graph), graph.weights[:, None]
+        for layer in self.gat_layers[:-1]:
+            h = nn.functional.elu(layer(h, graph.edges, weights))
+        return self.gat_layers[-1](h, graph.edges, weights)
 
     def node_rows(self, graph: GraphTensors, nodes: torch.Tensor) -> torch.Tensor:
         """GAT output at ``nodes`` only, one row per entry of ``nodes`` (distinct node indices).
@@ -180,14 +179,6 @@ class PerturbationEncoder(nn.Module):
     def _features(self, graph: GraphTensors) -> torch.Tensor:
         """Node features, with the shared learned vector on genes without measured expression."""
         return torch.where(graph.measured[:, None], graph.node_features, self.unmeasured_feature)
-
-    def _gat(self, h: torch.Tensor, edges: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """All GAT layers over a whole graph."""
-        for i, layer in enumerate(self.gat_layers):
-            h = layer(h, edges, weights[:, None])
-            if i < len(self.gat_layers) - 1:
-                h = nn.functional.elu(h)
-        return h
 
     def forward(self, recipes: torch.Tensor, graph: GraphTensors | None = None) -> torch.Tensor:
         """Embed perturbations.

@@ -60,8 +60,6 @@ def canonical_smiles(smiles: Sequence[str], names: Sequence[str] | None = None) 
         SMILES strings.
     names
         Optional molecule names, one per SMILES, used in error messages.
-    chirality
-        Include chirality (R/S tags) in the atom invariants.
 
     Returns
     -------
@@ -106,6 +104,8 @@ def morgan_fingerprints(
         Morgan radius (2 corresponds to ECFP4).
     names
         Optional molecule names, one per SMILES, used in error messages.
+    chirality
+        Include chirality (R/S tags) in the atom invariants.
 
     Returns
     -------

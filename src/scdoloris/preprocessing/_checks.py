@@ -143,6 +143,13 @@ def check_same_genes(adata: AnnData, genes: pd.Index) -> None:
     )
 
 
+def check_count(name: str, value, minimum: int = 1) -> None:
+    """Raise a ValueError unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}.")
+
+
 def check_labels_present(values: pd.Series, key: str) -> None:
     """An ``obs`` column of labels must have no missing values.
 

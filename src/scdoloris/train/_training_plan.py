@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .._constants import REGISTRY_KEYS
 from ..module import DolorisModule
+from ..preprocessing._checks import check_count
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -29,8 +30,9 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def fused_adamw_supported(parameters: list[torch.nn.Parameter]) -> bool:
     """Whether AdamW can update all ``parameters`` in one fused kernel (float tensors on CPU or CUDA).
 
-    The per-tensor update took a third of a training step at 5,000 genes on CPU (207 of 643 ms);
-    fused, 47 ms. Results differ from the per-tensor update only by rounding.
+    At 5,000 genes, batch 32, on the 2-core CPU, steps took 52 ms fused against 78-90 ms per-tensor
+    (``benchmarks/speed.py`` with and without ``--unfused-adamw``, BENCHMARKS.md). Results differ from
+    the per-tensor update only by rounding.
     """
     return bool(parameters) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
 
@@ -196,8 +198,7 @@ def checkpointing(checkpoint_dir: str | os.PathLike, every_n_steps: int) -> tupl
     ValueError
         ``every_n_steps`` below 1, or a ``last.ckpt`` that is not a complete checkpoint.
     """
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int | np.integer) or every_n_steps < 1:
-        raise ValueError(f"checkpoint_every_n_steps must be a positive integer, got {every_n_steps!r}.")
+    check_count("checkpoint_every_n_steps", every_n_steps)
     checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
     if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
         raise ValueError(f"checkpoint_dir={checkpoint_dir!r} is a file, not a directory; pass a directory.")
