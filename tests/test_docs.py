@@ -20,6 +20,7 @@ NAMESPACES = {
     "scdoloris.perturbation": "",
     "scdoloris.diffusion": "",
     "scdoloris.module": "",
+    "scdoloris.prediction": "",
     "scdoloris.data": "data",
     "scdoloris.train": "train",
 }

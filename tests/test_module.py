@@ -156,14 +156,22 @@ def test_thresholds_override_reference(two_conditions):
     probs[:, 5:10] = 0.03  # forced off even when the drawn pattern is on
     probs[:, 10] = 0.95  # thresholds are inclusive
     probs[:, 11] = 0.05
-    mask = sample_activation_mask(probs, torch.zeros(40, dtype=torch.long), reference, np.random.default_rng(0))
+    mask = sample_activation_mask(
+        probs, torch.zeros(40, dtype=torch.long), reference, np.random.default_rng(0), strategy="reference"
+    )
     assert mask.shape == probs.shape and mask.dtype == probs.dtype
     assert bool((mask[:, :5] == 1).all()) and bool((mask[:, 10] == 1).all())
     assert bool((mask[:, 5:10] == 0).all()) and bool((mask[:, 11] == 0).all())
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     # Custom thresholds.
     mask = sample_activation_mask(
-        probs, torch.zeros(40, dtype=torch.long), reference, np.random.default_rng(0), high=0.99, low=0.01
+        probs,
+        torch.zeros(40, dtype=torch.long),
+        reference,
+        np.random.default_rng(0),
+        high=0.99,
+        low=0.01,
+        strategy="reference",
     )
     # Nothing is beyond them now: every cell keeps its drawn pattern, which is constant across genes here.
     assert bool((mask == mask[:, :1]).all())
@@ -173,7 +181,9 @@ def test_reference_patterns_are_real_cells(two_conditions):
     low, high = two_conditions
     reference = _reference([low, high], [0, 0])
     probs = torch.full((200, N_GENES), 0.7)  # strictly between the thresholds: no override
-    mask = sample_activation_mask(probs, torch.zeros(200, dtype=torch.long), reference, np.random.default_rng(0))
+    mask = sample_activation_mask(
+        probs, torch.zeros(200, dtype=torch.long), reference, np.random.default_rng(0), strategy="reference"
+    )
     assert all(_rows_in(mask.numpy(), np.concatenate([low, high])))
     assert len({tuple(m) for m in mask.numpy().astype(bool)}) > 10  # a real draw, not one fixed cell
 
@@ -183,14 +193,16 @@ def test_nearest_condition_is_chosen(two_conditions):
     reference = _reference([low, high], [0, 0])
     cell_types = torch.zeros(100, dtype=torch.long)
     near_high = sample_activation_mask(
-        torch.full((100, N_GENES), 0.75), cell_types, reference, np.random.default_rng(0)
+        torch.full((100, N_GENES), 0.75), cell_types, reference, np.random.default_rng(0), strategy="reference"
     )
     assert all(_rows_in(near_high.numpy(), high))
-    near_low = sample_activation_mask(torch.full((100, N_GENES), 0.25), cell_types, reference, np.random.default_rng(0))
+    near_low = sample_activation_mask(
+        torch.full((100, N_GENES), 0.25), cell_types, reference, np.random.default_rng(0), strategy="reference"
+    )
     assert all(_rows_in(near_low.numpy(), low))
     # Per cell: mixed batch.
     probs = torch.cat([torch.full((50, N_GENES), 0.25), torch.full((50, N_GENES), 0.75)])
-    mixed = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(0)).numpy()
+    mixed = sample_activation_mask(probs, cell_types, reference, np.random.default_rng(0), strategy="reference").numpy()
     assert all(_rows_in(mixed[:50], low)) and all(_rows_in(mixed[50:], high))
 
 
@@ -198,7 +210,9 @@ def test_nearest_condition_within_cell_type(two_conditions):
     low, high = two_conditions
     reference = _reference([low, high], [0, 1])
     probs = torch.full((60, N_GENES), 0.75)  # nearest overall is condition 1 (cell type 1)
-    mask = sample_activation_mask(probs, torch.zeros(60, dtype=torch.long), reference, np.random.default_rng(0))
+    mask = sample_activation_mask(
+        probs, torch.zeros(60, dtype=torch.long), reference, np.random.default_rng(0), strategy="reference"
+    )
     assert all(_rows_in(mask.numpy(), low))  # but cell type 0 only has condition 0
 
 
@@ -211,6 +225,7 @@ def test_reference_subset_of_several_conditions(two_conditions):
         reference,
         np.random.default_rng(0),
         n_reference_conditions=2,
+        strategy="reference",
     ).numpy()
     from_low = np.array(_rows_in(mask, low))
     from_high = np.array(_rows_in(mask, high))
@@ -303,7 +318,7 @@ def test_matched_mask_has_the_predicted_frequencies():
     np.testing.assert_allclose(mask[:n].mean(0).numpy(), up.numpy(), atol=0.025)
     np.testing.assert_allclose(mask[n:].mean(0).numpy(), down.numpy(), atol=0.025)
     # The nearest-condition reference cannot follow the shift: its frequencies stay the pool's.
-    nearest = sample_activation_mask(probs, cell_type, reference, np.random.default_rng(0))
+    nearest = sample_activation_mask(probs, cell_type, reference, np.random.default_rng(0), strategy="reference")
     assert np.abs(nearest[:n].mean(0).numpy() - up.numpy()).mean() > 0.05
     # Frequencies the pool's cells cannot reach (every gene at 0.5) are still met, by the coupling.
     half = sample_activation_mask(

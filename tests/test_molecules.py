@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from scdoloris.module import MoleculeEncoder, dose_scale
 from scdoloris.perturbation._molecules import (
-    MoleculeEncoder,
     MoleculeFeatures,
     canonical_smiles,
-    dose_scale,
     morgan_fingerprints,
     tanimoto,
 )

@@ -7,6 +7,7 @@ import torch
 from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
+from scdoloris.module import GraphTensors
 from scdoloris.perturbation import (
     GeneGraph,
     PerturbationEncoder,
@@ -16,7 +17,6 @@ from scdoloris.perturbation import (
     split_perturbation,
     thaw_prior,
 )
-from scdoloris.perturbation._encoder import GraphTensors
 
 
 # ---------------------------------------------------------------------------------------- labels

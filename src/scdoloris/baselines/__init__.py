@@ -1,9 +1,9 @@
 """Baselines that Doloris must beat (``sd.baselines``).
 
-All baselines share one scikit-learn-like interface on AnnData: ``fit(adata, perturbation_key,
-control_value, cell_type_key, layer)``, then ``predict(perturbations, cell_type, n_cells, seed)``
+All baselines share one scikit-learn-like interface on AnnData: ``fit(adata, *, perturbation_key,
+control_value, cell_type_key, layer)``, then ``predict(perturbations, *, cell_type, n_cells, seed)``
 returns cells like :meth:`scdoloris.Doloris.predict_perturbation` (real control cells shifted by
-the predicted mean shift) and ``predict_shift(perturbations, cell_type)`` the mean shifts.
+the predicted mean shift) and ``predict_shift(perturbations, *, cell_type)`` the mean shifts.
 
 - :class:`NoChange`: control cells unchanged.
 - :class:`MeanShift`: control plus the average shift of the training perturbations.

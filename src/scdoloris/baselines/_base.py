@@ -11,7 +11,17 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ..data import expression_matrix, read_rows
 from ..perturbation import split_perturbation
+from ..prediction import (
+    PredictedCells,
+    Sources,
+    draw_controls,
+    given_cells,
+    predicted_anndata,
+    resolve_cell_types,
+    resolve_request,
+)
 
 # The cell-type name Doloris (scvi-tools) gives all cells when no cell-type column is registered, so
 # that baseline predictions line up with Doloris' predictions of the same data.
@@ -23,13 +33,6 @@ CONTROL_KEY = ""
 def canonical(components: Sequence[str]) -> str:
     """Order-free key of a perturbation's components: ``"B+A"`` and ``"A+B"`` are the same condition."""
     return "+".join(sorted(components))
-
-
-def dense_rows(X, rows) -> np.ndarray:
-    """Rows of a dense or sparse matrix as a dense float64 array."""
-    block = X[rows]
-    block = block.toarray() if sparse.issparse(block) else np.asarray(block)
-    return block.astype(np.float64, copy=False)
 
 
 class Baseline(ABC):
@@ -64,13 +67,14 @@ class Baseline(ABC):
     #: Short name of the baseline, written to ``uns["baseline"]`` of predictions.
     name: str = "baseline"
 
-    def __init__(self, clip: bool = True):
+    def __init__(self, *, clip: bool = True):
         self.clip = clip
 
     # ------------------------------------------------------------------ fitting
     def fit(
         self,
         adata: AnnData,
+        *,
         perturbation_key: str = "perturbation",
         control_value: str | Sequence[str] = "control",
         cell_type_key: str | None = None,
@@ -188,29 +192,8 @@ class Baseline(ABC):
     def _shift(self, components: list[list[str]], labels: list[str], cell_type: str) -> np.ndarray:
         """Predicted mean shifts ``(perturbations, genes)`` in ``cell_type``; each baseline defines its own."""
 
-    def _resolve_perturbations(self, perturbations: str | Sequence[str]) -> tuple[list[str], list[list[str]]]:
-        if isinstance(perturbations, str):
-            perturbations = [perturbations]
-        perturbations = list(dict.fromkeys(str(p) for p in perturbations))
-        if not perturbations:
-            raise ValueError("No perturbation given.")
-        components = [split_perturbation(p, self.control_values_) for p in perturbations]
-        empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
-        if empty:
-            raise ValueError(f"{empty} are control labels, not perturbations.")
-        return perturbations, components
-
-    def _resolve_cell_types(self, cell_type: str | Sequence[str] | None) -> list[str]:
-        if cell_type is None:
-            return list(self.cell_types_)
-        asked = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
-        unknown = [c for c in asked if c not in self.cell_types_]
-        if unknown:
-            raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {self.cell_types_}.")
-        return list(dict.fromkeys(asked))
-
     def predict_shift(
-        self, perturbations: str | Sequence[str], cell_type: str | Sequence[str] | None = None
+        self, perturbations: str | Sequence[str], *, cell_type: str | Sequence[str] | None = None
     ) -> pd.DataFrame:
         """Predicted mean shift (perturbed minus control mean expression) per perturbation and cell type.
 
@@ -241,50 +224,35 @@ class Baseline(ABC):
         (2, 20)
         """
         self._check_fitted()
-        labels, components = self._resolve_perturbations(perturbations)
-        types = self._resolve_cell_types(cell_type)
+        request = resolve_request(perturbations, self.control_values_)
+        labels, components = request.perturbations, request.components
+        types = resolve_cell_types(cell_type, self.cell_types_)
         blocks = [self._shift(components, labels, t) for t in types]
         index = pd.MultiIndex.from_tuples([(p, t) for t in types for p in labels], names=["perturbation", "cell_type"])
         return pd.DataFrame(np.concatenate(blocks), index=index, columns=self.genes_)
 
-    def _source_cells(self, adata, cell_type, n_cells, seed):
-        """Control expression, names and cell types of the cells to shift."""
-        if adata is not None:
-            if not isinstance(adata, AnnData):
-                raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
-            missing = self.genes_.difference(adata.var_names)
-            if len(missing):
-                raise ValueError(f"adata lacks {len(missing)} of the training genes, e.g. {list(missing[:5])}.")
-            if self.layer_ is not None and self.layer_ not in adata.layers:
-                raise ValueError(f"adata has no layer {self.layer_!r}, which the baseline was fitted on.")
-            key = self.cell_type_key_
-            if key is not None and key in adata.obs:
-                types = adata.obs[key].astype(str).to_numpy()
-                self._resolve_cell_types(sorted(set(types)))
-            else:
-                if cell_type is None and len(self.cell_types_) > 1:
-                    raise ValueError(f"adata has no column {key!r}; say which cell type its cells are with cell_type=.")
-                types = np.full(adata.n_obs, self._resolve_cell_types(cell_type)[0], dtype=object)
-            view = adata[:, self.genes_]
-            X = view.X if self.layer_ is None else view.layers[self.layer_]
-            return dense_rows(X, np.arange(adata.n_obs)), list(adata.obs_names), list(types)
-
-        if int(n_cells) < 1:
-            raise ValueError(f"n_cells must be at least 1, got {n_cells}.")
-        # The same draw as Doloris.predict_perturbation: one stream, cell types in order.
-        rng = np.random.default_rng(seed)
-        rows, types = [], []
-        for name in self._resolve_cell_types(cell_type):
-            pool = self.control_rows_[name]
-            rows.append(np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells)))
-            types += [name] * n_cells
-        rows = np.concatenate(rows)
-        X = self.adata_.X if self.layer_ is None else self.adata_.layers[self.layer_]
-        return dense_rows(X, rows), list(self.adata_.obs_names[rows]), types
+    def _source_cells(self, adata, cell_type, n_cells, seed) -> tuple[Sources, np.ndarray]:
+        """The source cells (the same draw as :meth:`scdoloris.Doloris.predict_perturbation`) and their expression."""
+        if adata is None:
+            if int(n_cells) < 1:
+                raise ValueError(f"n_cells must be at least 1, got {n_cells}.")
+            types = resolve_cell_types(cell_type, self.cell_types_)
+            sources = draw_controls(self.adata_, self.control_rows_, types, n_cells, np.random.default_rng(seed))
+            return sources, read_rows(expression_matrix(self.adata_, self.layer_), sources.rows)
+        if not isinstance(adata, AnnData):
+            raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
+        missing = self.genes_.difference(adata.var_names)
+        if len(missing):
+            raise ValueError(f"adata lacks {len(missing)} of the training genes, e.g. {list(missing[:5])}.")
+        if self.layer_ is not None and self.layer_ not in adata.layers:
+            raise ValueError(f"adata has no layer {self.layer_!r}, which the baseline was fitted on.")
+        sources = given_cells(adata, self.cell_type_key_, cell_type, self.cell_types_)
+        return sources, read_rows(expression_matrix(adata[:, self.genes_], self.layer_), sources.rows)
 
     def predict(
         self,
         perturbations: str | Sequence[str],
+        *,
         cell_type: str | Sequence[str] | None = None,
         n_cells: int = 100,
         seed: int = 0,
@@ -330,38 +298,17 @@ class Baseline(ABC):
         (20, 20)
         """
         self._check_fitted()
-        labels, _ = self._resolve_perturbations(perturbations)
-        x, names, types = self._source_cells(adata, cell_type, n_cells, seed)
-        types = np.asarray(types, dtype=object)
-        shifts = self.predict_shift(labels, list(dict.fromkeys(types)))
+        request = resolve_request(perturbations, self.control_values_)
+        sources, x = self._source_cells(adata, cell_type, n_cells, seed)
+        types = np.asarray(sources.cell_types, dtype=object)
+        shifts = self.predict_shift(request.perturbations, cell_type=list(dict.fromkeys(types)))
         blocks = []
-        for p in labels:
-            shift = shifts.xs(p, level="perturbation").loc[types].to_numpy()
-            block = x + shift
-            if self.clip:
-                block = np.clip(block, 0.0, None)
-            blocks.append(block.astype(np.float32))
-        n = len(names)
-        pert_column = np.repeat(labels, n)
-        type_column = np.tile(types.astype(str), len(labels))
-        obs = pd.DataFrame(
-            {
-                "perturbation": pd.Categorical(pert_column, categories=labels),
-                "cell_type": pd.Categorical(type_column),
-                "dose": np.full(len(pert_column), np.nan),
-                "control_cell": np.tile(np.asarray(names, dtype=object), len(labels)),
-                "is_predicted": True,
-            }
-        )
-        # Also under the user's own column names, so predictions concatenate with their data.
-        for user_key, column in [(self.perturbation_key_, "perturbation"), (self.cell_type_key_, "cell_type")]:
-            if user_key is not None and user_key not in obs:
-                obs[user_key] = obs[column]
-        counter = obs.groupby(["perturbation", "cell_type"], observed=True).cumcount().to_numpy()
-        obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(pert_column, type_column, counter, strict=True)]
-        result = AnnData(X=np.concatenate(blocks), obs=obs, var=self.adata_.var.copy())
-        result.uns["baseline"] = {"name": self.name}
-        return result
+        for p in request.perturbations:
+            block = x + shifts.xs(p, level="perturbation").loc[types].to_numpy()
+            blocks.append((np.clip(block, 0.0, None) if self.clip else block).astype(np.float32))
+        cells = PredictedCells(np.concatenate(blocks), uns={"baseline": {"name": self.name}})
+        obs_keys = {"perturbation": self.perturbation_key_, "cell_type": self.cell_type_key_}
+        return predicted_anndata(cells, request, sources, self.adata_.var, obs_keys=obs_keys)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())

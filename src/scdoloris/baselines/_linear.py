@@ -7,8 +7,9 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from ..data import auto_graph, expression_matrix, read_rows
 from ..perturbation import resolve_gene_graph
-from ._base import CONTROL_KEY, Baseline, dense_rows
+from ._base import CONTROL_KEY, Baseline
 
 # Control cells correlated for a co-expression graph, as in Doloris' training summary.
 _MAX_COEXPRESSION_CELLS = 5000
@@ -81,7 +82,7 @@ class Linear(Baseline):
     name = "linear"
 
     def __init__(
-        self, n_components: int = 10, ridge: float = 0.1, gene_graph="auto", max_hops: int = 2, clip: bool = True
+        self, *, n_components: int = 10, ridge: float = 0.1, gene_graph="auto", max_hops: int = 2, clip: bool = True
     ):
         super().__init__(clip=clip)
         if int(n_components) < 1:
@@ -110,17 +111,14 @@ class Linear(Baseline):
         spec = self.gene_graph
         genes = [str(g) for g in self.genes_]
         if isinstance(spec, str) and spec == "auto":
-            from ..data._summary import _auto_graph  # the rule Doloris applies
-
-            spec = _auto_graph(components, genes)
+            spec = auto_graph(components, genes)  # the rule Doloris applies
         specs = spec if isinstance(spec, list | tuple) else [spec]
         controls = None
         if any(isinstance(s, str) and s == "coexpression" for s in specs):
             rows = np.concatenate(list(self.control_rows_.values()))
             if len(rows) > _MAX_COEXPRESSION_CELLS:
                 rows = np.sort(np.random.default_rng(0).choice(rows, _MAX_COEXPRESSION_CELLS, replace=False))
-            X = self.adata_.X if self.layer_ is None else self.adata_.layers[self.layer_]
-            controls = dense_rows(X, rows)
+            controls = read_rows(expression_matrix(self.adata_, self.layer_), rows)
         return resolve_gene_graph(spec, controls, genes)
 
     def _build_neighbours(self, edges: pd.DataFrame | None) -> None:

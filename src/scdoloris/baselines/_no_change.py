@@ -4,7 +4,9 @@ import anndata as ad
 import numpy as np
 
 
-def no_change(control: ad.AnnData, perturbations: list[str], n_cells: int | None = None, seed: int = 0) -> ad.AnnData:
+def no_change(
+    control: ad.AnnData, perturbations: list[str], *, n_cells: int | None = None, seed: int = 0
+) -> ad.AnnData:
     """The "no change" baseline: real control cells stand for every perturbation.
 
     Parameters

@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import baselines, metrics
+from ..data import to_dense
 from ._splits import SINGLE_CELL_TYPE, Split
 
 DEFAULT_METRICS = ("e_distance", "emd", "mean_rmse", "pearson_delta")
@@ -25,7 +26,7 @@ METRICS = {
 
 
 class DolorisMethod:
-    """Doloris behind the same ``fit(adata, split, seed)`` / ``predict(...)`` interface as the baselines.
+    """Doloris behind the same ``fit(adata, split, *, seed)`` / ``predict(...)`` interface as the baselines.
 
     Parameters
     ----------
@@ -52,6 +53,7 @@ class DolorisMethod:
         self,
         model_kwargs: Mapping | None = None,
         train_kwargs: Mapping | None = None,
+        *,
         predict_kwargs: Mapping | None = None,
         name: str = "doloris",
     ):
@@ -66,7 +68,7 @@ class DolorisMethod:
         """The same trained model predicting with other ``predict_kwargs``; list it after this method."""
         return SharedDolorisMethod(self, name, predict_kwargs)
 
-    def fit(self, train: ad.AnnData, split: Split, seed: int) -> DolorisMethod:
+    def fit(self, train: ad.AnnData, split: Split, *, seed: int) -> DolorisMethod:
         """Register ``train`` (a copy), build and train a model with ``seed``."""
         import scvi
 
@@ -92,7 +94,14 @@ class DolorisMethod:
         return self
 
     def predict(
-        self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
+        self,
+        perturbations: Sequence[str],
+        *,
+        cell_type: str | None,
+        n_cells: int,
+        seed: int,
+        dose=None,
+        smiles=None,
     ) -> ad.AnnData:
         """Generated cells of ``perturbations`` in ``cell_type`` (at ``dose``; ``smiles`` of molecules)."""
         return self._predict(perturbations, cell_type, n_cells, seed, dose, smiles, self.predict_kwargs)
@@ -137,14 +146,21 @@ class SharedDolorisMethod:
         self.name = name
         self.predict_kwargs = dict(predict_kwargs)
 
-    def fit(self, train: ad.AnnData, split: Split, seed: int) -> SharedDolorisMethod:
+    def fit(self, train: ad.AnnData, split: Split, *, seed: int) -> SharedDolorisMethod:
         """Check that the parent was fitted on this seed (methods are fitted in list order)."""
         if self.parent.model is None or self.parent.fitted_seed != seed:
             raise ValueError(f"{self.name!r} shares {self.parent.name!r}'s model: list {self.parent.name!r} before it.")
         return self
 
     def predict(
-        self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
+        self,
+        perturbations: Sequence[str],
+        *,
+        cell_type: str | None,
+        n_cells: int,
+        seed: int,
+        dose=None,
+        smiles=None,
     ) -> ad.AnnData:
         """Generated cells from the parent's model with this variant's settings."""
         kwargs = {**self.parent.predict_kwargs, **self.predict_kwargs}
@@ -177,7 +193,7 @@ class BaselineMethod:
         self.factory = factory
         self.fitted = None
 
-    def fit(self, train: ad.AnnData, split: Split, seed: int) -> BaselineMethod:
+    def fit(self, train: ad.AnnData, split: Split, *, seed: int) -> BaselineMethod:
         """Fit a fresh baseline on ``train``; with doses, each (perturbation, dose) is its own label."""
         key = split.perturbation_key
         if split.dose_key is not None:
@@ -190,7 +206,14 @@ class BaselineMethod:
         return self
 
     def predict(
-        self, perturbations: Sequence[str], cell_type: str | None, n_cells: int, seed: int, dose=None, smiles=None
+        self,
+        perturbations: Sequence[str],
+        *,
+        cell_type: str | None,
+        n_cells: int,
+        seed: int,
+        dose=None,
+        smiles=None,
     ) -> ad.AnnData:
         """Predicted cells of ``perturbations`` in ``cell_type`` (at ``dose``)."""
         if dose is not None:
@@ -216,7 +239,7 @@ def _dosed_labels(adata: ad.AnnData, split: Split) -> pd.Categorical:
 
 
 def default_methods(
-    model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None, gene_graph="auto"
+    *, model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None, gene_graph="auto"
 ) -> list:
     """Doloris and every baseline: no change, mean shift, additive, linear.
 
@@ -242,7 +265,7 @@ def default_methods(
     ['doloris', 'no_change', 'mean_shift', 'additive', 'linear']
     """
     return [
-        DolorisMethod({"gene_graph": gene_graph, **(model_kwargs or {})}, train_kwargs),
+        DolorisMethod(model_kwargs={"gene_graph": gene_graph, **(model_kwargs or {})}, train_kwargs=train_kwargs),
         BaselineMethod("no_change", baselines.NoChange),
         BaselineMethod("mean_shift", baselines.MeanShift),
         BaselineMethod("additive", baselines.Additive),
@@ -304,7 +327,7 @@ class BenchmarkResult:
         grouped = self.scores.groupby(["gene_set", "metric", "method"], sort=False)["value"]
         return grouped.agg(["mean", "std", "count"]).reset_index()
 
-    def to_markdown(self, digits: int = 3) -> str:
+    def to_markdown(self, *, digits: int = 3) -> str:
         """One table per gene set: methods as rows, ``mean ± std`` per metric as columns."""
         summary = self.summary()
         lines = []
@@ -329,7 +352,7 @@ class BenchmarkResult:
             lines.append(f"Not predicted: {self.failures.groupby('method').size().to_dict()} condition(s) per method.")
         return "\n".join(lines)
 
-    def wins(self, metric: str = "e_distance", gene_set: str = "all", against: str | None = None) -> pd.Series:
+    def wins(self, *, metric: str = "e_distance", gene_set: str = "all", against: str | None = None) -> pd.Series:
         """For each method, the fraction of (condition, seed) pairs where Doloris scores lower."""
         table = self.scores[(self.scores["metric"] == metric) & (self.scores["gene_set"] == gene_set)]
         index = [c for c in ("seed", "perturbation", "cell_type", "dose") if c in table.columns]
@@ -342,15 +365,12 @@ class BenchmarkResult:
         return pd.Series(wins, name=f"doloris_wins_{metric}")
 
 
-def _dense(matrix) -> np.ndarray:
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
-
-
 def score_condition(
     predicted: ad.AnnData,
     real: ad.AnnData,
     control: ad.AnnData,
     gene_sets: Mapping[str, Sequence[str] | None],
+    *,
     metric_names: Sequence[str] = DEFAULT_METRICS,
 ) -> list[dict]:
     """Every metric over every gene set for one condition (log1p scale).
@@ -385,7 +405,7 @@ def score_condition(
     >>> real = adata[adata.obs["perturbation"] == "G001+G002"]
     >>> control = adata[adata.obs["perturbation"] == "control"]
     >>> gene_sets = {"all": None, "first5": list(adata.var_names[:5])}
-    >>> rows = sd.benchmark.score_condition(real, real, control, gene_sets, ["e_distance", "mean_rmse"])
+    >>> rows = sd.benchmark.score_condition(real, real, control, gene_sets, metric_names=["e_distance", "mean_rmse"])
     >>> [(row["gene_set"], row["metric"], round(row["value"], 6)) for row in rows]
     [('all', 'e_distance', 0.0), ('all', 'mean_rmse', 0.0), ('first5', 'e_distance', 0.0), ('first5', 'mean_rmse', 0.0)]
     """
@@ -394,9 +414,9 @@ def score_condition(
         columns = slice(None) if genes is None else real.var_names.get_indexer(list(genes))
         if genes is not None and (columns < 0).any():
             raise KeyError(f"Genes of set {gene_set!r} are not in the data.")
-        p = _dense(predicted[:, columns].X)
-        r = _dense(real[:, columns].X)
-        c = _dense(control[:, columns].X)
+        p = to_dense(predicted[:, columns].X)
+        r = to_dense(real[:, columns].X)
+        c = to_dense(control[:, columns].X)
         for name in metric_names:
             if name not in METRICS:
                 raise ValueError(f"Unknown metric {name!r}; choose from {sorted(METRICS)}.")
@@ -409,6 +429,7 @@ def run_benchmark(
     adata: ad.AnnData,
     split: Split | Callable[[int], Split],
     methods: Sequence | None = None,
+    *,
     seeds: Sequence[int] = (0,),
     n_cells: int = 100,
     n_de_genes: Sequence[int] = (20, 40),
@@ -430,8 +451,8 @@ def run_benchmark(
         A :class:`Split`, or a function of the seed returning one (for seeded splits: every seed
         gets its own split).
     methods
-        Objects with ``name``, ``fit(train, split, seed)`` and ``predict(perturbations, cell_type,
-        n_cells, seed)``; :func:`default_methods` by default.
+        Objects with ``name``, ``fit(train, split, *, seed)`` and ``predict(perturbations, *,
+        cell_type, n_cells, seed, dose, smiles)``; :func:`default_methods` by default.
     seeds
         Seeds; each refits every method.
     n_cells
@@ -480,7 +501,7 @@ def run_benchmark(
                 bar.set_postfix_str(f"seed {seed}, {method.name}")
                 start = time.perf_counter()
                 try:
-                    method.fit(train, current, seed)
+                    method.fit(train, current, seed=seed)
                 except (KeyError, ValueError) as error:
                     # E.g. the linear baseline fits per cell type and cannot fit one never seen perturbed.
                     for condition in current.test.to_dict("records"):
@@ -502,7 +523,7 @@ def run_benchmark(
                         key = (perturbation, cell_type, dose)
                         if key not in de_cache:
                             de_cache[key] = _de_gene_sets(adata, current, perturbation, ct, n_de_genes, dose)
-                        for row in score_condition(predicted, real, control, de_cache[key], metric_names):
+                        for row in score_condition(predicted, real, control, de_cache[key], metric_names=metric_names):
                             rows.append(ids | row)
                 seconds[(seed, method.name)] = time.perf_counter() - start
                 bar.update()
@@ -522,7 +543,9 @@ def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, se
     doses = [r["dose"] for r in records] if records and "dose" in records[0] else None
     needed = {c: smiles[c] for p in perturbations for c in p.split("+") if c in smiles}
     try:
-        predicted = method.predict(perturbations, cell_type, n_cells, seed, dose=doses, smiles=needed)
+        predicted = method.predict(
+            perturbations, cell_type=cell_type, n_cells=n_cells, seed=seed, dose=doses, smiles=needed
+        )
     except (KeyError, ValueError):
         predicted = None
     if predicted is not None and predicted.n_obs == len(records) * n_cells:
@@ -533,7 +556,10 @@ def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, se
         dose = r.get("dose")
         needed = {c: smiles[c] for c in r["perturbation"].split("+") if c in smiles}
         try:
-            results.append((r, method.predict([r["perturbation"]], cell_type, n_cells, seed, dose=dose, smiles=needed)))
+            predicted = method.predict(
+                [r["perturbation"]], cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose, smiles=needed
+            )
+            results.append((r, predicted))
         except (KeyError, ValueError) as error:
             results.append((r, error))
     return results

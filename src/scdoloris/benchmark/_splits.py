@@ -138,6 +138,7 @@ def _components(labels: pd.Series, control_values: Sequence[str]) -> pd.Series:
 
 def singles_to_doubles(
     adata: ad.AnnData,
+    *,
     perturbation_key: str = "perturbation",
     control_value: str | list[str] = "control",
     cell_type_key: str | None = None,
@@ -163,6 +164,7 @@ def singles_to_doubles(
 
 def unseen_perturbations(
     adata: ad.AnnData,
+    *,
     perturbation_key: str = "perturbation",
     control_value: str | list[str] = "control",
     cell_type_key: str | None = None,
@@ -201,6 +203,7 @@ def unseen_perturbations(
 def unseen_cell_type(
     adata: ad.AnnData,
     cell_type: str,
+    *,
     perturbation_key: str = "perturbation",
     control_value: str | list[str] = "control",
     cell_type_key: str = "cell_type",
@@ -257,6 +260,7 @@ def _drug_table(adata, perturbation_key, control_value, cell_type_key, dose_key)
 def unseen_molecules(
     adata: ad.AnnData,
     molecules: Sequence[str] | None = None,
+    *,
     perturbation_key: str = "perturbation",
     control_value: str | list[str] = "control",
     cell_type_key: str | None = "cell_type",
@@ -310,6 +314,7 @@ def unseen_molecules(
 
 def unseen_drug_cell_dose(
     adata: ad.AnnData,
+    *,
     perturbation_key: str = "perturbation",
     control_value: str | list[str] = "control",
     cell_type_key: str | None = "cell_type",

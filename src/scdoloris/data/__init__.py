@@ -1,5 +1,12 @@
-"""What Doloris keeps of its training data: scale, control statistics, graph features, mask references."""
+"""What Doloris keeps of its training data: scale, control statistics, graph features, mask references.
 
-from ._summary import TrainingSummary, summarize_training_data
+Also the package's one way of reading expression rows as dense arrays (:func:`read_rows`,
+:func:`to_dense`, :func:`expression_matrix`), and the rule behind ``gene_graph="auto"`` (:func:`auto_graph`).
+"""
 
-__all__ = ["TrainingSummary", "summarize_training_data"]
+from ._mudata import prepare_mudata as prepare_mudata  # used by scdoloris.model
+from ._mudata import registered_modality as registered_modality  # used by scdoloris.model
+from ._rows import expression_matrix, read_rows, to_dense
+from ._summary import TrainingSummary, auto_graph, summarize_training_data
+
+__all__ = ["TrainingSummary", "auto_graph", "expression_matrix", "read_rows", "summarize_training_data", "to_dense"]

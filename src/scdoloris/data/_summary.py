@@ -15,6 +15,8 @@ from ..perturbation import (
     split_perturbation,
     thaw_prior,
 )
+from ._rows import is_in_memory as is_in_memory  # moved to ._rows; re-exported for existing importers
+from ._rows import read_rows  # also still imported from here by model/_doloris.py (to switch to ..data)
 
 N_NODE_FEATURES = 32
 # Pseudo-count of nonzero values with which per-condition moments lean on their cell type's.
@@ -28,31 +30,6 @@ MAX_COEXPRESSION_CELLS = 5000
 def block_rows(n_genes: int) -> int:
     """Rows read at a time from a matrix of ``n_genes`` columns, so that a dense block stays small."""
     return int(np.clip(BLOCK_VALUES // max(n_genes, 1), 64, MAX_BLOCK_ROWS))
-
-
-def is_in_memory(X) -> bool:
-    """Whether ``X`` is a numpy array or scipy sparse matrix (not an on-disk, backed one)."""
-    return isinstance(X, np.ndarray) or sparse.issparse(X)
-
-
-def read_rows(X, rows: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """Rows of ``X`` (dense, sparse or backed) as a dense array, in the order given; repeats allowed.
-
-    On-disk matrices (h5py datasets, anndata's backed sparse datasets) are read once per distinct
-    row in increasing order, which is what h5py requires, and as one slice when the rows are
-    contiguous, the fast case for both formats.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if is_in_memory(X) or len(rows) == 0:
-        block = X[rows]
-    else:
-        unique, inverse = np.unique(rows, return_inverse=True)
-        contiguous = unique[-1] - unique[0] + 1 == len(unique)
-        block = X[int(unique[0]) : int(unique[-1]) + 1] if contiguous else X[unique]
-        if len(unique) != len(rows) or not np.array_equal(unique, rows):
-            block = block[inverse.ravel()]
-    block = block.toarray() if sparse.issparse(block) else np.asarray(block)
-    return block.astype(dtype, copy=False)
 
 
 def _row_block(X, start: int, stop: int):
@@ -258,7 +235,78 @@ def summarize_training_data(
     ([True, False, False], (6, 32))
     """
     rng = np.random.default_rng(seed)
-    n_cells, n_genes = X.shape
+    conditions = _conditions(
+        X.shape[0], perturbation_codes, cell_type_codes, perturbation_labels, cell_types, control_values, doses
+    )
+    statistics = _expression_statistics(X, conditions, len(cell_types))
+    # The reference cells are drawn from ``rng`` before the co-expression cells: same seed, same draws.
+    reference_masks, reference_condition = _reference_masks(
+        X, conditions.of_cell, len(conditions.keys), reference_cells_per_condition, rng
+    )
+    tokens = _perturbation_tokens(
+        X,
+        perturbation_codes,
+        perturbation_labels,
+        control_values,
+        gene_names,
+        conditions.cell_is_control,
+        gene_graph,
+        smiles,
+        molecule_table,
+        rng,
+    )
+    x_max = statistics.x_max
+    return TrainingSummary(
+        x_max=x_max,
+        cell_types=[str(c) for c in cell_types],
+        control_mean=statistics.control_mean.astype(np.float32),
+        control_std=statistics.control_std.astype(np.float32),
+        cell_type_expressed_mean=(statistics.type_mean / x_max).astype(np.float32),
+        cell_type_expressed_std=(np.sqrt(statistics.type_var) / x_max).astype(np.float32),
+        perturbation_labels=[str(p) for p in perturbation_labels],
+        is_control=conditions.is_control,
+        categories=tokens.categories,
+        train_recipes=tokens.train_recipes,
+        graph=tokens.graph.to_dict(),
+        node_features=_node_features(statistics.means, tokens.graph.n_nodes),
+        condition_perturbation=conditions.keys[:, 0],
+        condition_cell_type=conditions.keys[:, 1],
+        condition_frequencies=statistics.frequencies.astype(np.float32),
+        condition_expressed_mean=(statistics.expressed_mean / x_max).astype(np.float32),
+        condition_expressed_std=(np.sqrt(statistics.expressed_var) / x_max).astype(np.float32),
+        reference_masks=reference_masks,
+        reference_condition=reference_condition,
+        control_values=list(control_values),
+        molecules=tokens.molecules.to_dict() if tokens.molecules is not None else {},
+        molecule_recipes=tokens.molecule_recipes,
+        dose_values=conditions.dose_values.astype(np.float32),
+        condition_dose=conditions.keys[:, 2],
+    )
+
+
+# ---------------------------------------------------------------------------------------- conditions
+@dataclass(frozen=True)
+class _Conditions:
+    """The training conditions: the (perturbation label, cell type, dose) groups present in the data."""
+
+    is_control: np.ndarray  # (labels,) whether a registered label is a control label
+    cell_is_control: np.ndarray  # (cells,) unperturbed: a control label or dose 0
+    dose_values: np.ndarray  # distinct doses (a single 0 without doses), indexed by keys[:, 2]
+    keys: np.ndarray  # (conditions, 3): perturbation label code, cell type code, dose code
+    of_cell: np.ndarray  # (cells,) condition of each cell
+    is_control_condition: np.ndarray  # (conditions,)
+
+
+def _conditions(
+    n_cells: int,
+    perturbation_codes: np.ndarray,
+    cell_type_codes: np.ndarray,
+    perturbation_labels: Sequence[str],
+    cell_types: Sequence[str],
+    control_values: Sequence[str],
+    doses: np.ndarray | None,
+) -> _Conditions:
+    """Group the cells into conditions; raise if a cell type has no control cells."""
     n_types = len(cell_types)
     controls = set(control_values)
     is_control = np.array([label in controls for label in perturbation_labels])
@@ -288,16 +336,44 @@ def summarize_training_data(
     is_control_condition = condition_keys[:, 0] == -1
     control_code = np.flatnonzero(is_control)[0] if is_control.any() else perturbation_codes[cell_is_control][0]
     condition_keys[is_control_condition, 0] = control_code
-    condition_of_cell = condition_of_cell.ravel()
-    n_conditions = len(condition_keys)
+    return _Conditions(
+        is_control=is_control,
+        cell_is_control=cell_is_control,
+        dose_values=dose_values,
+        keys=condition_keys,
+        of_cell=condition_of_cell.ravel(),
+        is_control_condition=is_control_condition,
+    )
+
+
+# ------------------------------------------------------------------------------ expression statistics
+@dataclass(frozen=True)
+class _ExpressionStatistics:
+    """Moments of the expression per condition and cell type (log1p scale unless noted)."""
+
+    x_max: float  # largest value: the [0, 1] scale divides by it
+    means: np.ndarray  # (conditions, genes)
+    frequencies: np.ndarray  # (conditions, genes) fraction with x != 0
+    control_mean: np.ndarray  # (cell types, genes) of the control cells, [0, 1] scale
+    control_std: np.ndarray
+    type_mean: np.ndarray  # (cell types, genes) moments of the nonzero values, all conditions
+    type_var: np.ndarray
+    expressed_mean: np.ndarray  # (conditions, genes) the same per condition, shrunk towards the cell type's
+    expressed_var: np.ndarray
+
+
+def _accumulate(X, condition_of_cell: np.ndarray, n_conditions: int):
+    """Per condition and gene: sum, sum of squares and count of nonzero values, and the largest value.
+
+    One pass in row blocks with exact accumulators, so a sparse or backed matrix is never densified
+    whole. Each block is added per condition by a 0/1 matrix product, which keeps sparse blocks sparse.
+    Raises on NaN, infinite, negative or only zero values.
+    """
+    n_cells, n_genes = X.shape
     sums = np.zeros((n_conditions, n_genes))
     squares = np.zeros((n_conditions, n_genes))
     nonzero = np.zeros((n_conditions, n_genes))
-    counts = np.bincount(condition_of_cell, minlength=n_conditions).astype(np.float64)
     x_max = 0.0
-    # One pass in row blocks with exact accumulators (sums, sums of squares, nonzero counts), so a
-    # sparse or backed matrix is never densified whole. Each block is added per condition by a
-    # 0/1 matrix product, which keeps sparse blocks sparse.
     step = block_rows(n_genes)
     for start in range(0, n_cells, step):
         stop = min(start + step, n_cells)
@@ -326,20 +402,27 @@ def summarize_training_data(
             nonzero += indicator @ (block != 0).astype(np.float64)
     if x_max <= 0:
         raise ValueError("The expression matrix is all zeros.")
-    means = sums / counts[:, None]
-    frequencies = nonzero / counts[:, None]
+    return sums, squares, nonzero, x_max
+
+
+def _expression_statistics(X, conditions: _Conditions, n_types: int) -> _ExpressionStatistics:
+    """Read ``X`` once and reduce it to per-condition and per-cell-type moments."""
+    n_conditions = len(conditions.keys)
+    counts = np.bincount(conditions.of_cell, minlength=n_conditions).astype(np.float64)
+    sums, squares, nonzero, x_max = _accumulate(X, conditions.of_cell, n_conditions)
+    n_genes = sums.shape[1]
 
     # Control statistics per cell type on the [0, 1] scale (Eq. 12).
     control_mean = np.zeros((n_types, n_genes))
     control_std = np.zeros((n_types, n_genes))
-    control_groups = [np.flatnonzero(is_control_condition & (condition_keys[:, 1] == c)) for c in range(n_types)]
-    for c, groups in enumerate(control_groups):
+    type_of_condition = conditions.keys[:, 1]
+    for c in range(n_types):
+        groups = np.flatnonzero(conditions.is_control_condition & (type_of_condition == c))
         n = counts[groups].sum()
         mean = sums[groups].sum(axis=0) / n
         var = np.maximum(squares[groups].sum(axis=0) / n - mean**2, 0.0)
         control_mean[c], control_std[c] = mean / x_max, np.sqrt(var) / x_max
     # Nonzero moments: per cell type over all its training cells, then per condition shrunk towards them.
-    type_of_condition = condition_keys[:, 1]
     type_sums = np.stack([sums[type_of_condition == c].sum(axis=0) for c in range(n_types)])
     type_squares = np.stack([squares[type_of_condition == c].sum(axis=0) for c in range(n_types)])
     type_nonzero = np.stack([nonzero[type_of_condition == c].sum(axis=0) for c in range(n_types)])
@@ -352,17 +435,44 @@ def summarize_training_data(
     expressed_mean, expressed_var = _expressed_moments(
         sums, squares, nonzero, type_mean[type_of_condition], type_var[type_of_condition]
     )
+    return _ExpressionStatistics(
+        x_max=x_max,
+        means=sums / counts[:, None],
+        frequencies=nonzero / counts[:, None],
+        control_mean=control_mean,
+        control_std=control_std,
+        type_mean=type_mean,
+        type_var=type_var,
+        expressed_mean=expressed_mean,
+        expressed_var=expressed_var,
+    )
 
-    # Reference cells for the mask (A.11), grouped by condition.
+
+def _node_features(means: np.ndarray, n_nodes: int) -> np.ndarray:
+    """Frozen features of the graph's nodes: PCA features for the measured genes, zeros for the rest."""
+    node_features = np.zeros((n_nodes, N_NODE_FEATURES), dtype=np.float32)
+    node_features[: means.shape[1]] = _pca_node_features(means.T)
+    return node_features
+
+
+# ---------------------------------------------------------------------------------- reference masks
+def _reference_masks(
+    X, condition_of_cell: np.ndarray, n_conditions: int, per_condition: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Packed ``x != 0`` of up to ``per_condition`` real cells per condition (A.11), and their condition.
+
+    The masks are in condition order; rows are read in sorted blocks (bounded memory, sorted rows for
+    h5py) and packed to bits block by block.
+    """
     reference_rows = []
     for g in range(n_conditions):
         members = np.flatnonzero(condition_of_cell == g)
-        if len(members) > reference_cells_per_condition:
-            members = np.sort(rng.choice(members, reference_cells_per_condition, replace=False))
+        if len(members) > per_condition:
+            members = np.sort(rng.choice(members, per_condition, replace=False))
         reference_rows.append(members)
     reference_condition = np.concatenate([np.full(len(r), g) for g, r in enumerate(reference_rows)])
     reference_rows = np.concatenate(reference_rows)
-    # Read in sorted blocks (bounded memory; sorted rows for h5py), packed to bits block by block.
+    step = block_rows(X.shape[1])
     sorted_rows = np.sort(reference_rows)
     reference_masks = np.concatenate(
         [
@@ -372,11 +482,28 @@ def summarize_training_data(
     )
     # Rows were read in sorted order: put them back in condition order.
     order = np.argsort(np.argsort(reference_rows))
-    reference_masks = reference_masks[order]
+    return reference_masks[order], reference_condition
 
-    # Perturbation components: molecules (with a SMILES), genes known to the graph prior, the rest
-    # learned categories.
-    components = [split_perturbation(label, control_values) for label in perturbation_labels]
+
+# ------------------------------------------------------------- perturbation tokens: molecules, graph
+@dataclass(frozen=True)
+class _Tokens:
+    """How the perturbations are embedded: gene graph nodes, learned categories and molecules."""
+
+    graph: GeneGraph
+    categories: list[str]  # components that are neither molecules nor graph nodes
+    train_recipes: np.ndarray  # (labels, width) token rows of the gene and category components
+    molecules: MoleculeFeatures | None
+    molecule_recipes: np.ndarray  # (labels, width) molecule rows, -1 padded
+
+
+def _molecules(
+    components: list[list[str]],
+    perturbation_codes: np.ndarray,
+    smiles: Sequence[str] | None,
+    molecule_table: pd.DataFrame | None,
+) -> tuple[dict[str, str | None], MoleculeFeatures | None]:
+    """The components that are molecules (with a SMILES, or named in ``molecule_table``) and their features."""
     molecule_smiles = _molecule_smiles(components, perturbation_codes, smiles) if smiles is not None else {}
     if molecule_table is not None:
         in_table = {str(name) for name in molecule_table.index}
@@ -387,9 +514,28 @@ def summarize_training_data(
                 "molecule_table was given, but no perturbation is a molecule: register a SMILES column "
                 "(setup_anndata(..., smiles_key=...)) or index the table by the perturbation labels' components."
             )
-        molecules = MoleculeFeatures.from_table(molecule_table, molecule_smiles)
-    else:
-        molecules = MoleculeFeatures.from_smiles(molecule_smiles) if molecule_smiles else None
+        return molecule_smiles, MoleculeFeatures.from_table(molecule_table, molecule_smiles)
+    return molecule_smiles, MoleculeFeatures.from_smiles(molecule_smiles) if molecule_smiles else None
+
+
+def _perturbation_tokens(
+    X,
+    perturbation_codes: np.ndarray,
+    perturbation_labels: Sequence[str],
+    control_values: Sequence[str],
+    gene_names: Sequence[str],
+    cell_is_control: np.ndarray,
+    gene_graph,
+    smiles: Sequence[str] | None,
+    molecule_table: pd.DataFrame | None,
+    rng: np.random.Generator,
+) -> _Tokens:
+    """Perturbation components: molecules (with a SMILES), genes known to the graph prior, the rest learned categories.
+
+    A co-expression prior is computed from up to ``MAX_COEXPRESSION_CELLS`` control cells of ``X``.
+    """
+    components = [split_perturbation(label, control_values) for label in perturbation_labels]
+    molecule_smiles, molecules = _molecules(components, perturbation_codes, smiles, molecule_table)
     gene_components = [[c for c in comps if c not in molecule_smiles] for comps in components]
     all_components = sorted({c for comps in gene_components for c in comps})
     gene_names = [str(g) for g in gene_names]
@@ -397,49 +543,20 @@ def summarize_training_data(
     if len(control_rows) > MAX_COEXPRESSION_CELLS:
         control_rows = np.sort(rng.choice(control_rows, MAX_COEXPRESSION_CELLS, replace=False))
     if isinstance(gene_graph, str) and gene_graph == "auto":
-        gene_graph = _auto_graph(all_components, gene_names)
+        gene_graph = auto_graph(all_components, gene_names)
     specs = gene_graph if isinstance(gene_graph, list | tuple) else [gene_graph]
     needs_controls = any(isinstance(s, str) and s == "coexpression" for s in specs)
     frozen = freeze_prior(gene_graph, read_rows(X, control_rows) if needs_controls else None, gene_names)
     graph = GeneGraph.build(thaw_prior(frozen), gene_names, all_components, frozen)
     node_set = set(graph.nodes)
     categories = [c for c in all_components if c not in node_set]
-    vocabulary = PerturbationVocabulary(graph.nodes, categories)
-    train_recipes = vocabulary.recipes(gene_components)
+    train_recipes = PerturbationVocabulary(graph.nodes, categories).recipes(gene_components)
     if molecules is not None:
         molecule_components = [[c for c in comps if c in molecule_smiles] for comps in components]
         molecule_recipes, _ = molecules.recipes(molecule_components, [0.0] * len(components))
     else:
         molecule_recipes = np.full((len(components), 1), -1, dtype=np.int64)
-
-    node_features = np.zeros((graph.n_nodes, N_NODE_FEATURES), dtype=np.float32)
-    node_features[:n_genes] = _pca_node_features(means.T)
-    return TrainingSummary(
-        x_max=x_max,
-        cell_types=[str(c) for c in cell_types],
-        control_mean=control_mean.astype(np.float32),
-        control_std=control_std.astype(np.float32),
-        cell_type_expressed_mean=(type_mean / x_max).astype(np.float32),
-        cell_type_expressed_std=(np.sqrt(type_var) / x_max).astype(np.float32),
-        perturbation_labels=[str(p) for p in perturbation_labels],
-        is_control=is_control,
-        categories=categories,
-        train_recipes=train_recipes,
-        graph=graph.to_dict(),
-        node_features=node_features,
-        condition_perturbation=condition_keys[:, 0],
-        condition_cell_type=condition_keys[:, 1],
-        condition_frequencies=frequencies.astype(np.float32),
-        condition_expressed_mean=(expressed_mean / x_max).astype(np.float32),
-        condition_expressed_std=(np.sqrt(expressed_var) / x_max).astype(np.float32),
-        reference_masks=reference_masks,
-        reference_condition=reference_condition,
-        control_values=list(control_values),
-        molecules=molecules.to_dict() if molecules is not None else {},
-        molecule_recipes=molecule_recipes,
-        dose_values=dose_values.astype(np.float32),
-        condition_dose=condition_keys[:, 2],
-    )
+    return _Tokens(graph, categories, train_recipes, molecules, molecule_recipes)
 
 
 def _split_smiles(value: str) -> list[str]:
@@ -478,8 +595,30 @@ def _molecule_smiles(components, perturbation_codes, smiles) -> dict[str, str]:
     return found
 
 
-def _auto_graph(components: Sequence[str], gene_names: Sequence[str]):
-    """Pick the graph prior from the data: GO for human gene symbols, co-expression for measured genes."""
+def auto_graph(components: Sequence[str], gene_names: Sequence[str]):
+    """The graph prior ``gene_graph="auto"`` stands for, picked from the data.
+
+    ``"go"`` when a perturbed component is a gene of the bundled GO graph (human gene symbols), else
+    ``"coexpression"`` when one is a measured gene, else ``None`` (no prior: all components are
+    learned categories). Doloris and the linear baseline apply this same rule.
+
+    Parameters
+    ----------
+    components
+        Perturbed components (genes or other names) of the training labels.
+    gene_names
+        Measured genes.
+
+    Returns
+    -------
+    ``"go"``, ``"coexpression"`` or ``None``.
+
+    Examples
+    --------
+    >>> from scdoloris.data import auto_graph
+    >>> auto_graph(["G001"], ["G001", "G002"]), auto_graph(["drugA"], ["G001"]), auto_graph([], ["G001"])
+    ('coexpression', None, None)
+    """
     from ..perturbation import go_edges
 
     if not components:

@@ -7,7 +7,7 @@ import anndata as ad
 NORMAN_FILE = "perturbench_devel_norman19_mcfaline23_500hvg_lognorm.h5ad"
 
 
-def norman2019_subset(k562_only: bool = False) -> ad.AnnData:
+def norman2019_subset(*, k562_only: bool = False) -> ad.AnnData:
     """Norman 2019 (K562 CRISPRa) and McFaline-Figueroa 2023 (glioblastoma CRISPRi) development subset.
 
     5,961 cells x 500 highly variable genes, log1p-normalised, bundled with the package (BSD-3, from

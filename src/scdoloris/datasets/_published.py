@@ -52,9 +52,9 @@ PathLike = str | os.PathLike
 
 def adamson2016(
     path: PathLike | None = None,
+    *,
     cache_dir: PathLike | None = None,
     download: bool = True,
-    *,
     url: str | None = None,
     sha256: str | None = None,
 ) -> ad.AnnData:
@@ -119,9 +119,9 @@ def adamson2016(
 
 def norman2019(
     path: PathLike | None = None,
+    *,
     cache_dir: PathLike | None = None,
     download: bool = True,
-    *,
     url: str | None = None,
     sha256: str | None = None,
 ) -> ad.AnnData:
@@ -174,9 +174,9 @@ def norman2019(
 
 def sciplex3(
     path: PathLike | None = None,
+    *,
     cache_dir: PathLike | None = None,
     download: bool = True,
-    *,
     url: str | None = None,
     sha256: str | None = None,
 ) -> ad.AnnData:

@@ -70,6 +70,7 @@ def _single_effect(source: int, adjacency: dict[int, dict[int, float]], n_nodes:
 
 
 def synthetic_perturbations(
+    *,
     n_genes: int = 60,
     n_perturbed_genes: int = 12,
     n_cells_per_condition: int = 80,

@@ -161,6 +161,7 @@ def _hill(dose: float | np.ndarray, ec50: np.ndarray, hill: np.ndarray) -> np.nd
 
 
 def synthetic_drug_perturbations(
+    *,
     n_genes: int = 100,
     n_drugs: int = 40,
     doses: Sequence[float] = (10.0, 100.0, 1000.0, 10000.0),

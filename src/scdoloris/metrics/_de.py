@@ -9,18 +9,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from ..data import expression_matrix
 from ._inputs import Matrix
-
-
-def _matrix_of(adata: AnnData, layer: str | None) -> Matrix:
-    """``adata.X`` or ``adata.layers[layer]``, with a clear error if missing."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError("`adata` has no `.X`; pass `layer`.")
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found in `adata.layers` (available: {list(adata.layers)}).")
-    return adata.layers[layer]
 
 
 def _obs_column(adata: AnnData, key: str, name: str) -> pd.Series:
@@ -97,10 +87,10 @@ def de_genes(
     groupby: str,
     group: Hashable,
     reference: Hashable,
+    *,
     n: int = 20,
     cell_type_key: str | None = None,
     cell_type: Hashable | None = None,
-    *,
     layer: str | None = None,
     rankby_abs: bool = True,
 ) -> list:
@@ -194,7 +184,7 @@ def de_genes(
         raise ValueError(f"No cells with {groupby} == {group!r}{where}.")
     if not in_reference.any():
         raise ValueError(f"No cells with {groupby} == {reference!r}{where}.")
-    x = _matrix_of(adata, layer)
+    x = expression_matrix(adata, layer)
     ranked = rank_genes(
         x[np.flatnonzero(in_group)],
         x[np.flatnonzero(in_reference)],

@@ -7,7 +7,8 @@ import math
 import numpy as np
 from scipy.spatial.distance import cdist, pdist
 
-from ._inputs import Matrix, MatrixLike, as_matrix, check_genes, column_mean, dense_block
+from ..data import to_dense
+from ._inputs import Matrix, MatrixLike, as_matrix, check_genes, column_mean
 
 # Upper bound on the number of float64 entries of one block: of a pairwise-distance block and of
 # one densified block of cells (or genes, for the EMD). 4e6 entries are ~32 MB, so whatever the
@@ -30,9 +31,9 @@ def _sum_cross_distances(a: Matrix, b: Matrix) -> float:
     total = 0.0
     b_blocks = _blocks(b.shape[0], size)
     for rows_a in _blocks(a.shape[0], size):
-        block_a = dense_block(a, rows_a)
+        block_a = to_dense(a[rows_a], contiguous=True)
         for rows_b in b_blocks:
-            total += float(cdist(block_a, dense_block(b, rows_b), metric="euclidean").sum())
+            total += float(cdist(block_a, to_dense(b[rows_b], contiguous=True), metric="euclidean").sum())
     return total
 
 
@@ -44,15 +45,15 @@ def _sum_within_distances(a: Matrix) -> float:
     blocks = _blocks(a.shape[0], _rows_per_block(a.shape[1]))
     total = 0.0
     for i, rows_i in enumerate(blocks):
-        block_i = dense_block(a, rows_i)
+        block_i = to_dense(a[rows_i], contiguous=True)
         # Diagonal block: each unordered pair once (pdist), the zero self-distances add nothing.
         total += 2.0 * float(pdist(block_i, metric="euclidean").sum())
         for rows_j in blocks[i + 1 :]:
-            total += 2.0 * float(cdist(block_i, dense_block(a, rows_j), metric="euclidean").sum())
+            total += 2.0 * float(cdist(block_i, to_dense(a[rows_j], contiguous=True), metric="euclidean").sum())
     return total
 
 
-def e_distance(X: MatrixLike, Y: MatrixLike, sqrt: bool = False) -> float:
+def e_distance(X: MatrixLike, Y: MatrixLike, *, sqrt: bool = False) -> float:
     r"""Energy distance (E-distance) between two sets of cells, paper Eq. 20.
 
     .. math::
@@ -168,7 +169,9 @@ def emd(X: MatrixLike, Y: MatrixLike) -> float:
     genes_per_block = max(1, _BLOCK_ENTRIES // (4 * (n + m)))
     total = 0.0
     for cols in _blocks(n_genes, genes_per_block):
-        pooled = np.concatenate([dense_block(xa, cols=cols), dense_block(ya, cols=cols)], axis=0)
+        pooled = np.concatenate(
+            [to_dense(xa[:, cols], contiguous=True), to_dense(ya[:, cols], contiguous=True)], axis=0
+        )
         # Stable sort keeps ties grouped; zero-width gaps inside a tie group contribute nothing,
         # so the CDF difference only matters at the end of each group, as in scipy.
         order = np.argsort(pooled, axis=0, kind="stable")

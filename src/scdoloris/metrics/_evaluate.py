@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._de import _matrix_of, _obs_column, rank_genes
+from ..data import expression_matrix
+from ._de import _obs_column, rank_genes
 from ._distances import e_distance, emd, mean_rmse, pearson_delta
 from ._inputs import Matrix
 
@@ -66,12 +67,12 @@ def evaluate(
     pred: AnnData,
     real: AnnData,
     control: AnnData,
+    *,
     perturbation_key: str = "perturbation",
     cell_type_key: str | None = None,
     de_genes: Mapping[Hashable, Sequence] | None = None,
     n_de: int | Sequence[int] = (20, 40),
     metrics: str | Sequence[str] = METRICS,
-    *,
     layer: str | None = None,
     sqrt: bool = False,
     rankby_abs: bool = True,
@@ -170,7 +171,7 @@ def evaluate(
         raise ValueError(f"Cannot select {max(n_list)} DE genes: the data have only {len(var_names)} genes.")
     real_cols = _gene_positions(real, var_names, "real")
     control_cols = _gene_positions(control, var_names, "control")
-    x_pred, x_real, x_control = (_matrix_of(a, layer) for a in (pred, real, control))
+    x_pred, x_real, x_control = (expression_matrix(a, layer) for a in (pred, real, control))
 
     keys = [perturbation_key] if cell_type_key is None else [perturbation_key, cell_type_key]
     pred_groups = _group_rows(pred, keys, "pred")

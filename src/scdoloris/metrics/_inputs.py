@@ -20,7 +20,7 @@ def as_matrix(a: MatrixLike, name: str, *, sparse_format: str = "csr") -> Matrix
     """Return ``a`` as a 2-D numeric dense array or a sparse matrix in ``sparse_format``, without densifying.
 
     Dense inputs are not copied when they already are numeric numpy arrays; conversion to float64
-    happens block by block in the callers, so memory stays bounded.
+    happens block by block in the callers (:func:`scdoloris.data.to_dense`), so memory stays bounded.
     """
     if isinstance(a, AnnData):
         a = a.X
@@ -55,16 +55,6 @@ def check_genes(mats: dict[str, Matrix]) -> None:
                 f"`{first_name}` and `{name}` must have the same number of genes, "
                 f"got {first.shape[1]} and {mat.shape[1]}."
             )
-
-
-def dense_block(mat: Matrix, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-    """Return ``mat[rows, cols]`` as a dense C-contiguous float64 array."""
-    rows = slice(None) if rows is None else rows
-    cols = slice(None) if cols is None else cols
-    block = mat[rows, cols]
-    if sp.issparse(block):
-        block = block.toarray()
-    return np.ascontiguousarray(block, dtype=np.float64)
 
 
 def column_mean(mat: Matrix) -> np.ndarray:

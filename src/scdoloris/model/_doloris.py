@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import contextvars
+import inspect
 import logging
 import math
 import os
@@ -9,7 +9,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -17,177 +16,55 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses it withou
 import scvi
 import torch
 from anndata import AnnData
-from lightning.pytorch.callbacks import Callback
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
-from scvi.model._utils import parse_device_args, use_distributed_sampler
+from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
-from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 from scvi.utils import track
-from torch.utils.data import DistributedSampler
 
 from .._constants import MASK_STRATEGIES, REGISTRY_KEYS
-from ..data import TrainingSummary, summarize_training_data
-from ..data._mudata import prepare_mudata, registered_modality
-from ..data._summary import read_rows
+from .._validation import (
+    check_count,
+    check_doses,
+    check_expression,
+    check_model_args,
+    check_same_genes,
+    check_setup,
+    drop_unused_categories,
+)
+from ..data import (
+    TrainingSummary,
+    expression_matrix,
+    prepare_mudata,
+    read_rows,
+    registered_modality,
+    summarize_training_data,
+)
 from ..module import DolorisModule, MaskReference, sample_activation_mask
 from ..perturbation import split_perturbation
-from ..perturbation._encoder import GraphTensors
-from ..preprocessing import check_expression
-from ..preprocessing._checks import (
-    check_count,
-    check_labels_present,
-    check_perturbation_labels,
-    check_same_genes,
-    check_unique_genes,
-    drop_unused_categories,
-    perturbation_label_problem,
+from ..prediction import (
+    InplaceKeys,
+    PredictedCells,
+    Request,
+    Sources,
+    check_keys_free,
+    draw_controls,
+    given_cells,
+    predicted_anndata,
+    resolve_cell_types,
+    resolve_request,
+    write_inplace,
 )
-from ..train import DolorisTrainingPlan
-from ..train._training_plan import ResumableDataSplitter, checkpointing
+from ..train import DistributedSamplerSeed, DolorisTrainingPlan, ResumableDataSplitter, checkpointing, world_size_of
+from ._inputs import PerturbationInputs, module_inputs, perturbation_inputs
+from ._persistence import read_model, write_model
 
 logger = logging.getLogger(__name__)
 
-# Set by ``Doloris.load`` so that ``__init__`` rebuilds the module from the saved summary
-# instead of re-deriving it from whatever AnnData is passed.
-_SAVED_SUMMARY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("saved_summary", default=None)
 
-
-def _graph_tensors(summary: TrainingSummary, graph=None, node_features=None) -> GraphTensors:
-    graph = summary.gene_graph if graph is None else graph
-    features = summary.node_features if node_features is None else node_features
-    measured = np.arange(graph.n_nodes) < graph.n_measured
-    return GraphTensors(
-        torch.as_tensor(features),
-        torch.as_tensor(measured),
-        torch.as_tensor(graph.edges),
-        torch.as_tensor(graph.weights),
-    )
-
-
-def _condition_lookup(summary: TrainingSummary) -> np.ndarray:
-    """Row of each (perturbation code, cell-type code) pair in the per-condition tables, -1 if untrained."""
-    shape = (len(summary.perturbation_labels), len(summary.cell_types), len(summary.dose_values))
-    lookup = np.full(shape, -1, dtype=np.int64)
-    rows = np.arange(len(summary.condition_perturbation))
-    lookup[summary.condition_perturbation, summary.condition_cell_type, summary.condition_dose] = rows
-    return lookup
-
-
-@dataclass
-class _Resolved:
-    """What prediction needs to know about the asked perturbations."""
-
-    perturbations: list[str]
-    doses: list  # per perturbation: None, a number, or one number per component
-    recipes: torch.Tensor
-    graph: GraphTensors
-    molecules: torch.Tensor | None = None
-    molecule_doses: torch.Tensor | None = None
-    molecule_features: torch.Tensor | None = None
-
-
-def _per_perturbation_doses(dose, perturbations: list[str]) -> list:
-    """``dose`` as one entry per perturbation: ``None``, a number, or one number per component."""
-    if dose is None or np.ndim(dose) == 0:
-        doses = [dose] * len(perturbations)
-    else:
-        doses = list(dose)
-        if len(doses) != len(perturbations):
-            raise ValueError(
-                f"dose= has {len(doses)} entries for {len(perturbations)} perturbation(s); give one number for all, "
-                "or one per perturbation (a list of numbers for a combination's components)."
-            )
-    for value in doses:
-        values = np.atleast_1d(np.asarray(value if value is not None else 0.0, dtype=np.float64))
-        if not np.isfinite(values).all() or (values < 0).any():
-            raise ValueError(f"Doses must be finite and not negative; got {value!r}.")
-    return [d if d is None or np.ndim(d) == 0 else [float(v) for v in d] for d in doses]
-
-
-def _dose_key(dose) -> str:
-    """Text form of a dose, for obs and in-place keys: ``"100"``, ``"100+10"``, ``""`` without one."""
-    if dose is None:
-        return ""
-    return "+".join(f"{float(v):g}" for v in np.atleast_1d(dose))
-
-
-def _check_doses(values: pd.Series, key: str) -> None:
-    """Doses must be numbers, finite and not negative."""
-    if not pd.api.types.is_numeric_dtype(values):
-        raise ValueError(
-            f"adata.obs[{key!r}] must be numeric doses (one per cell), not {values.dtype}; e.g. "
-            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(float)."
-        )
-    array = values.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(array) | (array < 0)
-    if bad.any():
-        raise ValueError(
-            f"adata.obs[{key!r}] has {int(bad.sum())} missing, infinite or negative dose(s), e.g. "
-            f"{values[bad].iloc[:3].tolist()}; unperturbed cells take dose 0."
-        )
-
-
-def _check_setup(
-    adata: AnnData,
-    perturbation_key: str,
-    controls: list[str],
-    cell_type_key: str | None,
-    dose_key: str | None,
-    layer: str | None,
-    training: bool,
-) -> None:
-    """Setup checks that need only ``adata`` (before anything is registered or trained).
-
-    ``training`` is ``False`` when ``load`` re-registers data under a saved registry: then the
-    data need not be a full training set (it may lack a cell type's controls, say).
-    """
-    if adata.is_view:
-        raise ValueError("adata is a view of another AnnData; run adata = adata.copy() and set that up.")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); pass cells and genes.")
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers)}); pass an existing one.")
-    check_unique_genes(adata)
-    if not controls or not all(isinstance(c, str) and c for c in controls):
-        raise ValueError(f"control_value must be a non-empty label or list of labels, got {controls!r}.")
-    labels = set(adata.obs[perturbation_key].astype(str))
-    if not labels & set(controls):
-        raise ValueError(
-            f"control_value {controls[0] if len(controls) == 1 else controls!r} does not occur in "
-            f"adata.obs[{perturbation_key!r}] (values include {sorted(labels)[:10]}); pass the label of the "
-            "unperturbed cells."
-        )
-    check_perturbation_labels(adata.obs[perturbation_key], perturbation_key, controls)
-    if cell_type_key is not None:
-        check_labels_present(adata.obs[cell_type_key], cell_type_key)
-    if not training:
-        return
-    labels = adata.obs[perturbation_key].astype(str).to_numpy()
-    is_control = np.isin(labels, controls)
-    if dose_key is not None:
-        is_control |= adata.obs[dose_key].to_numpy(dtype=np.float64) == 0
-    if cell_type_key is not None:
-        types = adata.obs[cell_type_key].astype(str).to_numpy()
-        without = sorted(set(types) - set(types[is_control]))
-        if without:
-            raise ValueError(
-                f"Cell type(s) {without[:5]} of adata.obs[{cell_type_key!r}] have no control cells "
-                f"({controls[0]!r}); Doloris starts every prediction from a cell type's controls. Add control "
-                "cells of these cell types or drop their cells."
-            )
-
-
-def _check_model_args(**sizes: int) -> None:
-    """Network sizes and step counts must be positive integers (``n_timesteps`` at least 2)."""
-    for name, value in sizes.items():
-        check_count(name, value, minimum=2 if name == "n_timesteps" else 1)
-
-
-def _molecule_tensor(summary: TrainingSummary) -> torch.Tensor | None:
-    molecules = summary.molecule_features
-    return None if molecules is None else torch.as_tensor(molecules.features)
+def _as_list(labels: str | Sequence[str]) -> list[str]:
+    return [labels] if isinstance(labels, str) else list(labels)
 
 
 def _resolve_seed(seed: int | None) -> int:
@@ -197,36 +74,32 @@ def _resolve_seed(seed: int | None) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _world_size(accelerator, devices, trainer_kwargs: dict) -> int:
-    """Processes that share each epoch's training cells: 1 unless a DDP strategy runs on several devices."""
-    strategy = trainer_kwargs.get("strategy")
-    if strategy is None or not use_distributed_sampler(strategy):
-        return 1
-    # Lightning's own resolution of accelerator x devices x nodes, as scvi-tools' TrainRunner does it.
-    # Every DDP variant has the same world size; "ddp" spares configuring a caller's Strategy object twice.
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
-
-    accelerator, devices, _ = parse_device_args(accelerator=accelerator, devices=devices, return_device="torch")
-    connector = _AcceleratorConnector(
-        accelerator=accelerator, devices=devices, strategy="ddp", num_nodes=trainer_kwargs.get("num_nodes", 1)
+# In-place predictions: layers[f"{key_added}_{p}"] with its _continuous and _mask,
+# obsm[f"{key_added}_{p}_activation_prob"], and the shared obsm[f"{key_added}_latent"].
+def _inplace_keys(key_added: str) -> InplaceKeys:
+    return InplaceKeys(
+        key_added,
+        layers={"prediction": "", "continuous": "_continuous", "mask": "_mask"},
+        obsm={"probs": "_activation_prob"},
+        shared_obsm=("latent",),
     )
-    return int(getattr(connector.strategy, "world_size", 1))
 
 
-class _DistributedSamplerSeed(Callback):
-    """Under DDP, the run's seed orders each epoch's cells.
+class _SourceBatches:
+    """Source cells in batches of ``(log1p expression, cell-type codes)`` on ``device``, read when iterated."""
 
-    scvi-tools' distributed sampler would otherwise shuffle with torch's fixed default seed (0),
-    whatever the run's seed. (Per-process noise comes from the training plan's per-step seeds.)
-    """
+    def __init__(self, model: Doloris, sources: Sources, type_codes: torch.Tensor, batch_size: int, device):
+        self.model, self.sources, self.type_codes = model, sources, type_codes
+        self.batch_size, self.device = batch_size, device
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __len__(self) -> int:
+        return math.ceil(len(self.sources) / self.batch_size)
 
-    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
-        sampler = getattr(trainer.train_dataloader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.seed = self.seed  # the same on every process: their shards stay disjoint
+    def __iter__(self):
+        for start in range(0, len(self.sources), self.batch_size):
+            rows = self.sources.rows[start : start + self.batch_size]
+            x = self.model._expression_rows(self.sources.adata, rows).to(self.device)
+            yield x, self.type_codes[start : start + self.batch_size]
 
 
 class Doloris(BaseModelClass):
@@ -295,46 +168,59 @@ class Doloris(BaseModelClass):
     ):
         if not isinstance(adata, AnnData) and hasattr(adata, "mod"):  # MuData: its modality set up by setup_mudata
             adata = registered_modality(adata, lambda mod: self._get_most_recent_anndata_manager(mod) is not None)
-        _check_model_args(
-            n_hidden=n_hidden,
-            n_blocks=n_blocks,
-            n_hidden_mask=n_hidden_mask,
-            n_blocks_mask=n_blocks_mask,
-            n_perturbation=n_perturbation,
-            n_timesteps=n_timesteps,
-            mask_reference_cells=mask_reference_cells,
-        )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        init_params = self._get_init_params(locals())
+        self._check_init_args(init_params["non_kwargs"])
         super().__init__(adata)
-        saved = _SAVED_SUMMARY.get()
-        if saved is not None:
-            summary = TrainingSummary(**saved)
-        else:
-            summary = self._summarize(gene_graph, mask_reference_cells, molecule_table)
+        summary = self._summarize(gene_graph, mask_reference_cells, molecule_table)
+        self._build_from_summary(summary, init_params)
+
+    @classmethod
+    def _from_summary(cls, adata: AnnData, summary: TrainingSummary, **init_params) -> Doloris:
+        """A model for registered ``adata`` built from ``summary`` (a saved model's), not from the data.
+
+        ``init_params`` are :meth:`__init__`'s arguments (defaults for those not given); those that
+        only shape the summary (``gene_graph``, ``molecule_table``, ``mask_reference_cells``) are
+        kept in ``init_params_`` but not used.
+        """
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "adata")
+        }
+        unknown = sorted(set(init_params) - set(defaults))
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no argument(s) {unknown}.")
+        params = {"kwargs": {}, "non_kwargs": {**defaults, **init_params}}
+        cls._check_init_args(params["non_kwargs"])
+        model = cls.__new__(cls)
+        BaseModelClass.__init__(model, adata)
+        model._build_from_summary(summary, params)
+        return model
+
+    @staticmethod
+    def _check_init_args(args: dict) -> None:
+        sizes = ("n_hidden", "n_blocks", "n_hidden_mask", "n_blocks_mask", "n_perturbation", "n_timesteps")
+        check_model_args(**{name: args[name] for name in (*sizes, "mask_reference_cells")})
+        if not 0.0 <= args["dropout"] < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {args['dropout']!r}.")
+
+    def _build_from_summary(self, summary: TrainingSummary, init_params: dict) -> None:
+        """Everything derived from the training summary: the module, ``summary_`` and the description."""
+        args = init_params["non_kwargs"]
+        n_hidden, n_blocks, n_hidden_mask, n_blocks_mask = (
+            args["n_hidden"],
+            args["n_blocks"],
+            args["n_hidden_mask"],
+            args["n_blocks_mask"],
+        )
+        n_perturbation, dropout, n_timesteps = args["n_perturbation"], args["dropout"], args["n_timesteps"]
         self.summary_ = summary.to_dict()
         self._summary = summary
         # Initial weights come from the seed too, without disturbing the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_resolve_seed(None))
             self.module = self._module_cls(
-                n_genes=len(summary.control_mean[0]),
-                n_cell_types=len(summary.cell_types),
-                graph=_graph_tensors(summary),
-                n_categories=len(summary.categories),
-                train_recipes=torch.as_tensor(summary.train_recipes),
-                is_control=torch.as_tensor(summary.is_control),
-                control_mean=torch.as_tensor(summary.control_mean),
-                control_std=torch.as_tensor(summary.control_std),
-                x_max=summary.x_max,
-                expressed_prior_mean=torch.as_tensor(summary.cell_type_expressed_mean),
-                expressed_prior_std=torch.as_tensor(summary.cell_type_expressed_std),
-                condition_lookup=torch.as_tensor(_condition_lookup(summary)),
-                expressed_mean=torch.as_tensor(summary.condition_expressed_mean),
-                expressed_std=torch.as_tensor(summary.condition_expressed_std),
-                molecule_features=_molecule_tensor(summary),
-                molecule_recipes=torch.as_tensor(summary.molecule_recipes),
-                dose_values=torch.as_tensor(summary.dose_values),
+                module_inputs(summary),
                 n_hidden=n_hidden,
                 n_blocks=n_blocks,
                 n_hidden_mask=n_hidden_mask,
@@ -355,7 +241,7 @@ class Doloris(BaseModelClass):
             f"({n_unmeasured} unmeasured perturbed genes, {n_bridges} bridge genes) and {graph.edges.shape[1]} edges; "
             f"{len(summary.categories)} learned categories; T={n_timesteps}, n_hidden={n_hidden}."
         )
-        self.init_params_ = self._get_init_params(locals())
+        self.init_params_ = init_params
 
     # ------------------------------------------------------------------ data registration
     @classmethod
@@ -397,11 +283,11 @@ class Doloris(BaseModelClass):
         for name, key in keys + [("dose_key", dose_key), ("smiles_key", smiles_key)]:
             if key is not None and key not in adata.obs:
                 raise KeyError(f"{name}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
-        controls = [control_value] if isinstance(control_value, str) else list(control_value)
+        controls = _as_list(control_value)
         training = not kwargs.get("source_registry")
         if dose_key is not None:
-            _check_doses(adata.obs[dose_key], dose_key)
-        _check_setup(adata, perturbation_key, controls, cell_type_key, dose_key, layer, training)
+            check_doses(adata.obs[dose_key], dose_key)
+        check_setup(adata, perturbation_key, controls, cell_type_key, dose_key, layer, training)
         if training:
             # Declared levels without cells would become perturbations or cell types without cells.
             drop_unused_categories(adata, [perturbation_key, cell_type_key])
@@ -503,9 +389,8 @@ class Doloris(BaseModelClass):
 
     @property
     def control_values(self) -> list[str]:
-        """Labels of unperturbed cells."""
-        value = self._setup_args["control_value"]
-        return [value] if isinstance(value, str) else list(value)
+        """Labels of unperturbed cells (from the training summary, like the labels and cell types)."""
+        return list(self._summary.control_values)
 
     @property
     def cell_types(self) -> list[str]:
@@ -529,7 +414,7 @@ class Doloris(BaseModelClass):
             self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
             list(manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping),
             list(manager.get_state_registry(REGISTRY_KEYS.CELL_TYPE_KEY).categorical_mapping),
-            self.control_values,
+            _as_list(self._setup_args["control_value"]),
             list(self.adata.var_names),
             gene_graph=gene_graph,
             reference_cells_per_condition=mask_reference_cells,
@@ -607,7 +492,7 @@ class Doloris(BaseModelClass):
         n_train = math.ceil(self.adata.n_obs * train_size)
         # Under DDP each process takes its own 1/world of the training cells per epoch (scvi-tools'
         # BatchDistributedSampler), so an epoch has that many fewer steps.
-        world_size = _world_size(accelerator, devices, trainer_kwargs)
+        world_size = world_size_of(accelerator, devices, trainer_kwargs)
         steps_per_epoch = max(math.ceil(math.ceil(n_train / world_size) / batch_size), 1)
         if max_steps is None and max_epochs is None:
             max_steps = 4000
@@ -624,7 +509,7 @@ class Doloris(BaseModelClass):
         if use_distributed_sampler(trainer_kwargs.get("strategy")):
             # Every process computes the same split from the seed; the sampler gives each its shard.
             datasplitter_kwargs.setdefault("distributed_sampler", True)
-            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), _DistributedSamplerSeed(seed)]
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), DistributedSamplerSeed(seed)]
         # Batches indexed by (seed, step), not by the global random state: exact resumption.
         data_splitter = ResumableDataSplitter(
             self.adata_manager,
@@ -657,85 +542,24 @@ class Doloris(BaseModelClass):
 
     # ------------------------------------------------------------------ prediction
     def _expression_rows(self, adata: AnnData, rows: np.ndarray) -> torch.Tensor:
-        layer = self._setup_args.get("layer")
-        X = adata.X if layer is None else adata.layers[layer]
-        # Only these rows are densified; backed (h5py) matrices need sorted, distinct row reads.
-        return torch.as_tensor(read_rows(X, rows, np.float32))
+        """Rows of the registered layer of ``adata`` as a float32 tensor (only these rows are densified)."""
+        return torch.as_tensor(read_rows(expression_matrix(adata, self._setup_args.get("layer")), rows, np.float32))
 
-    def _resolve_cell_types(self, cell_type) -> list[str]:
-        known = self.cell_types
-        if cell_type is None:
-            return known
-        asked = [cell_type] if isinstance(cell_type, str) else list(cell_type)
-        unknown = [c for c in asked if c not in known]
-        if unknown:
-            raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {known}.")
-        return asked
+    def _resolve_perturbations(self, perturbations: str | Sequence[str], dose=None, smiles=None) -> PerturbationInputs:
+        """What the module's encoders need for ``perturbations`` (with doses and new molecules' SMILES)."""
+        return self._perturbation_inputs(resolve_request(perturbations, self.control_values, dose=dose), smiles)
 
-    def _resolve_perturbations(self, perturbations: Sequence[str], dose=None, smiles=None) -> _Resolved:
-        """Token recipes for ``perturbations`` (with doses) and the graph and molecules they need."""
-        summary = self._summary
-        if isinstance(perturbations, str):
-            perturbations = [perturbations]
-        perturbations = [str(p) for p in perturbations]
-        if not perturbations:
-            raise ValueError("No perturbation given.")
-        doses = _per_perturbation_doses(dose, perturbations)
-        # Deduplicate (perturbation, dose) pairs, keeping the order asked for.
-        unique: dict = {}
-        for p, d in zip(perturbations, doses, strict=True):
-            unique.setdefault((p, _dose_key(d)), (p, d))
-        perturbations, doses = [p for p, _ in unique.values()], [d for _, d in unique.values()]
-        components = [split_perturbation(p, self.control_values) for p in perturbations]
-        empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
-        if empty:
-            raise ValueError(f"{empty} are control labels, not perturbations.")
+    def _perturbation_inputs(self, request: Request, smiles: dict[str, str] | None) -> PerturbationInputs:
+        return perturbation_inputs(self._summary, request, smiles, self._setup_args.get("dose_key") is not None)
 
-        molecules = summary.molecule_features
-        if smiles:
-            if molecules is None:
-                raise ValueError(
-                    "smiles= was given, but this model was trained without molecules; set it up with "
-                    "setup_anndata(..., smiles_key=...) to predict molecules from their structure."
-                )
-            molecules = molecules.extended({name: value for name, value in smiles.items() if name not in molecules})
-        if molecules is not None and molecules.table is not None:
-            # Table features: molecules named in the table need no SMILES.
-            in_table = {str(name) for name in molecules.table.index}
-            named = {c: None for comps in components for c in comps if c in in_table and c not in molecules}
-            molecules = molecules.extended(named) if named else molecules
-        molecule_names = set(molecules.names) if molecules is not None else set()
-        gene_parts = [[c for c in comps if c not in molecule_names] for comps in components]
-        molecule_parts = [[c for c in comps if c in molecule_names] for comps in components]
-        has_molecules = any(molecule_parts)
-        if has_molecules and dose is None and self._setup_args.get("dose_key") is not None:
-            raise ValueError("Molecular perturbations need a dose: pass dose= (a number, or one per perturbation).")
-
-        graph = summary.gene_graph
-        known = set(graph.nodes) | set(summary.categories)
-        new_genes = sorted({c for comps in gene_parts for c in comps if c not in known})
-        try:
-            graph = graph.extended(new_genes)
-        except KeyError as error:
-            unknown = error.args[0]
-            hint = " Molecules never seen in training need their SMILES: smiles={name: SMILES}." if molecules else ""
-            raise ValueError(
-                f"Unknown perturbation component(s) {unknown}: not a perturbation seen in training, and not a gene "
-                f"that the model's gene-graph prior links to its {graph.n_measured} measured genes within two steps."
-                + hint
-            ) from None
-        recipes = summary.vocabulary(graph).recipes(gene_parts)
-        features = np.zeros((graph.n_nodes, summary.node_features.shape[1]), dtype=np.float32)
-        features[: summary.node_features.shape[0]] = summary.node_features
-        resolved = _Resolved(perturbations, doses, torch.as_tensor(recipes), _graph_tensors(summary, graph, features))
-        if molecules is not None:
-            # Without a dose column every molecule acts at dose 1 (the scale's unit).
-            molecule_doses = [1.0 if d is None else d for d in doses]
-            rows, molecule_doses = molecules.recipes(molecule_parts, molecule_doses)
-            resolved.molecules = torch.as_tensor(rows)
-            resolved.molecule_doses = torch.as_tensor(molecule_doses)
-            resolved.molecule_features = torch.as_tensor(molecules.features)
-        return resolved
+    def _sources(self, adata: AnnData | None, cell_type, n_cells: int, rng: np.random.Generator) -> Sources:
+        """The control cells to start from: ``adata``'s cells, or a seeded draw of training controls."""
+        if adata is not None:  # genes, layer and values checked by _check_prediction_args
+            return given_cells(adata, self._setup_args.get("cell_type_key"), cell_type, self.cell_types)
+        type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
+        is_control = self._summary.is_control[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
+        control_rows = {name: np.flatnonzero(is_control & (type_codes == i)) for i, name in enumerate(self.cell_types)}
+        return draw_controls(self.adata, control_rows, resolve_cell_types(cell_type, self.cell_types), n_cells, rng)
 
     def _mask_reference(self) -> MaskReference:
         """The summary's reference cells, built once per summary.
@@ -835,110 +659,61 @@ class Doloris(BaseModelClass):
         self._check_if_trained(warn=True)
         if inplace and adata is None:
             raise ValueError("inplace=True writes into the `adata` of control cells you pass; none was given.")
-        self._check_prediction_args(
-            perturbations, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
-        )
-        seed = _resolve_seed(seed)
-        rng = np.random.default_rng(seed)
-        resolved = self._resolve_perturbations(perturbations, dose, smiles)
-        perturbations = resolved.perturbations
-        # One entry per asked (perturbation, dose): its name in in-place keys and obs names.
-        names = [p if d is None else f"{p}_{_dose_key(d)}" for p, d in zip(perturbations, resolved.doses, strict=True)]
-
-        sources, source_names, source_types, source_adata = self._source_cells(adata, cell_type, n_cells, rng)
+        self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles)
+        rng = np.random.default_rng(_resolve_seed(seed))
+        request = resolve_request(perturbations, self.control_values, dose=dose)
+        inputs = self._perturbation_inputs(request, smiles)
+        sources = self._sources(adata, cell_type, n_cells, rng)
         if inplace:
-            self._check_keys_free(adata, names, key_added, overwrite)
+            check_keys_free(adata, request.names, _inplace_keys(key_added), overwrite)
 
-        device = self.device
-        module = self.module
+        module, device = self.module, self.device
         module.eval()
-        type_codes = torch.as_tensor([self.cell_types.index(t) for t in source_types], dtype=torch.long, device=device)
-        embedding, mask_embedding = module.embed(  # GAT once per call
-            resolved.recipes.to(device),
-            resolved.graph.to(device),
-            *(None if t is None else t.to(device) for t in (resolved.molecules, resolved.molecule_doses)),
-            None if resolved.molecule_features is None else resolved.molecule_features.to(device),
-        )
+        embedding, mask_embedding = module.embed(*inputs.to(device))  # GAT once per call
+        type_codes = torch.as_tensor([self.cell_types.index(t) for t in sources.cell_types], device=device)
+        batches = _SourceBatches(self, sources, type_codes, batch_size, device)
+        reference, (low, high) = self._mask_reference(), mask_thresholds
 
-        # Latents of the source cells: once, shared by every perturbation (paper A.4).
-        n_sources = len(source_names)
-        chunks = list(range(0, n_sources, batch_size))
-        n_jobs = n_sources * len(perturbations)
-        job_chunks = list(range(0, n_jobs, batch_size))
-        show = n_jobs * n_steps > 200_000 if progress_bar is None else bool(progress_bar)
-        latents, controls = [], []
-        for start in track(chunks, description="Inverting controls", disable=not show, style="tqdm"):
-            rows = sources[start : start + batch_size]
-            x = self._expression_rows(source_adata, rows).to(device)
-            controls.append(x)
-            latents.append(module.encode_latent(x, type_codes[start : start + batch_size], n_steps))
-        controls, latents = torch.cat(controls), torch.cat(latents)
-
-        reference = self._mask_reference()
-        low, high = mask_thresholds
-        outputs = {"continuous": [], "mask": [], "probs": []}
-        for start in track(job_chunks, description="Generating", disable=not show, style="tqdm"):
-            jobs = torch.arange(start, min(start + batch_size, n_jobs), device=device)
-            p_index, s_index = jobs // n_sources, jobs % n_sources
-            x_c, ct = controls[s_index], type_codes[s_index]
-            continuous = module.bridge(latents[s_index], x_c, ct, embedding[p_index], n_steps)
-            probs = module.activation_probabilities(x_c, ct, mask_embedding[p_index])
-            mask = sample_activation_mask(
-                probs,
-                ct,
-                reference,
-                rng,
-                mask_strategy,
-                high,
-                low,
-                mask_reference_conditions,
-                groups=p_index * len(self.cell_types) + ct,  # one (perturbation, cell type) per group
+        def sample_mask(probabilities, cell_type, groups):
+            return sample_activation_mask(
+                probabilities, cell_type, reference, rng, mask_strategy, high, low, mask_reference_conditions, groups
             )
-            outputs["continuous"].append(continuous.clamp(min=0.0) * module.x_max)
-            outputs["mask"].append(mask)
-            outputs["probs"].append(probs)
-        continuous = torch.cat(outputs["continuous"]).cpu().numpy()
-        mask = torch.cat(outputs["mask"]).cpu().numpy().astype(np.float32)
-        probs = torch.cat(outputs["probs"]).cpu().numpy()
-        prediction = (mask * continuous).astype(np.float32)  # Eq. 17
-        latents = latents.cpu().numpy()
 
+        show = len(sources) * len(request.perturbations) * n_steps > 200_000 if progress_bar is None else progress_bar
+
+        def progress(iterable, description):
+            return track(iterable, description=description, disable=not show, style="tqdm")
+
+        cells = module.generate(batches, embedding, mask_embedding, sample_mask, n_steps, batch_size, progress)
+        arrays = {
+            "prediction": cells.prediction,
+            "continuous": cells.continuous,
+            "mask": cells.mask,
+            "probs": cells.probabilities,
+        }
+        arrays = {name: value.cpu().numpy().astype(np.float32) for name, value in arrays.items()}
+        latents = cells.latent.cpu().numpy().astype(np.float32)
         if inplace:
-            self._write_inplace(adata, names, key_added, prediction, continuous, mask, probs, latents)
+            write_inplace(adata, request.names, _inplace_keys(key_added), arrays, {"latent": latents})
             return None
-        return self._as_anndata(
-            resolved, names, source_names, source_types, prediction, continuous, mask, probs, latents
+        predicted = PredictedCells(
+            arrays["prediction"],
+            layers={"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]},
+            obsm={
+                "doloris_latent": np.tile(latents, (len(request.perturbations), 1)),
+                "doloris_activation_prob": arrays["probs"],
+            },
         )
-
-    def _source_cells(self, adata, cell_type, n_cells, rng):
-        """Rows, names and cell types of the control cells to start from, and the AnnData holding them."""
-        ct_key = self._setup_args.get("cell_type_key")
-        if adata is not None:  # genes, layer and values checked by _check_prediction_args
-            if ct_key is not None and ct_key in adata.obs:
-                types = adata.obs[ct_key].astype(str).to_numpy()
-                self._resolve_cell_types(sorted(set(types)))
-            else:
-                if cell_type is None and len(self.cell_types) > 1:
-                    raise ValueError(
-                        f"adata has no column {ct_key!r}; say which cell type its cells are with cell_type=."
-                    )
-                name = self._resolve_cell_types(cell_type)[0]
-                types = np.full(adata.n_obs, name)
-            return np.arange(adata.n_obs), list(adata.obs_names), list(types), adata
-
-        perturbation_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
-        type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
-        is_control = self._summary.is_control[perturbation_codes]
-        rows, types = [], []
-        for name in self._resolve_cell_types(cell_type):
-            pool = np.flatnonzero(is_control & (type_codes == self.cell_types.index(name)))
-            rows.append(np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells)))
-            types += [name] * n_cells
-        rows = np.concatenate(rows)
-        return rows, list(self.adata.obs_names[rows]), types, self.adata
+        setup = self._setup_args
+        obs_keys = {
+            "perturbation": setup["perturbation_key"],
+            "cell_type": setup.get("cell_type_key"),
+            "dose": setup.get("dose_key"),
+        }
+        return predicted_anndata(predicted, request, sources, self.adata.var, obs_keys=obs_keys)
 
     def _check_prediction_args(
-        self, perturbations, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
+        self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
     ) -> None:
         """Checks of ``predict_perturbation``'s arguments, before any network call."""
         counts = {"n_steps": n_steps, "batch_size": batch_size}
@@ -953,84 +728,9 @@ class Doloris(BaseModelClass):
             raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
         if smiles is not None and not isinstance(smiles, dict):
             raise ValueError(f"smiles= must be a dict {{molecule name: SMILES}}, got {type(smiles).__name__}.")
-        for label in [perturbations] if isinstance(perturbations, str) else list(perturbations):
-            problem = perturbation_label_problem(str(label), self.control_values)
-            if problem is not None:
-                raise ValueError(f"Perturbation {label!r} {problem}.")
         if adata is not None:
             check_same_genes(adata, self.adata.var_names)
             check_expression(adata, self._setup_args.get("layer"))
-
-    def _keys_for(self, key_added: str, perturbation: str) -> dict[str, tuple[str, str]]:
-        base = f"{key_added}_{perturbation}"
-        return {
-            "prediction": ("layers", base),
-            "continuous": ("layers", f"{base}_continuous"),
-            "mask": ("layers", f"{base}_mask"),
-            "probs": ("obsm", f"{base}_activation_prob"),
-        }
-
-    def _check_keys_free(self, adata, perturbations, key_added, overwrite):
-        if overwrite:
-            return
-        taken = [
-            f"{slot}[{key!r}]"
-            for p in perturbations
-            for slot, key in self._keys_for(key_added, p).values()
-            if key in getattr(adata, slot)
-        ]
-        if f"{key_added}_latent" in adata.obsm:
-            taken.append(f"obsm[{key_added + '_latent'!r}]")
-        if taken:
-            raise ValueError(f"adata already has {taken}; pass overwrite=True or another key_added.")
-
-    def _write_inplace(self, adata, perturbations, key_added, prediction, continuous, mask, probs, latents):
-        n = adata.n_obs
-        for i, p in enumerate(perturbations):
-            rows = slice(i * n, (i + 1) * n)
-            values = {"prediction": prediction, "continuous": continuous, "mask": mask, "probs": probs}
-            for name, (slot, key) in self._keys_for(key_added, p).items():
-                getattr(adata, slot)[key] = values[name][rows].astype(np.float32)
-        adata.obsm[f"{key_added}_latent"] = latents.astype(np.float32)
-
-    def _as_anndata(self, resolved, names, source_names, source_types, prediction, continuous, mask, probs, latents):
-        n_sources = len(source_names)
-        setup = self._setup_args
-        perturbations = resolved.perturbations
-        pert_column = np.repeat(perturbations, n_sources)
-        name_column = np.repeat(names, n_sources)
-        type_column = np.tile(source_types, len(perturbations))
-        # A number per cell when every perturbation has one dose, else "a+b" text per component.
-        doses = resolved.doses
-        if all(d is None or np.ndim(d) == 0 for d in doses):
-            dose_values = np.array([np.nan if d is None else float(d) for d in doses])
-        else:
-            dose_values = np.array([_dose_key(d) for d in doses], dtype=object)
-        obs = pd.DataFrame(
-            {
-                "perturbation": pd.Categorical(pert_column, categories=list(dict.fromkeys(perturbations))),
-                "cell_type": pd.Categorical(type_column),
-                "dose": np.repeat(dose_values, n_sources),
-                "control_cell": np.tile(np.asarray(source_names, dtype=object), len(perturbations)),
-                "is_predicted": True,
-            }
-        )
-        # Also under the user's own column names, so predictions concatenate with their data.
-        for user_key, column in [
-            (setup["perturbation_key"], "perturbation"),
-            (setup.get("cell_type_key"), "cell_type"),
-            (setup.get("dose_key"), "dose"),
-        ]:
-            if user_key is not None and user_key not in obs:
-                obs[user_key] = obs[column]
-        per_type_counter = pd.Series(name_column).groupby([name_column, type_column]).cumcount().to_numpy()
-        obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(name_column, type_column, per_type_counter, strict=True)]
-        result = AnnData(X=prediction, obs=obs, var=self.adata.var.copy())
-        result.layers["doloris_continuous"] = continuous.astype(np.float32)
-        result.layers["doloris_mask"] = mask
-        result.obsm["doloris_latent"] = np.tile(latents, (len(perturbations), 1)).astype(np.float32)
-        result.obsm["doloris_activation_prob"] = probs.astype(np.float32)
-        return result
 
     # ------------------------------------------------------------------ persistence
     def save(
@@ -1038,10 +738,13 @@ class Doloris(BaseModelClass):
     ):
         """Save the model to ``dir_path``.
 
-        Writes to a temporary directory beside ``dir_path`` and moves it into place, so an
-        interrupted save never leaves a half-written model; refuses an existing ``dir_path`` unless
-        ``overwrite=True``, and even then one holding anything but a saved model (so that no
-        other file is deleted). The old model is removed only once the new one is complete.
+        Writes ``model.pt``: the module's weights and the model's attributes (scvi-tools' registry,
+        the training summary, ...) as tensors and plain data only, which :meth:`load` reads without
+        unpickling any object. Writes to a temporary directory beside ``dir_path`` and moves it
+        into place, so an interrupted save never leaves a half-written model; refuses an existing
+        ``dir_path`` unless ``overwrite=True``, and even then one holding anything but a saved
+        model (so that no other file is deleted). The old model is removed only once the new one
+        is complete.
 
         Parameters
         ----------
@@ -1052,17 +755,18 @@ class Doloris(BaseModelClass):
         overwrite
             Replace an existing saved model at ``dir_path``.
         save_anndata
-            Also save the registered AnnData.
+            Also save the registered AnnData (as ``adata.h5ad``).
         **kwargs
             Passed to :meth:`anndata.AnnData.write` (with ``save_anndata``).
         """
         from .. import __version__
 
         dir_path = os.path.abspath(os.fspath(dir_path))
+        prefix = prefix or ""
         if os.path.exists(dir_path):
             if not overwrite:
                 raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
-            saved_files = {f"{prefix or ''}{name}" for name in ("model.pt", "adata.h5ad", "mdata.h5mu")}
+            saved_files = {f"{prefix}{name}" for name in ("model.pt", "adata.h5ad", "mdata.h5mu")}
             if not os.path.isdir(dir_path) or not set(os.listdir(dir_path)) <= saved_files:
                 raise ValueError(
                     f"{dir_path} is not a saved model (it holds other files); overwrite=True replaces only a saved "
@@ -1073,17 +777,36 @@ class Doloris(BaseModelClass):
         self.scdoloris_version_ = __version__  # saved with the attributes; checked by load
         staging = tempfile.mkdtemp(prefix=".doloris-save-", dir=parent)
         try:
-            super().save(os.path.join(staging, "model"), prefix=prefix, save_anndata=save_anndata, **kwargs)
+            new = os.path.join(staging, "model")
+            os.makedirs(new)
+            if save_anndata:
+                self.adata.write(os.path.join(new, f"{prefix}adata.h5ad"), **kwargs)
+            # scvi-tools' convention: the attributes to save are those whose names end in "_".
+            attributes = {name: value for name, value in self._get_user_attributes() if name.endswith("_")}
+            var_names = self.adata.var_names.astype(str)
+            write_model(os.path.join(new, f"{prefix}model.pt"), self.module.state_dict(), attributes, var_names)
             if os.path.exists(dir_path):
                 old = os.path.join(staging, "previous")
                 os.replace(dir_path, old)
-            os.replace(os.path.join(staging, "model"), dir_path)
+            os.replace(new, dir_path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
-    def load(cls, dir_path: str, adata: AnnData | None = None, prefix: str | None = None, **kwargs) -> Doloris:
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | None = None,
+        prefix: str | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> Doloris:
         """Load a saved model; ``adata`` must have the model's genes in the same order.
+
+        Nothing in the model file is executed: its tensors and data are read by torch's
+        ``weights_only`` unpickler, which builds no other objects (models saved by earlier
+        scdoloris versions also need a few numpy and pandas data types, and nothing else). A file
+        that needs more is refused unread.
 
         Parameters
         ----------
@@ -1093,29 +816,56 @@ class Doloris(BaseModelClass):
             AnnData organised like the training data (``None``: the one saved with the model).
         prefix
             File-name prefix used when saving.
-        **kwargs
-            ``accelerator``, ``device``: where to put the model.
+        accelerator, device
+            Where to put the model, as in scvi-tools (``"auto"``: a GPU if there is one).
 
         Raises
         ------
         ValueError
-            No saved model at ``dir_path``; a corrupted or truncated model file; a model of another
-            class or of an incompatible scdoloris version; ``adata`` with other genes.
+            No saved model at ``dir_path``; a corrupted, truncated or foreign model file, or one
+            that would need objects other than data to be read; a model of another class or of an
+            incompatible scdoloris version; ``adata`` with other genes.
         """
-        attr_dict, var_names = cls._read_saved_model(os.fspath(dir_path), prefix)
-        if adata is not None:
-            check_same_genes(adata, var_names)
-        token = _SAVED_SUMMARY.set(attr_dict["summary_"])
+        import anndata
+        from scvi.model._utils import parse_device_args
+
+        dir_path = os.fspath(dir_path)
+        attr_dict, var_names, state_dict = cls._read_saved_model(dir_path, prefix)
+        if adata is None:
+            adata_path = os.path.join(dir_path, f"{prefix or ''}adata.h5ad")
+            if not os.path.isfile(adata_path):
+                raise ValueError(
+                    f"{dir_path} holds no AnnData ({adata_path} does not exist): pass adata=, organised like the "
+                    "training data, or save the model with save_anndata=True."
+                )
+            adata = anndata.read_h5ad(adata_path)
+        check_same_genes(adata, var_names)
+        registry = attr_dict.pop("registry_")
+        # Registers adata as the model's was (same categories and codes), validated against that registry.
+        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        init_params = attr_dict.pop("init_params_")
+        summary = TrainingSummary(**attr_dict.pop("summary_"))
+        model = cls._from_summary(adata, summary, **init_params["non_kwargs"])
+        for name, value in attr_dict.items():  # history_, is_trained_, the data split, version, run name, ...
+            if name.isidentifier() and not name.startswith("_") and not hasattr(cls, name):
+                setattr(model, name, value)
         try:
-            model = super().load(dir_path, adata=adata, prefix=prefix, **kwargs)
-        finally:
-            _SAVED_SUMMARY.reset(token)
-        model._summary = TrainingSummary(**model.summary_)
+            model.module.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise ValueError(
+                f"The weights in {dir_path} do not fit the model its attributes describe ({error}); the file is "
+                "corrupted. Save the model again, or restore it from a backup."
+            ) from error
+        _, _, torch_device = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
+        )
+        model.to_device(torch_device)
+        model.module.eval()
         return model
 
     @classmethod
-    def _read_saved_model(cls, dir_path: str, prefix: str | None) -> tuple[dict, np.ndarray]:
-        """The attributes and genes of a saved model, with clear errors for what cannot be loaded."""
+    def _read_saved_model(cls, dir_path: str, prefix: str | None) -> tuple[dict, np.ndarray, dict]:
+        """The attributes, genes and weights of a saved model, with clear errors for what cannot be loaded."""
         from .. import __version__
 
         model_path = os.path.join(dir_path, f"{prefix or ''}model.pt")
@@ -1124,14 +874,9 @@ class Doloris(BaseModelClass):
                 f"No saved model at {dir_path}: {model_path} does not exist. Pass the directory written by "
                 "Doloris.save (and its prefix=, if one was used)."
             )
-        try:
-            attr_dict, var_names, _, _ = _load_saved_files(dir_path, load_adata=False, prefix=prefix)
-        except Exception as error:  # torch/pickle/zip errors of a damaged file; the cause stays chained
-            raise ValueError(
-                f"{model_path} is corrupted or truncated and cannot be read ({type(error).__name__}: {error}). "
-                "Save the model again, or restore the file from a backup."
-            ) from error
-        if not isinstance(attr_dict, dict) or "registry_" not in attr_dict:
+        saved = read_model(model_path)  # ModelFileError (a ValueError) for damaged, foreign or unsafe files
+        attr_dict = saved.attributes
+        if not isinstance(attr_dict.get("registry_"), dict):
             raise ValueError(f"{model_path} is corrupted or truncated: it lacks the model's attributes.")
         model_name = attr_dict["registry_"].get("model_name")
         if model_name != cls.__name__:
@@ -1145,9 +890,29 @@ class Doloris(BaseModelClass):
             )
         try:
             TrainingSummary(**attr_dict["summary_"])
-        except (KeyError, TypeError) as error:
+            cls._check_saved_setup(attr_dict)
+        except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
                 f"{model_path} was saved by scdoloris {saved_version or 'of an older version'}, whose model format "
                 f"this version ({__version__}) cannot read ({error}). Install that version, or retrain the model."
             ) from error
-        return attr_dict, var_names
+        return attr_dict, saved.var_names, saved.state_dict
+
+    @classmethod
+    def _check_saved_setup(cls, attr_dict: dict) -> None:
+        """The saved setup and model arguments are ones that :meth:`load` can pass on, and nothing else."""
+        registry = attr_dict["registry_"]
+        if registry.get("setup_method_name", "setup_anndata") != "setup_anndata":
+            raise ValueError(f"set up with {registry['setup_method_name']!r}, which this version does not repeat")
+        setup_args, init_params = registry["setup_args"], attr_dict["init_params_"]
+        if not isinstance(setup_args, dict) or not isinstance(init_params, dict):
+            raise TypeError("the saved setup or model arguments are not dicts")
+        if not isinstance(init_params.get("non_kwargs"), dict):
+            raise TypeError("the saved model arguments are not a dict")
+        if init_params.get("kwargs"):
+            raise TypeError(f"unexpected keyword arguments {sorted(init_params['kwargs'])}")
+        for method, given in [(cls.setup_anndata, setup_args), (cls.__init__, init_params["non_kwargs"])]:
+            known = set(inspect.signature(method).parameters) - {"self", "adata", "kwargs"}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise TypeError(f"{method.__name__} has no argument(s) {unknown}")

@@ -1,17 +1,54 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..diffusion import GaussianDiffusion
-from ..perturbation._encoder import GraphTensors, PerturbationEncoder
-from ..perturbation._molecules import MoleculeEncoder
 from ._denoiser import Denoiser, DenoiserCondition
+from ._inputs import ModuleInputs
 from ._mask_model import MaskModel
+from ._molecule_encoder import MoleculeEncoder
+from ._perturbation_encoder import GraphTensors, PerturbationEncoder
 
 # Floor of the per-gene spread in the skip parametrization ([0, 1] scale): a gene silent in the
 # controls must still be able to move when a perturbation switches it on.
 MIN_SIGMA_DATA = 0.02
+
+
+# ``progress(iterable, description)``: wraps a loop in a progress bar (or returns it unchanged).
+Progress = Callable[[Iterable, str], Iterable]
+
+
+def _no_progress(iterable: Iterable, description: str) -> Iterable:
+    return iterable
+
+
+@dataclass
+class GeneratedCells:
+    """Output of :meth:`DolorisModule.generate`, one row per ``(perturbation, source cell)``, perturbations outermost.
+
+    Attributes
+    ----------
+    prediction
+        The masked prediction ``M_hat * x_bridge`` (Eq. 17), log1p scale.
+    continuous
+        The bridge output before the mask, log1p scale, clipped at 0.
+    mask
+        The sampled 0/1 activation mask.
+    probabilities
+        The mask model's activation probabilities.
+    latent
+        ``(sources, genes)`` shared latent of each source cell (Eq. 15), once per source.
+    """
+
+    prediction: torch.Tensor
+    continuous: torch.Tensor
+    mask: torch.Tensor
+    probabilities: torch.Tensor
+    latent: torch.Tensor
 
 
 class DolorisModule(nn.Module):
@@ -22,23 +59,9 @@ class DolorisModule(nn.Module):
 
     Parameters
     ----------
-    n_genes
-        Number of genes.
-    n_cell_types
-        Number of cell types.
-    graph
-        Gene graph tensors for the GAT.
-    n_categories
-        Perturbation components without a prior (learned embeddings).
-    train_recipes
-        ``(n_perturbation_codes, width)`` token rows of each registered perturbation label, ``-1``
-        padded; control labels are all ``-1``.
-    is_control
-        ``(n_perturbation_codes,)`` whether a registered label is a control.
-    control_mean, control_std
-        ``(n_cell_types, genes)`` statistics of the training controls on the ``[0, 1]`` scale (Eq. 12).
-    x_max
-        Maximum of the training expression.
+    inputs
+        What the module keeps of its training data (scale, control statistics, gene graph, label
+        recipes, molecules, doses): see :class:`ModuleInputs`.
     n_hidden, n_blocks, n_hidden_mask, n_blocks_mask, n_perturbation, dropout
         Network sizes.
     n_timesteps
@@ -48,30 +71,14 @@ class DolorisModule(nn.Module):
         With the masked loss the source model's predictions at a cell's zero genes are
         unconstrained, and the DDIM inversion turns them into latents far from Gaussian (measured on
         synthetic data: latent mean -6.6, std 11.7 instead of 0 and 1). Target rows keep Eq. 13.
-    expressed_prior_mean, expressed_prior_std
-        ``(n_cell_types, genes)`` moments of the nonzero values of each cell type's training cells,
-        ``[0, 1]`` scale: the per-gene prior of the target model, which models expressed values.
-    condition_lookup
-        ``(n_perturbation_codes, n_cell_types, n_doses)`` row of each training condition in the two
-        tables below, ``-1`` where it was not trained.
-    expressed_mean, expressed_std
-        ``(conditions, genes)`` moments of the nonzero values of each training condition, ``[0, 1]``
-        scale, shrunk towards their cell type's where a condition has few nonzero values.
     impute_target_zeros
         Train the target model on perturbed cells whose zeros are replaced by draws from the
-        condition's nonzero values (normal with the moments above); the loss stays on the truly
-        expressed genes (Eq. 13). With zeros left in, the target model is never taught what to
-        do where a trajectory runs through the zeros' region, and its generated values spread
+        condition's nonzero values (normal with the condition's moments, see :class:`ModuleInputs`);
+        the loss stays on the truly expressed genes (Eq. 13). With zeros left in, the target model is
+        never taught what to do where a trajectory runs through the zeros' region, and its generated values spread
         almost twice as wide as the real nonzero values (measured: per-gene std 0.87 vs 0.46 on
         synthetic data). Dense inputs make it a model of the expressed values, which the mask
         then zeroes (Sec. 3.6).
-    molecule_features
-        ``(n_molecules, features)`` structure features (Morgan fingerprints) of the trained molecules,
-        or ``None`` without molecular perturbations.
-    molecule_recipes
-        ``(n_perturbation_codes, width)`` molecule rows of each registered label, ``-1`` padded.
-    dose_values
-        Sorted trained doses; a cell's dose code is its position here (all zeros without doses).
     impute_control_zeros
         At inference, replace the zeros of the real control cell by the cell type's control mean
         before using it as control information: in training that input is ``mu + sigma * eps``
@@ -84,26 +91,18 @@ class DolorisModule(nn.Module):
     ``control``, ``P1``, ``P2``), with small networks:
 
     >>> import torch
-    >>> from scdoloris.perturbation._encoder import GraphTensors
-    >>> empty_graph = GraphTensors(
-    ...     torch.zeros(0, 32), torch.zeros(0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
-    ... )
-    >>> module = DolorisModule(
-    ...     n_genes=10,
-    ...     n_cell_types=1,
-    ...     graph=empty_graph,
+    >>> from scdoloris.module import GraphTensors, ModuleInputs
+    >>> inputs = ModuleInputs(
+    ...     x_max=5.0,
+    ...     control_mean=torch.full((1, 10), 0.3),
+    ...     control_std=torch.full((1, 10), 0.1),
+    ...     graph=GraphTensors.empty(),
     ...     n_categories=2,
     ...     train_recipes=torch.tensor([[-1], [0], [1]]),
     ...     is_control=torch.tensor([True, False, False]),
-    ...     control_mean=torch.full((1, 10), 0.3),
-    ...     control_std=torch.full((1, 10), 0.1),
-    ...     x_max=5.0,
-    ...     n_hidden=32,
-    ...     n_blocks=1,
-    ...     n_hidden_mask=16,
-    ...     n_blocks_mask=1,
-    ...     n_perturbation=8,
-    ...     n_timesteps=100,
+    ... )
+    >>> module = DolorisModule(
+    ...     inputs, n_hidden=32, n_blocks=1, n_hidden_mask=16, n_blocks_mask=1, n_perturbation=8, n_timesteps=100
     ... )
 
     Training loss of a batch (log1p expression, perturbation and cell-type codes):
@@ -127,15 +126,7 @@ class DolorisModule(nn.Module):
 
     def __init__(
         self,
-        n_genes: int,
-        n_cell_types: int,
-        graph: GraphTensors,
-        n_categories: int,
-        train_recipes: torch.Tensor,
-        is_control: torch.Tensor,
-        control_mean: torch.Tensor,
-        control_std: torch.Tensor,
-        x_max: float,
+        inputs: ModuleInputs,
         n_hidden: int = 512,
         n_blocks: int = 3,
         n_hidden_mask: int = 256,
@@ -143,14 +134,6 @@ class DolorisModule(nn.Module):
         n_perturbation: int = 128,
         dropout: float = 0.1,
         n_timesteps: int = 500,
-        expressed_prior_mean: torch.Tensor | None = None,
-        expressed_prior_std: torch.Tensor | None = None,
-        condition_lookup: torch.Tensor | None = None,
-        expressed_mean: torch.Tensor | None = None,
-        expressed_std: torch.Tensor | None = None,
-        molecule_features: torch.Tensor | None = None,
-        molecule_recipes: torch.Tensor | None = None,
-        dose_values: torch.Tensor | None = None,
         full_source_loss: bool = True,
         impute_target_zeros: bool = True,
         impute_control_zeros: bool = True,
@@ -158,40 +141,44 @@ class DolorisModule(nn.Module):
         super().__init__()
         self.full_source_loss = full_source_loss
         self.impute_control_zeros = impute_control_zeros
-        self.impute_target_zeros = impute_target_zeros and expressed_mean is not None
+        self.impute_target_zeros = impute_target_zeros and inputs.expressed_mean is not None
         if self.impute_target_zeros:
-            self.register_buffer("condition_lookup", condition_lookup.long())
-            self.register_buffer("expressed_mean", expressed_mean.float())
-            self.register_buffer("expressed_std", expressed_std.float())
+            self.register_buffer("condition_lookup", inputs.condition_lookup.long())
+            self.register_buffer("expressed_mean", inputs.expressed_mean.float())
+            self.register_buffer("expressed_std", inputs.expressed_std.float())
         self.diffusion = GaussianDiffusion(n_timesteps)
         # A buffer, so it moves with the module once instead of being copied to the device every call.
         self.register_buffer("alphas_cumprod", self.diffusion.alphas_cumprod.float(), persistent=False)
-        self.register_buffer("train_recipes", train_recipes.long())
-        self.register_buffer("is_control", is_control.bool())
-        self.register_buffer("control_mean", control_mean.float())
-        self.register_buffer("control_std", control_std.float())
-        self.register_buffer("x_max", torch.tensor(float(x_max)))
+        self.register_buffer("train_recipes", inputs.train_recipes.long())
+        self.register_buffer("is_control", inputs.is_control.bool())
+        control_mean, control_std = inputs.control_mean.float(), inputs.control_std.float()
+        self.register_buffer("control_mean", control_mean)
+        self.register_buffer("control_std", control_std)
+        self.register_buffer("x_max", torch.tensor(float(inputs.x_max)))
         # Per-gene prior of each model for the skip parametrization (Denoiser): source rows model
         # control cells, zeros included; target rows model expressed values when their zeros are imputed.
-        if self.impute_target_zeros and expressed_prior_mean is not None:
-            target_mean, target_std = expressed_prior_mean, expressed_prior_std
+        if self.impute_target_zeros and inputs.expressed_prior_mean is not None:
+            target_mean, target_std = inputs.expressed_prior_mean, inputs.expressed_prior_std
         else:
             target_mean, target_std = control_mean, control_std
         self.register_buffer("target_prior_mean", target_mean.float())
         self.register_buffer("target_prior_std", target_std.float().clamp(min=MIN_SIGMA_DATA))
-        self.register_buffer("source_prior_std", control_std.float().clamp(min=MIN_SIGMA_DATA))
+        self.register_buffer("source_prior_std", control_std.clamp(min=MIN_SIGMA_DATA))
         # Separate encoders: the mask model is trained independently of the diffusion model (Sec. 3.7).
+        graph, n_categories = inputs.graph, inputs.n_categories
         self.encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
         self.mask_encoder = PerturbationEncoder(graph, n_categories, n_output=n_perturbation)
-        dose_values = torch.zeros(1) if dose_values is None else dose_values.float()
+        dose_values = torch.zeros(1) if inputs.dose_values is None else inputs.dose_values.float()
         self.register_buffer("dose_values", dose_values)
-        self.has_molecules = molecule_features is not None
+        self.has_molecules = inputs.molecule_features is not None
         if self.has_molecules:
             # The dose scale's unit is the largest trained dose (1 if doses are all below 1).
             max_dose = max(float(dose_values.max()), 1.0)
-            self.register_buffer("molecule_recipes", molecule_recipes.long())
-            self.molecule_encoder = MoleculeEncoder(molecule_features, n_output=n_perturbation, max_dose=max_dose)
-            self.mask_molecule_encoder = MoleculeEncoder(molecule_features, n_output=n_perturbation, max_dose=max_dose)
+            features = inputs.molecule_features
+            self.register_buffer("molecule_recipes", inputs.molecule_recipes.long())
+            self.molecule_encoder = MoleculeEncoder(features, n_output=n_perturbation, max_dose=max_dose)
+            self.mask_molecule_encoder = MoleculeEncoder(features, n_output=n_perturbation, max_dose=max_dose)
+        n_genes, n_cell_types = inputs.n_genes, inputs.n_cell_types
         self.denoiser = Denoiser(n_genes, n_cell_types, n_perturbation, n_hidden, n_blocks, dropout)
         self.mask_model = MaskModel(n_genes, n_cell_types, n_perturbation, n_hidden_mask, n_blocks_mask, dropout)
 
@@ -367,3 +354,63 @@ class DolorisModule(nn.Module):
     ) -> torch.Tensor:
         """Mask-model probabilities that each gene is expressed (Sec. 3.6)."""
         return torch.sigmoid(self.mask_model(self.control_information(x_control, cell_type), cell_type, mask_embedding))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        sources: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        embedding: torch.Tensor,
+        mask_embedding: torch.Tensor,
+        mask_sampler: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        n_steps: int = 50,
+        batch_size: int = 1024,
+        progress: Progress = _no_progress,
+    ) -> GeneratedCells:
+        """Predicted cells of every source cell under every perturbation: inversion, bridge, mask.
+
+        Each source cell is inverted once (Eq. 15; its latent does not depend on the perturbation,
+        paper A.4), then every ``(perturbation, source)`` pair is bridged under the target
+        conditioning (Eq. 16) and masked (Eq. 17), ``batch_size`` pairs per network call. Input and
+        output are on the log1p scale: the division by ``x_max`` and the multiplication back both
+        happen here.
+
+        Parameters
+        ----------
+        sources
+            Batches of ``(log1p control expression, cell-type codes)`` on this module's device.
+        embedding, mask_embedding
+            ``(perturbations, n_perturbation)`` embeddings from :meth:`embed`.
+        mask_sampler
+            ``mask_sampler(probabilities, cell_type, groups)`` returns the 0/1 mask of a batch;
+            ``groups`` numbers the ``(perturbation, cell type)`` of each row (see
+            :func:`~scdoloris.module.sample_activation_mask`).
+        n_steps
+            DDIM steps of the inversion and of the sampling.
+        batch_size
+            Pairs per network call.
+        progress
+            ``progress(iterable, description)``, e.g. a progress bar.
+        """
+        controls, cell_types, latents = [], [], []
+        for x, cell_type in progress(sources, "Inverting controls"):
+            controls.append(x)
+            cell_types.append(cell_type)
+            latents.append(self.encode_latent(x, cell_type, n_steps))
+        controls, cell_types, latents = torch.cat(controls), torch.cat(cell_types), torch.cat(latents)
+
+        n_sources, n_cell_types = controls.shape[0], self.control_mean.shape[0]
+        n_jobs = n_sources * embedding.shape[0]
+        outputs: dict[str, list[torch.Tensor]] = {"continuous": [], "mask": [], "probabilities": []}
+        for start in progress(range(0, n_jobs, batch_size), "Generating"):
+            jobs = torch.arange(start, min(start + batch_size, n_jobs), device=controls.device)
+            p_index, s_index = jobs // n_sources, jobs % n_sources
+            x_c, cell_type = controls[s_index], cell_types[s_index]
+            continuous = self.bridge(latents[s_index], x_c, cell_type, embedding[p_index], n_steps)
+            probabilities = self.activation_probabilities(x_c, cell_type, mask_embedding[p_index])
+            # One group per (perturbation, cell type).
+            mask = mask_sampler(probabilities, cell_type, p_index * n_cell_types + cell_type)
+            outputs["continuous"].append(continuous.clamp(min=0.0) * self.x_max)
+            outputs["mask"].append(mask.to(continuous.dtype))
+            outputs["probabilities"].append(probabilities)
+        continuous, mask = torch.cat(outputs["continuous"]), torch.cat(outputs["mask"])
+        return GeneratedCells(mask * continuous, continuous, mask, torch.cat(outputs["probabilities"]), latents)

@@ -135,7 +135,7 @@ class _Pool:
         k = max(1, min(n_components, *centered.shape))
         # Principal directions of the patterns (the co-expression a reweighting can move), by a
         # randomized range finder with two power iterations, much cheaper than a full SVD of a
-        # 2,000 x 5,000 pool (about 0.3 s per cell type in all, timed ad hoc); ``rng`` keeps it deterministic.
+        # 2,000 x 5,000 pool (see BENCHMARKS.md); ``rng`` keeps it deterministic.
         probe = torch.from_numpy(rng.standard_normal((centered.shape[1], min(k + 10, *centered.shape)))).float()
         basis = torch.linalg.qr(centered @ probe).Q
         for _ in range(2):
@@ -205,7 +205,7 @@ def sample_activation_mask(
     cell_type: torch.Tensor,
     reference: MaskReference | None,
     rng: np.random.Generator,
-    strategy: str = "reference",
+    strategy: str = MASK_STRATEGIES[0],
     high: float = 0.95,
     low: float = 0.05,
     n_reference_conditions: int = 1,
@@ -244,7 +244,7 @@ def sample_activation_mask(
     rng
         Seeded generator for the draws.
     strategy
-        ``"reference"``, ``"bernoulli"`` or ``"matched"``.
+        ``"matched"`` (the default, as the model's), ``"reference"`` or ``"bernoulli"``.
     high, low
         Thresholds ``delta_h`` and ``delta_l``.
     n_reference_conditions
@@ -276,7 +276,7 @@ def sample_activation_mask(
     >>> reference = MaskReference(patterns.astype(float), [0, 0], np.packbits(patterns, axis=1), [0, 1], 4)
     >>> probs = torch.tensor([[0.9, 0.97, 0.6, 0.2], [0.02, 0.1, 0.8, 0.7]])
     >>> cell_type = torch.tensor([0, 0])
-    >>> sample_activation_mask(probs, cell_type, reference, np.random.default_rng(0))
+    >>> sample_activation_mask(probs, cell_type, reference, np.random.default_rng(0), strategy="reference")
     tensor([[1., 1., 1., 0.],
             [0., 0., 1., 1.]])
 

@@ -1,17 +1,22 @@
-"""Perturbation labels, gene-graph priors and the encoders that embed perturbations."""
+"""Perturbation labels, gene-graph priors and molecule features, torch-free.
 
-from ._encoder import PerturbationEncoder
+The torch encoders that embed perturbations live in :mod:`scdoloris.module`; they stay importable
+from here (``PerturbationEncoder``, ``MoleculeEncoder``, ``dose_scale``), loaded on first access so that
+importing this package does not import torch.
+"""
+
 from ._gene_graph import GeneGraph, coexpression_edges, freeze_prior, go_edges, resolve_gene_graph, thaw_prior
-from ._molecules import MoleculeEncoder, MoleculeFeatures, dose_scale, morgan_fingerprints
+from ._molecules import MoleculeFeatures, morgan_fingerprints
+from ._vocabulary import COMBINATION_SEPARATOR as COMBINATION_SEPARATOR  # used by sibling packages
 from ._vocabulary import PerturbationVocabulary, split_perturbation
+
+# Public names defined in scdoloris.module (torch), resolved lazily by __getattr__.
+_TORCH_NAMES = ("MoleculeEncoder", "PerturbationEncoder", "dose_scale")
 
 __all__ = [
     "GeneGraph",
-    "MoleculeEncoder",
     "MoleculeFeatures",
-    "dose_scale",
     "morgan_fingerprints",
-    "PerturbationEncoder",
     "PerturbationVocabulary",
     "coexpression_edges",
     "go_edges",
@@ -20,3 +25,17 @@ __all__ = [
     "thaw_prior",
     "split_perturbation",
 ]
+
+
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        from .. import module
+
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_NAMES))

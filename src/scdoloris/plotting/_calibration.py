@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ._utils import expression, finish, labels, new_axes
+from ._utils import category_colours, expression, finish, labels, new_axes
 
 PROBABILITY_KEY = "doloris_activation_prob"
 
@@ -15,6 +15,7 @@ PROBABILITY_KEY = "doloris_activation_prob"
 def mask_calibration_table(
     predicted: ad.AnnData,
     real: ad.AnnData,
+    *,
     perturbation_key: str = "perturbation",
     probability_key: str = PROBABILITY_KEY,
     layer: str | None = None,
@@ -78,6 +79,7 @@ def mask_calibration_table(
 def mask_calibration(
     predicted: ad.AnnData,
     real: ad.AnnData,
+    *,
     perturbation_key: str = "perturbation",
     probability_key: str = PROBABILITY_KEY,
     layer: str | None = None,
@@ -119,14 +121,16 @@ def mask_calibration(
     >>> import scdoloris as sd  # doctest: +SKIP
     >>> sd.pl.mask_calibration(pred, real, show=False)  # doctest: +SKIP
     """
-    table = mask_calibration_table(predicted, real, perturbation_key, probability_key, layer)
+    table = mask_calibration_table(
+        predicted, real, perturbation_key=perturbation_key, probability_key=probability_key, layer=layer
+    )
     r = pearson(table["predicted"].to_numpy(), table["empirical"].to_numpy())
     fig, ax = new_axes(ax, (4.5, 4.5))
     perturbations = list(dict.fromkeys(table["perturbation"]))
-    colours = plt.get_cmap("tab10" if len(perturbations) <= 10 else "tab20")
+    colour_of = category_colours(len(perturbations))
     for i, (p, group) in enumerate(table.groupby("perturbation", sort=False)):
         label = p if len(perturbations) <= 10 else None
-        ax.scatter(group["predicted"], group["empirical"], s=8, alpha=0.6, color=colours(i % colours.N), label=label)
+        ax.scatter(group["predicted"], group["empirical"], s=8, alpha=0.6, color=colour_of(i), label=label)
     ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle="--", label=f"identity (r = {r:.3f})")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)

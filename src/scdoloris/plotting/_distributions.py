@@ -7,7 +7,7 @@ import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._utils import expression, finish, labels, new_axes, pick_perturbation
+from ._utils import expression, finish, labels, new_axes, pick_perturbation, side_by_side
 
 SOURCE_COLOURS = {"control": "#9e9e9e", "real": "#1f77b4", "predicted": "#ff7f0e"}
 
@@ -23,6 +23,7 @@ def de_gene_violins(
     predicted: ad.AnnData,
     real: ad.AnnData,
     control: ad.AnnData | None = None,
+    *,
     genes: Sequence[str] | None = None,
     n_genes: int = 6,
     perturbation: str | None = None,
@@ -96,7 +97,7 @@ def de_gene_violins(
     fig, ax = new_axes(ax, (max(4.0, 1.1 * len(genes) + 1.5), 4))
     for s, (name, data) in enumerate(sources):
         values = expression(data[:, genes], layer)
-        positions = np.arange(len(genes)) + (s - (len(sources) - 1) / 2) * width
+        positions = side_by_side(len(genes), s, len(sources), width)
         # A violin needs spread: a constant gene (e.g. all zeros) is drawn as a flat line.
         jitter = np.where(values.std(axis=0) > 0, 0.0, 1e-6)
         parts = ax.violinplot(

@@ -13,6 +13,7 @@ DEFAULT_KEYS = ("train_loss", "validation_loss", "train_loss_epoch", "validation
 
 def history(
     model,
+    *,
     keys: str | Sequence[str] | None = None,
     logy: bool = False,
     ax: plt.Axes | None = None,

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ._utils import finish, new_axes
+from ._utils import category_colours, finish, new_axes, side_by_side
 
 
 def _tidy_scores(scores) -> pd.DataFrame:
@@ -32,6 +32,7 @@ def _tidy_scores(scores) -> pd.DataFrame:
 
 def metric_bars(
     scores,
+    *,
     metrics: str | Sequence[str] | None = None,
     gene_set: str | None = "all",
     methods: Sequence[str] | None = None,
@@ -93,20 +94,20 @@ def metric_bars(
 
     fig, ax = new_axes(ax, (max(4.0, 1.0 + 0.4 * len(metrics) * len(methods)), 3.5))
     width = 0.8 / len(methods)
-    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour_of = category_colours(len(methods))
     for j, method in enumerate(methods):
         rows = stats.reindex([(m, method) for m in metrics])
         spread = rows["std"].fillna(0.0).to_numpy()
         if error == "sem":
             spread = spread / np.sqrt(rows["count"].clip(lower=1).to_numpy())
-        x = np.arange(len(metrics)) + (j - (len(methods) - 1) / 2) * width
+        x = side_by_side(len(metrics), j, len(methods), width)
         ax.bar(
             x,
             rows["mean"].to_numpy(),
             width=width * 0.95,
             yerr=None if error == "none" else spread,
             capsize=2,
-            color=colours(j % colours.N),
+            color=colour_of(j),
             label=method,
         )
     ax.set_xticks(np.arange(len(metrics)), metrics)

@@ -7,14 +7,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import scanpy as sc
 
-from ._utils import expression, finish, new_axes
+from ._utils import category_colours, expression, finish, new_axes
 
 
 def prediction_pca(
     predicted: ad.AnnData,
     real: ad.AnnData,
-    perturbation_key: str = "perturbation",
     control: ad.AnnData | None = None,
+    *,
+    perturbation_key: str = "perturbation",
     n_comps: int = 20,
     basis: str = "pca",
     layer: str | None = None,
@@ -37,10 +38,10 @@ def prediction_pca(
         Output of :meth:`~scdoloris.Doloris.predict_perturbation`.
     real
         Real cells of the same perturbations (same genes).
-    perturbation_key
-        ``obs`` column naming the perturbation in both.
     control
         Optional control cells, drawn in grey.
+    perturbation_key
+        ``obs`` column naming the perturbation in both.
     n_comps
         Principal components fitted.
     basis
@@ -73,16 +74,19 @@ def prediction_pca(
     pca = sc.pp.pca(fit, n_comps=n_comps, return_info=True)
     components, mean = pca[1], fit.mean(axis=0)
 
+    def project(cells: ad.AnnData) -> np.ndarray:
+        return (expression(cells, layer) - mean) @ components.T
+
     groups: list[tuple[str, str | None, np.ndarray]] = []  # (kind, perturbation, coordinates)
     if control is not None:
-        groups.append(("control", None, (expression(control, layer) - mean) @ components.T))
+        groups.append(("control", None, project(control)))
     perturbations = list(dict.fromkeys(predicted.obs[perturbation_key].astype(str)))
     for p in perturbations:
         r = real[real.obs[perturbation_key].astype(str) == p]
         if r.n_obs:
-            groups.append(("real", p, (expression(r, layer) - mean) @ components.T))
+            groups.append(("real", p, project(r)))
         pred = predicted[predicted.obs[perturbation_key].astype(str) == p]
-        groups.append(("predicted", p, (expression(pred, layer) - mean) @ components.T))
+        groups.append(("predicted", p, project(pred)))
     if basis == "umap":
         joint = ad.AnnData(np.zeros((sum(len(g[2]) for g in groups), 1), dtype=np.float32))
         joint.obsm["X_pca"] = np.vstack([g[2] for g in groups]).astype(np.float32)
@@ -94,12 +98,12 @@ def prediction_pca(
         ]
 
     fig, ax = new_axes(ax, (6, 5))
-    colours = plt.get_cmap("tab10" if len(perturbations) <= 10 else "tab20")
+    colour_of = category_colours(len(perturbations))
     for kind, p, xy in groups:
         if kind == "control":
             ax.scatter(xy[:, 0], xy[:, 1], s=6, c="lightgrey", label="control")
             continue
-        colour = colours(perturbations.index(p) % colours.N)
+        colour = colour_of(perturbations.index(p))
         style = {"marker": "o", "s": 8, "alpha": 0.6} if kind == "real" else {"marker": "x", "s": 10, "alpha": 0.8}
         ax.scatter(xy[:, 0], xy[:, 1], color=colour, label=f"{p} ({kind})", **style)
     names = ("PC1 (real cells)", "PC2 (real cells)") if basis == "pca" else ("UMAP1", "UMAP2")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy import sparse
+
+from ..data import expression_matrix, to_dense
 
 
 def new_axes(ax: plt.Axes | None, figsize: tuple[float, float]) -> tuple[plt.Figure, plt.Axes]:
@@ -57,16 +58,22 @@ def finish(
     return None if shown else axes
 
 
-def dense(matrix) -> np.ndarray:
-    """A dense float array of a (possibly sparse) matrix."""
-    return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float64)
-
-
 def expression(adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
-    """Dense ``X`` or ``layers[layer]`` of ``adata``."""
+    """Dense float64 ``X`` or ``layers[layer]`` of ``adata`` (not copied when it already is one)."""
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"No layer {layer!r} in this AnnData (layers: {list(adata.layers)}).")
-    return dense(adata.X if layer is None else adata.layers[layer])
+    return to_dense(expression_matrix(adata, layer))
+
+
+def category_colours(n: int) -> Callable[[int], tuple[float, float, float, float]]:
+    """Colour of the ``i``-th of ``n`` categories: matplotlib's tab10 up to 10 categories, else tab20 (cycled)."""
+    colours = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return lambda i: colours(i % colours.N)
+
+
+def side_by_side(n_positions: int, index: int, n_items: int, width: float) -> np.ndarray:
+    """Positions of the ``index``-th of ``n_items`` items of ``width`` (bars, violins) side by side at 0, 1, ..."""
+    return np.arange(n_positions) + (index - (n_items - 1) / 2) * width
 
 
 def labels(adata: ad.AnnData, key: str, name: str) -> pd.Series:

@@ -1,5 +1,6 @@
 """Checks and preparation of expression data (``sd.pp``)."""
 
-from ._checks import check_expression, log_normalize
+from .._validation import check_expression
+from ._normalize import log_normalize
 
 __all__ = ["check_expression", "log_normalize"]

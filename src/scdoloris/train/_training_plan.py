@@ -14,8 +14,8 @@ from scvi.dataloaders import DataSplitter
 from torch.utils.data import DataLoader, Sampler
 
 from .._constants import REGISTRY_KEYS
+from .._validation import check_count
 from ..module import DolorisModule
-from ..preprocessing._checks import check_count
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -30,9 +30,9 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def fused_adamw_supported(parameters: list[torch.nn.Parameter]) -> bool:
     """Whether AdamW can update all ``parameters`` in one fused kernel (float tensors on CPU or CUDA).
 
-    At 5,000 genes, batch 32, on the 2-core CPU, steps took 52 ms fused against 78-90 ms per-tensor
-    (``benchmarks/speed.py`` with and without ``--unfused-adamw``, BENCHMARKS.md). Results differ from
-    the per-tensor update only by rounding.
+    The fused update makes training steps faster than the per-tensor one (``benchmarks/speed.py`` with
+    and without ``--unfused-adamw``; see BENCHMARKS.md). Results differ from the per-tensor update only
+    by rounding.
     """
     return bool(parameters) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
 
@@ -73,15 +73,14 @@ class DolorisTrainingPlan(pl.LightningModule):
     >>> import torch
     >>> from torch.utils.data import DataLoader
     >>> from scdoloris.module import DolorisModule
-    >>> from scdoloris.perturbation._encoder import GraphTensors
-    >>> empty_graph = GraphTensors(
-    ...     torch.zeros(0, 32), torch.zeros(0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0)
+    >>> from scdoloris.module import GraphTensors, ModuleInputs
+    >>> inputs = ModuleInputs(
+    ...     x_max=5.0, control_mean=torch.full((1, 10), 0.3), control_std=torch.full((1, 10), 0.1),
+    ...     graph=GraphTensors.empty(), n_categories=2,
+    ...     train_recipes=torch.tensor([[-1], [0], [1]]), is_control=torch.tensor([True, False, False]),
     ... )
     >>> module = DolorisModule(
-    ...     n_genes=10, n_cell_types=1, graph=empty_graph, n_categories=2,
-    ...     train_recipes=torch.tensor([[-1], [0], [1]]), is_control=torch.tensor([True, False, False]),
-    ...     control_mean=torch.full((1, 10), 0.3), control_std=torch.full((1, 10), 0.1), x_max=5.0,
-    ...     n_hidden=32, n_blocks=1, n_hidden_mask=16, n_blocks_mask=1, n_perturbation=8, n_timesteps=100,
+    ...     inputs, n_hidden=32, n_blocks=1, n_hidden_mask=16, n_blocks_mask=1, n_perturbation=8, n_timesteps=100
     ... )
     >>> batch = {
     ...     "X": 5 * torch.rand(6, 10),

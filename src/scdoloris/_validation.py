@@ -1,3 +1,5 @@
+"""Checks of user input shared by ``sd.pp``, the model and training (internal; ``sd.pp`` re-exports the public ones)."""
+
 from __future__ import annotations
 
 import warnings
@@ -5,11 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
 
-from ..perturbation._vocabulary import COMBINATION_SEPARATOR
+from .perturbation import COMBINATION_SEPARATOR
 
 # Log1p of depth-normalised counts stays well below this; raw UMI counts do not.
 MAX_LOG_VALUE = 30.0
@@ -71,35 +72,6 @@ def check_expression(adata: AnnData, layer: str | None = None) -> None:
             f"{bool(np.all(nonzero == np.round(nonzero)))}). Doloris needs log1p-normalised expression: "
             "run `sd.pp.log_normalize(adata)` (normalize_total + log1p) or point `layer` at such a layer."
         )
-
-
-def log_normalize(adata: AnnData, target_sum: float = 1e4, layer: str | None = None, key_added: str = "log1p") -> None:
-    """Depth-normalise counts and take log1p into ``adata.layers[key_added]``; the counts are kept.
-
-    Parameters
-    ----------
-    adata
-        Annotated data with raw counts.
-    target_sum
-        Counts per cell after normalisation.
-    layer
-        Layer holding the counts; ``None`` uses ``adata.X``.
-    key_added
-        Layer to write; refuses to overwrite an existing one.
-
-    Examples
-    --------
-    >>> import numpy as np, anndata as ad
-    >>> adata = ad.AnnData(np.random.default_rng(0).poisson(2.0, (20, 5)).astype(np.float32))
-    >>> log_normalize(adata)
-    >>> "log1p" in adata.layers
-    True
-    """
-    if key_added in adata.layers:
-        raise ValueError(f"adata.layers[{key_added!r}] already exists; choose another key_added.")
-    counts = adata.X if layer is None else adata.layers[layer]
-    normalized = sc.pp.normalize_total(AnnData(counts.copy()), target_sum=target_sum, inplace=False)["X"]
-    adata.layers[key_added] = normalized.log1p() if sparse.issparse(normalized) else np.log1p(normalized)
 
 
 def check_unique_genes(adata: AnnData) -> None:
@@ -246,3 +218,75 @@ def drop_unused_categories(adata: AnnData, keys: Sequence[str]) -> None:
                 stacklevel=3,
             )
             adata.obs[key] = column.cat.remove_unused_categories()
+
+
+def check_doses(values: pd.Series, key: str) -> None:
+    """Doses must be numbers, finite and not negative."""
+    if not pd.api.types.is_numeric_dtype(values):
+        raise ValueError(
+            f"adata.obs[{key!r}] must be numeric doses (one per cell), not {values.dtype}; e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(float)."
+        )
+    array = values.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(array) | (array < 0)
+    if bad.any():
+        raise ValueError(
+            f"adata.obs[{key!r}] has {int(bad.sum())} missing, infinite or negative dose(s), e.g. "
+            f"{values[bad].iloc[:3].tolist()}; unperturbed cells take dose 0."
+        )
+
+
+def check_setup(
+    adata: AnnData,
+    perturbation_key: str,
+    controls: list[str],
+    cell_type_key: str | None,
+    dose_key: str | None,
+    layer: str | None,
+    training: bool,
+) -> None:
+    """Setup checks that need only ``adata`` (before anything is registered or trained).
+
+    ``training`` is ``False`` when ``load`` re-registers data under a saved registry: then the
+    data need not be a full training set (it may lack a cell type's controls, say).
+    """
+    if adata.is_view:
+        raise ValueError("adata is a view of another AnnData; run adata = adata.copy() and set that up.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); pass cells and genes.")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers)}); pass an existing one.")
+    check_unique_genes(adata)
+    if not controls or not all(isinstance(c, str) and c for c in controls):
+        raise ValueError(f"control_value must be a non-empty label or list of labels, got {controls!r}.")
+    labels = set(adata.obs[perturbation_key].astype(str))
+    if not labels & set(controls):
+        raise ValueError(
+            f"control_value {controls[0] if len(controls) == 1 else controls!r} does not occur in "
+            f"adata.obs[{perturbation_key!r}] (values include {sorted(labels)[:10]}); pass the label of the "
+            "unperturbed cells."
+        )
+    check_perturbation_labels(adata.obs[perturbation_key], perturbation_key, controls)
+    if cell_type_key is not None:
+        check_labels_present(adata.obs[cell_type_key], cell_type_key)
+    if not training:
+        return
+    labels = adata.obs[perturbation_key].astype(str).to_numpy()
+    is_control = np.isin(labels, controls)
+    if dose_key is not None:
+        is_control |= adata.obs[dose_key].to_numpy(dtype=np.float64) == 0
+    if cell_type_key is not None:
+        types = adata.obs[cell_type_key].astype(str).to_numpy()
+        without = sorted(set(types) - set(types[is_control]))
+        if without:
+            raise ValueError(
+                f"Cell type(s) {without[:5]} of adata.obs[{cell_type_key!r}] have no control cells "
+                f"({controls[0]!r}); Doloris starts every prediction from a cell type's controls. Add control "
+                "cells of these cell types or drop their cells."
+            )
+
+
+def check_model_args(**sizes: int) -> None:
+    """Network sizes and step counts must be positive integers (``n_timesteps`` at least 2)."""
+    for name, value in sizes.items():
+        check_count(name, value, minimum=2 if name == "n_timesteps" else 1)

@@ -21,6 +21,16 @@ class GraphTensors(nn.Module):
         self.register_buffer("edges", edges.long())
         self.register_buffer("weights", weights.float())
 
+    @classmethod
+    def empty(cls, n_features: int = 32) -> GraphTensors:
+        """A graph without nodes: every perturbation is then a learned category."""
+        return cls(
+            torch.zeros(0, n_features),
+            torch.zeros(0, dtype=torch.bool),
+            torch.zeros(2, 0, dtype=torch.long),
+            torch.zeros(0),
+        )
+
     @property
     def n_nodes(self) -> int:
         """Number of nodes."""
@@ -111,7 +121,7 @@ class PerturbationEncoder(nn.Module):
 
     >>> import torch
     >>> from scdoloris.perturbation import PerturbationVocabulary
-    >>> from scdoloris.perturbation._encoder import GraphTensors
+    >>> from scdoloris.module import GraphTensors
     >>> _ = torch.manual_seed(0)
     >>> edges = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
     >>> graph = GraphTensors(torch.randn(3, 8), torch.ones(3, dtype=torch.bool), edges, torch.ones(4))

@@ -1,0 +1,161 @@
+"""Predicted cells as an AnnData, or written into the user's control cells in place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._request import Request, dose_text
+from ._sources import Sources
+
+
+@dataclass
+class PredictedCells:
+    """What a method made for every ``(entry, source cell)`` pair, entries outermost.
+
+    Attributes
+    ----------
+    X
+        ``(entries * sources, genes)`` predicted expression on the input scale.
+    layers, obsm
+        Further per-cell arrays of the same row order (e.g. Doloris' continuous output and mask).
+    uns
+        Unstructured annotations of the result.
+    """
+
+    X: np.ndarray
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
+    obsm: dict[str, np.ndarray] = field(default_factory=dict)
+    uns: dict = field(default_factory=dict)
+
+
+def _dose_column(doses: list) -> np.ndarray:
+    """A number per entry when every entry has at most one dose (NaN without), else ``"a+b"`` text."""
+    if all(d is None or np.ndim(d) == 0 for d in doses):
+        return np.array([np.nan if d is None else float(d) for d in doses])
+    return np.array([dose_text(d) for d in doses], dtype=object)
+
+
+def predicted_anndata(
+    cells: PredictedCells,
+    request: Request,
+    sources: Sources,
+    var: pd.DataFrame,
+    *,
+    obs_keys: Mapping[str, str | None] | None = None,
+) -> AnnData:
+    """Assemble predicted cells as an AnnData, ready to concatenate with the user's data.
+
+    Parameters
+    ----------
+    cells
+        The method's output, one row per ``(entry, source cell)``, entries outermost.
+    request
+        The resolved entries.
+    sources
+        The source cells.
+    var
+        The model's genes (copied).
+    obs_keys
+        The user's own ``obs`` column names for ``"perturbation"``, ``"cell_type"`` and ``"dose"``:
+        the result has these columns too, so that it concatenates with the training data.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X`` and the given layers and obsm; ``obs`` with ``perturbation``, ``cell_type``, ``dose``,
+        ``control_cell`` (the source cell's name) and ``is_predicted``; names
+        ``f"{entry}_{cell_type}_{i}"``.
+    """
+    n_sources, n_entries = len(sources), len(request.perturbations)
+    perturbations = request.perturbations
+    name_column = np.repeat(request.names, n_sources)
+    type_column = np.tile(sources.cell_types, n_entries)
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical(
+                np.repeat(perturbations, n_sources), categories=list(dict.fromkeys(perturbations))
+            ),
+            "cell_type": pd.Categorical(type_column),
+            "dose": np.repeat(_dose_column(request.doses), n_sources),
+            "control_cell": np.tile(np.asarray(sources.names, dtype=object), n_entries),
+            "is_predicted": True,
+        }
+    )
+    for column, user_key in (obs_keys or {}).items():
+        if user_key is not None and user_key not in obs:
+            obs[user_key] = obs[column]
+    counter = pd.Series(name_column).groupby([name_column, type_column]).cumcount().to_numpy()
+    obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(name_column, type_column, counter, strict=True)]
+    result = AnnData(X=cells.X, obs=obs, var=var.copy())
+    for key, value in cells.layers.items():
+        result.layers[key] = value
+    for key, value in cells.obsm.items():
+        result.obsm[key] = value
+    result.uns.update(cells.uns)
+    return result
+
+
+@dataclass(frozen=True)
+class InplaceKeys:
+    """Keys of in-place predictions: every key starts with ``key_added``.
+
+    Attributes
+    ----------
+    key_added
+        The prefix.
+    layers
+        Layer suffix of each per-entry array (``""`` for the prediction itself).
+    obsm
+        ``obsm`` suffix of each per-entry array.
+    shared_obsm
+        ``obsm`` keys (after the prefix) of arrays shared by every entry, such as the latent.
+    """
+
+    key_added: str
+    layers: Mapping[str, str]
+    obsm: Mapping[str, str] = field(default_factory=dict)
+    shared_obsm: Sequence[str] = ()
+
+    def of_entry(self, name: str) -> dict[str, tuple[str, str]]:
+        """``{array: (slot, key)}`` of one entry."""
+        base = f"{self.key_added}_{name}"
+        keys = {array: ("layers", base + suffix) for array, suffix in self.layers.items()}
+        keys.update({array: ("obsm", base + suffix) for array, suffix in self.obsm.items()})
+        return keys
+
+    def shared(self) -> dict[str, tuple[str, str]]:
+        """``{array: (slot, key)}`` of the arrays shared by every entry."""
+        return {name: ("obsm", f"{self.key_added}_{name}") for name in self.shared_obsm}
+
+
+def check_keys_free(adata: AnnData, names: Sequence[str], keys: InplaceKeys, overwrite: bool) -> None:
+    """Refuse to replace existing keys of ``adata`` unless ``overwrite``."""
+    if overwrite:
+        return
+    taken = [
+        f"{slot}[{key!r}]"
+        for name in names
+        for slot, key in keys.of_entry(name).values()
+        if key in getattr(adata, slot)
+    ]
+    taken += [f"{slot}[{key!r}]" for slot, key in keys.shared().values() if key in getattr(adata, slot)]
+    if taken:
+        raise ValueError(f"adata already has {taken}; pass overwrite=True or another key_added.")
+
+
+def write_inplace(
+    adata: AnnData, names: Sequence[str], keys: InplaceKeys, per_entry: Mapping[str, np.ndarray], shared: Mapping
+) -> None:
+    """Write each entry's rows of ``per_entry`` arrays (entries outermost) and the ``shared`` arrays into ``adata``."""
+    n = adata.n_obs
+    for i, name in enumerate(names):
+        rows = slice(i * n, (i + 1) * n)
+        for array, (slot, key) in keys.of_entry(name).items():
+            getattr(adata, slot)[key] = per_entry[array][rows].astype(np.float32)
+    for array, (slot, key) in keys.shared().items():
+        getattr(adata, slot)[key] = np.asarray(shared[array]).astype(np.float32)

@@ -1,0 +1,137 @@
+"""What a prediction is asked for: perturbation labels with their doses, and cell types."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._validation import perturbation_label_problem
+from ..perturbation import split_perturbation
+
+
+@dataclass(frozen=True)
+class Request:
+    """Distinct ``(perturbation, dose)`` entries of a prediction call, in the order asked.
+
+    Attributes
+    ----------
+    perturbations
+        Perturbation label of each entry.
+    components
+        Components of each label, control components dropped (``"A+ctrl"`` is ``["A"]``).
+    doses
+        Dose of each entry: ``None``, a number, or one number per component.
+    """
+
+    perturbations: list[str]
+    components: list[list[str]]
+    doses: list
+
+    @property
+    def names(self) -> list[str]:
+        """Name of each entry in in-place keys and cell names: the label, with ``_dose`` when dosed."""
+        return [p if d is None else f"{p}_{dose_text(d)}" for p, d in zip(self.perturbations, self.doses, strict=True)]
+
+    @property
+    def has_doses(self) -> bool:
+        """Whether any entry carries a dose."""
+        return any(d is not None for d in self.doses)
+
+
+def dose_text(dose) -> str:
+    """Text form of a dose: ``"100"``, ``"100+10"`` for one per component, ``""`` without one."""
+    if dose is None:
+        return ""
+    return "+".join(f"{float(v):g}" for v in np.atleast_1d(dose))
+
+
+def _per_entry_doses(dose, perturbations: list[str]) -> list:
+    """``dose`` as one entry per perturbation: ``None``, a number, or one number per component."""
+    if dose is None or np.ndim(dose) == 0:
+        doses = [dose] * len(perturbations)
+    else:
+        doses = list(dose)
+        if len(doses) != len(perturbations):
+            raise ValueError(
+                f"dose= has {len(doses)} entries for {len(perturbations)} perturbation(s); give one number for all, "
+                "or one per perturbation (a list of numbers for a combination's components)."
+            )
+    for value in doses:
+        values = np.atleast_1d(np.asarray(value if value is not None else 0.0, dtype=np.float64))
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise ValueError(f"Doses must be finite and not negative; got {value!r}.")
+    return [d if d is None or np.ndim(d) == 0 else [float(v) for v in d] for d in doses]
+
+
+def resolve_request(perturbations: str | Sequence[str], controls: Sequence[str], *, dose=None) -> Request:
+    """Check and resolve the perturbations (and doses) of a prediction call.
+
+    Parameters
+    ----------
+    perturbations
+        A label or labels such as ``"KLF1"`` or ``"KLF1+MAP2K6"``.
+    controls
+        Labels of unperturbed cells (components equal to one are dropped).
+    dose
+        ``None``, a number for every perturbation, or one per perturbation (a list of numbers for a
+        combination's components).
+
+    Returns
+    -------
+    Request
+        The distinct ``(perturbation, dose)`` entries, in the order asked.
+
+    Raises
+    ------
+    ValueError
+        No perturbation; a malformed label; a control label; doses that do not match or are negative.
+
+    Examples
+    --------
+    >>> from scdoloris.prediction import resolve_request
+    >>> request = resolve_request(["B+A", "C", "C"], ["control"], dose=None)
+    >>> request.perturbations, request.components
+    (['B+A', 'C'], [['B', 'A'], ['C']])
+    >>> resolve_request("C", ["control"], dose=100).names
+    ['C_100']
+    """
+    if isinstance(perturbations, str):
+        perturbations = [perturbations]
+    perturbations = [str(p) for p in perturbations]
+    for label in perturbations:
+        problem = perturbation_label_problem(label, list(controls))
+        if problem is not None:
+            raise ValueError(f"Perturbation {label!r} {problem}.")
+    if not perturbations:
+        raise ValueError("No perturbation given.")
+    doses = _per_entry_doses(dose, perturbations)
+    unique: dict = {}
+    for p, d in zip(perturbations, doses, strict=True):
+        unique.setdefault((p, dose_text(d)), (p, d))
+    perturbations, doses = [p for p, _ in unique.values()], [d for _, d in unique.values()]
+    components = [split_perturbation(p, list(controls)) for p in perturbations]
+    empty = [p for p, c in zip(perturbations, components, strict=True) if not c]
+    if empty:
+        raise ValueError(f"{empty} are control labels, not perturbations.")
+    return Request(perturbations, components, doses)
+
+
+def resolve_cell_types(cell_type: str | Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """The cell types asked for (``None``: all known ones), each known, in the order asked.
+
+    Examples
+    --------
+    >>> from scdoloris.prediction import resolve_cell_types
+    >>> resolve_cell_types(None, ["T", "B"]), resolve_cell_types("B", ["T", "B"])
+    (['T', 'B'], ['B'])
+    """
+    known = list(known)
+    if cell_type is None:
+        return known
+    asked = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
+    unknown = [c for c in asked if c not in known]
+    if unknown:
+        raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {known}.")
+    return list(dict.fromkeys(asked))

@@ -1,0 +1,116 @@
+"""The source control cells a prediction starts from: a seeded draw, or the cells a user gives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from anndata import AnnData
+
+from ._request import resolve_cell_types
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Control cells to predict from: rows of ``adata``, their names and cell types.
+
+    Attributes
+    ----------
+    rows
+        Row of each source cell in ``adata`` (repeats when cells are drawn with replacement).
+    names
+        ``obs_names`` of the source cells.
+    cell_types
+        Cell type of each source cell.
+    adata
+        The AnnData the rows index: the training data for a draw, the user's cells otherwise.
+    """
+
+    rows: np.ndarray
+    names: list[str]
+    cell_types: list[str]
+    adata: AnnData
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def draw_controls(
+    adata: AnnData,
+    control_rows: Mapping[str, np.ndarray],
+    cell_types: Sequence[str],
+    n_cells: int,
+    rng: np.random.Generator,
+) -> Sources:
+    """Draw ``n_cells`` control cells of each cell type, in the order of ``cell_types``, from one stream.
+
+    Every method draws the same cells for the same seed (Doloris and each baseline start from the
+    same controls), so their predictions differ only by what they do to them. Cells are drawn
+    without replacement unless a cell type has fewer controls than ``n_cells``, and sorted within
+    each cell type.
+
+    Parameters
+    ----------
+    adata
+        The training data holding the controls.
+    control_rows
+        Rows of each cell type's control cells in ``adata``.
+    cell_types
+        Cell types to draw for (resolved).
+    n_cells
+        Cells per cell type.
+    rng
+        The draw's random stream.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> from scdoloris.prediction import draw_controls
+    >>> adata = ad.AnnData(np.zeros((6, 2)))
+    >>> sources = draw_controls(adata, {"T": np.array([0, 1, 2])}, ["T"], 2, np.random.default_rng(0))
+    >>> len(sources), sources.cell_types
+    (2, ['T', 'T'])
+    """
+    rows, types = [], []
+    for name in cell_types:
+        pool = control_rows[name]
+        rows.append(np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells)))
+        types += [name] * n_cells
+    rows = np.concatenate(rows)
+    return Sources(rows, list(adata.obs_names[rows]), types, adata)
+
+
+def given_cells(
+    adata: AnnData, cell_type_key: str | None, cell_type: str | Sequence[str] | None, known: Sequence[str]
+) -> Sources:
+    """The user's control cells as sources; their cell types from ``cell_type_key`` or ``cell_type``.
+
+    Parameters
+    ----------
+    adata
+        Control cells, one prediction per cell and perturbation.
+    cell_type_key
+        ``obs`` column of cell types registered with the model (used when ``adata`` has it).
+    cell_type
+        The cell type of all cells, when ``adata`` has no such column.
+    known
+        The model's cell types.
+
+    Raises
+    ------
+    ValueError
+        A cell type not in ``known``; no column and no ``cell_type`` with several known cell types.
+    """
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
+    if cell_type_key is not None and cell_type_key in adata.obs:
+        types = adata.obs[cell_type_key].astype(str).to_numpy()
+        resolve_cell_types(sorted(set(types)), known)
+    else:
+        if cell_type is None and len(known) > 1:
+            raise ValueError(
+                f"adata has no column {cell_type_key!r}; say which cell type its cells are with cell_type=."
+            )
+        types = np.full(adata.n_obs, resolve_cell_types(cell_type, known)[0], dtype=object)
+    return Sources(np.arange(adata.n_obs), list(adata.obs_names), [str(t) for t in types], adata)

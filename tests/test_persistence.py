@@ -1,0 +1,271 @@
+"""Saved models: tensors and plain data only, loaded without unpickling; exact round trips; older saves."""
+
+import collections
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scdoloris as sd
+from scdoloris.data import TrainingSummary
+from scdoloris.model import _doloris
+from scdoloris.model._persistence import (
+    ModelFileError,
+    convert_trusted_model,
+    legacy_globals,
+    read_model,
+    write_model,
+)
+
+LEGACY = Path(__file__).parent / "data" / "legacy_model"
+TINY = {"n_hidden": 16, "n_blocks": 1, "n_hidden_mask": 16, "n_blocks_mask": 1, "n_perturbation": 8, "n_timesteps": 20}
+PREDICT = {"n_cells": 5, "n_steps": 4, "seed": 0}
+
+
+def _legacy_adata():
+    """The data of tests/data/legacy_model, made as the script that saved it did (not set up)."""
+    return sd.datasets.synthetic_perturbations(
+        n_genes=20, n_perturbed_genes=4, n_cells_per_condition=20, n_control_cells=40, n_doubles=1, seed=1
+    )
+
+
+def _trained(adata, **kwargs):
+    model = sd.Doloris(adata, **TINY, **kwargs)
+    model.train(max_steps=3, seed=0, enable_progress_bar=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def drug_adata():
+    adata = sd.datasets.synthetic_drug_perturbations(
+        n_genes=20, n_drugs=4, doses=(10.0, 1000.0), n_cells_per_condition=10, n_control_cells=40, cell_types=("A549",)
+    )
+    sd.Doloris.setup_anndata(
+        adata, perturbation_key="perturbation", control_value="control", dose_key="dose", smiles_key="smiles"
+    )
+    return adata
+
+
+def _drug(adata) -> str:
+    return sorted(p for p in adata.obs["perturbation"].unique() if p != "control" and "+" not in p)[0]
+
+
+def _assert_same(a, b, path="attributes"):
+    """Equal values of the same types, arrays with the same dtype (and tables with the same index types)."""
+    assert type(a) is type(b), (path, type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b), path
+        assert getattr(a, "default_factory", None) is getattr(b, "default_factory", None), path
+        for key in a:
+            _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    elif isinstance(a, pd.DataFrame):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+        assert type(a.index) is type(b.index) and type(a.columns) is type(b.columns), path
+    elif isinstance(a, (pd.Index, pd.Series)):
+        assert a.equals(b) and a.dtype == b.dtype and a.name == b.name, path
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    else:
+        assert a == b or (a != a and b != b), (path, a, b)
+
+
+# --------------------------------------------------------------------------------------- the format
+def test_saved_file_is_tensors_and_plain_data(drug_adata, tmp_path):
+    model = _trained(drug_adata)
+    model.save(tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["model.pt"]
+    # No global outside torch's own weights-only allowlist: not one numpy or pandas object.
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt") == []
+    content = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert content["format"] == "scdoloris.model" and content["format_version"] == 1
+    assert set(content["model_state_dict"]) == set(model.module.state_dict())
+    assert content["attr_dict"]["registry_"]["model_name"] == "Doloris"
+    assert content["var_names"] == list(drug_adata.var_names)
+
+
+def test_drug_model_round_trip_is_exact(drug_adata, tmp_path):
+    model = _trained(drug_adata)
+    drug = _drug(drug_adata)
+    before = model.predict_perturbation([drug], dose=100.0, **PREDICT)
+    model.save(tmp_path / "m", save_anndata=True)
+    loaded = sd.Doloris.load(tmp_path / "m")  # with the saved AnnData
+    assert loaded.is_trained_ and not loaded.module.training
+    np.testing.assert_array_equal(before.X, loaded.predict_perturbation([drug], dose=100.0, **PREDICT).X)
+    saved = {k: v for k, v in model._get_user_attributes() if k.endswith("_")}
+    again = {k: v for k, v in loaded._get_user_attributes() if k.endswith("_")}
+    for name in ("summary_", "init_params_", "history_", "train_indices_", "validation_indices_", "test_indices_"):
+        _assert_same(saved[name], again[name], name)
+    for key in ("perturbation", "cell_type"):
+        mappings = [m.adata_manager.get_state_registry(key).categorical_mapping for m in (model, loaded)]
+        _assert_same(*mappings, path=key)
+    for name, tensor in model.module.state_dict().items():
+        assert torch.equal(tensor, loaded.module.state_dict()[name]), name
+    # A loaded model saves and loads again.
+    loaded.save(tmp_path / "m2")
+    twice = sd.Doloris.load(tmp_path / "m2", drug_adata)
+    np.testing.assert_array_equal(before.X, twice.predict_perturbation([drug], dose=100.0, **PREDICT).X)
+
+
+def test_molecule_table_model_round_trip_is_exact(drug_adata, tmp_path):
+    components = sorted({c for p in drug_adata.obs["perturbation"].unique() if p != "control" for c in p.split("+")})
+    table = pd.DataFrame(np.random.default_rng(3).normal(size=(len(components), 8)), index=components)
+    model = _trained(drug_adata, molecule_table=table)
+    drug = _drug(drug_adata)
+    before = model.predict_perturbation([drug], dose=100.0, **PREDICT)
+    model.save(tmp_path / "m")
+    loaded = sd.Doloris.load(tmp_path / "m", drug_adata)
+    _assert_same(table, loaded.init_params_["non_kwargs"]["molecule_table"])
+    _assert_same(model.summary_["molecules"], loaded.summary_["molecules"])
+    np.testing.assert_array_equal(before.X, loaded.predict_perturbation([drug], dose=100.0, **PREDICT).X)
+
+
+def test_encoder_round_trips_data_and_refuses_objects(tmp_path):
+    frame = pd.DataFrame(
+        {"x": np.arange(3, dtype=np.float32), "s": ["a", None, "c"], "c": pd.Categorical(["u", "v", "u"])},
+        index=pd.Index([10, 20, 30], name="row"),
+    )
+    attributes = {
+        "nested": {"__type__": "a key that looks like a tag", 3: "int key", ("a", 1): (1.5, None, True)},
+        "registry": collections.defaultdict(dict, {"field": {"mapping": np.array(["b", "a"], dtype=object)}}),
+        "arrays": [
+            np.zeros((2, 0)),
+            np.array([1, 2], dtype=">i4"),
+            np.array(["xy", "z"]),
+            np.arange(6).reshape(2, 3).T,
+        ],
+        "scalars": [np.float32(0.1), np.int64(-3), np.bool_(True), np.str_("s"), float("nan"), 2**62],
+        "frame": frame,
+        "range_columns": pd.DataFrame(np.eye(2), columns=pd.RangeIndex(2)),
+        "series": pd.Series([1.0, 2.0], index=["a", "b"], name="s"),
+        "multi": pd.MultiIndex.from_tuples([("a", 1), ("b", 2)], names=["k", "n"]),
+        "tensor": torch.arange(4),
+    }
+    write_model(tmp_path / "model.pt", {"w": torch.ones(2)}, attributes, ["g1", "g2"])
+    saved = read_model(tmp_path / "model.pt")
+    expected = dict(attributes, arrays=[a.astype(a.dtype.newbyteorder("=")) for a in attributes["arrays"]])
+    _assert_same(expected, saved.attributes)
+    assert not saved.legacy and list(saved.var_names) == ["g1", "g2"]
+
+    class NotData:
+        pass
+
+    with pytest.raises(TypeError, match=r"Cannot save init_params_\.non_kwargs\.thing: .*NotData is not data"):
+        write_model(tmp_path / "bad.pt", {}, {"init_params_": {"non_kwargs": {"thing": NotData()}}}, [])
+
+
+def test_tampered_attributes_are_an_error(tmp_path):
+    write_model(tmp_path / "model.pt", {}, {"a": np.arange(3)}, ["g"])
+    content = torch.load(tmp_path / "model.pt", weights_only=True)
+    content["attr_dict"]["a"]["__type__"] = "something else"
+    torch.save(content, tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match="corrupted or truncated"):
+        read_model(tmp_path / "model.pt")
+
+
+# ----------------------------------------------------------------------------- nothing is unpickled
+class _Payload:
+    """Unpickled, it would run code: create a marker file and set an environment variable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        code = f"import os; os.environ['SCDOLORIS_PAYLOAD_RAN'] = '1'; open({self.marker!r}, 'w').close()"
+        return (exec, (code,))
+
+
+def _assert_never_ran(marker):
+    assert not Path(marker).exists()
+    assert "SCDOLORIS_PAYLOAD_RAN" not in os.environ
+
+
+def test_load_never_runs_code_from_the_model_file(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "model"
+    path.mkdir()
+    # scvi-tools' layout with an object whose unpickling runs code.
+    legacy = {"model_state_dict": {}, "var_names": np.array(["g"], dtype=object), "attr_dict": {"x": _Payload(marker)}}
+    torch.save(legacy, path / "model.pt")
+    with pytest.raises(ValueError, match=r"was not loaded: reading it would create objects that are not data"):
+        sd.Doloris.load(path, adata=None)
+    _assert_never_ran(marker)
+    # A plain pickle (not a torch archive) is never unpickled either.
+    with open(path / "model.pt", "wb") as handle:
+        pickle.dump(_Payload(marker), handle)
+    with pytest.raises(ValueError, match="model.pt is corrupted or truncated"):
+        sd.Doloris.load(path, adata=None)
+    _assert_never_ran(marker)
+    # A tensor-only archive that is not a model.
+    torch.save({"weights": torch.ones(2)}, path / "model.pt")
+    with pytest.raises(ValueError, match="not a Doloris model file"):
+        sd.Doloris.load(path, adata=None)
+
+
+def test_legacy_allowlist_is_restricted():
+    allowed = dict((name, obj) for obj, name in legacy_globals())
+    assert "builtins.exec" not in allowed and "builtins.getattr" not in allowed
+    with pytest.raises(pickle.UnpicklingError):
+        allowed["builtins.bytes"](2**40)  # no allocation sized by the file
+    assert allowed["collections.defaultdict"](dict) == {}  # its factory is never kept, so never called
+    assert not any(isinstance(obj, type) and issubclass(obj, np.dtypes.StrDType) for obj in allowed.values())
+
+
+def test_no_side_channel_between_load_and_init():
+    assert not hasattr(_doloris, "_SAVED_SUMMARY")
+    assert "contextvars" not in open(_doloris.__file__).read()
+
+
+def test_from_summary_builds_the_same_model(trained_model):
+    summary = TrainingSummary(**trained_model.summary_)
+    copy = sd.Doloris._from_summary(trained_model.adata, summary, **trained_model.init_params_["non_kwargs"])
+    assert copy.init_params_ == trained_model.init_params_
+    assert copy._model_summary_string == trained_model._model_summary_string
+    copy.module.load_state_dict(trained_model.module.state_dict())
+    copy.is_trained_ = True
+    kwargs = {"n_cells": 4, "n_steps": 3, "seed": 0}
+    np.testing.assert_array_equal(
+        trained_model.predict_perturbation(["G000"], **kwargs).X, copy.predict_perturbation(["G000"], **kwargs).X
+    )
+    with pytest.raises(TypeError, match="no argument"):
+        sd.Doloris._from_summary(trained_model.adata, summary, n_hiddn=3)
+
+
+# ------------------------------------------------------------------------------------- older saves
+def test_legacy_model_loads_and_predicts_exactly(tmp_path):
+    """A model saved by scdoloris 0.1.0 (pickled scvi-tools layout) loads without unpickling, same predictions."""
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(LEGACY / "model.pt")) <= {
+        name for _, name in legacy_globals()
+    }
+    before = set(map(str, torch.serialization.get_safe_globals()))  # others' allowlists (torch_geometric's)
+    saved = read_model(LEGACY / "model.pt")
+    assert saved.legacy
+    assert set(map(str, torch.serialization.get_safe_globals())) == before  # set aside while reading, restored
+    model = sd.Doloris.load(LEGACY, _legacy_adata())
+    expected = np.load(LEGACY / "expected_prediction.npy")
+    np.testing.assert_array_equal(model.predict_perturbation(["G001"], **PREDICT).X, expected)
+    # Saved again, it is in the new format and predicts the same.
+    model.save(tmp_path / "m")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt") == []
+    again = sd.Doloris.load(tmp_path / "m", _legacy_adata())
+    np.testing.assert_array_equal(again.predict_perturbation(["G001"], **PREDICT).X, expected)
+
+
+def test_convert_trusted_model(tmp_path):
+    shutil.copytree(LEGACY, tmp_path / "m")
+    convert_trusted_model(tmp_path / "m" / "model.pt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt") == []
+    model = sd.Doloris.load(tmp_path / "m", _legacy_adata())
+    expected = np.load(LEGACY / "expected_prediction.npy")
+    np.testing.assert_array_equal(model.predict_perturbation(["G001"], **PREDICT).X, expected)

@@ -1,0 +1,56 @@
+"""Predictions at a fixed seed, pinned: a refactor must not change what the user gets.
+
+The values were computed by the code before the prediction layer was shared (commit fe95dbd) and
+must stay the same to float32 precision (on this CPU they are bit-identical).
+"""
+
+import numpy as np
+import pytest
+
+import scdoloris as sd
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_doloris_prediction_is_pinned(trained_model, held_out_gene):
+    pred = trained_model.predict_perturbation(["G000+G003", held_out_gene], n_cells=8, seed=7, n_steps=10)
+    assert held_out_gene == "U001"
+    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 1666.3578806221485, rtol=1e-6)
+    np.testing.assert_allclose(
+        pred.X[[0, 9], :6],
+        [
+            [1.4511873722076416, 0.0, 0.0, 2.2596700191497803, 0.0, 0.0],
+            [1.974687099456787, 0.0, 3.254163980484009, 1.425446629524231, 2.136167526245117, 0.0],
+        ],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        pred.layers["doloris_continuous"][3, :6],
+        [
+            2.4246277809143066,
+            1.6406787633895874,
+            1.8028168678283691,
+            1.3977495431900024,
+            3.0073182582855225,
+            1.464834213256836,
+        ],
+        rtol=1e-5,
+    )
+    assert float(pred.layers["doloris_mask"].sum()) == 877.0
+    assert list(pred.obs_names[:2]) == ["G000+G003_ct0_0", "G000+G003_ct0_1"]
+    assert list(pred.obs["control_cell"][:3]) == ["cell00027", "cell00067", "cell00071"]
+
+
+def test_baseline_prediction_is_pinned(trained_model):
+    train = trained_model.adata
+    baseline = sd.baselines.Additive().fit(
+        train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
+    )
+    pred = baseline.predict(["G000+G001"], n_cells=5, seed=7)
+    np.testing.assert_allclose(
+        pred.X[0, :6],
+        [1.0666829347610474, 0.5020928382873535, 1.0739017724990845, 1.3170667886734009, 3.2639195919036865, 0.0],
+        rtol=1e-6,
+    )
+    assert list(pred.obs["control_cell"][:3]) == ["cell00069", "cell00073", "cell00080"]
