@@ -23,12 +23,20 @@ def trained_singles(dataset: str) -> set[str]:
     return {p for p in labels if "+" not in p and p != "control"}
 
 
-def breakdown(scores: pd.DataFrame, by: str, gene_set: str = "all") -> pd.DataFrame:
-    """``mean ± std`` per group, metric and method, and Doloris' share of lower E-distances."""
+def breakdown(
+    scores: pd.DataFrame, by: str, gene_set: str = "all", metrics: list[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``mean ± std`` per group, metric and method, and Doloris' share of lower E-distances.
+
+    Every metric of the table is a column (with ``scdoloris benchmark``'s defaults also
+    ``e_distance_floor``, ``e_distance_excess`` and ``pearson_delta_centred``), in the order of the
+    table, or only ``metrics``.
+    """
     table = scores[scores["gene_set"] == gene_set]
+    order = list(dict.fromkeys(table["metric"])) if metrics is None else metrics
     stats = table.groupby([by, "metric", "method"])["value"].agg(["mean", "std", "count"])
     text = stats["mean"].map("{:.3f}".format) + " ± " + stats["std"].fillna(0).map("{:.3f}".format)
-    wide = text.unstack("metric")
+    wide = text.unstack("metric").reindex(columns=order)
     e = table[table["metric"] == "e_distance"]
     index = [c for c in ("seed", "perturbation", "cell_type", "dose") if c in e.columns]
     pairs = e.pivot_table(index=[*index], columns="method", values="value")
@@ -49,6 +57,7 @@ def main() -> None:
     parser.add_argument("--by", default="perturbation", help="Column to group by (perturbation, dose, cell_type).")
     parser.add_argument("--trained", help="Group combinations by whether every component was trained ('norman').")
     parser.add_argument("--gene-set", default="all", help="all, DE20 or DE40.")
+    parser.add_argument("--metrics", nargs="+", help="Metric columns to show (default: every metric of the table).")
     args = parser.parse_args()
     scores = pd.read_csv(args.scores)
     by = args.by
@@ -58,7 +67,7 @@ def main() -> None:
             lambda p: "all trained" if all(c in singles for c in p.split("+")) else "one never trained"
         )
         by = "components"
-    table, wins = breakdown(scores, by, args.gene_set)
+    table, wins = breakdown(scores, by, args.gene_set, args.metrics)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"genes: {args.gene_set}; mean ± std over conditions and seeds\n")
         print(table.to_string())

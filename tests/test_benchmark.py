@@ -1,5 +1,6 @@
 """Seeded splits and the benchmark runner."""
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,10 +96,22 @@ def result(synthetic):
 
 def test_runner_scores_every_method_condition_and_seed(result):
     scores = result.scores
-    assert set(scores["method"]) == {"doloris", "no_change", "mean_shift", "additive", "linear"}
+    assert set(scores["method"]) == {
+        "doloris",
+        "doloris_paper",
+        "anchor",
+        "no_change",
+        "mean_shift",
+        "additive",
+        "linear",
+    }
     assert set(scores["seed"]) == {0, 1}
     assert set(scores["gene_set"]) == {"all", "DE20"}  # 30 genes: no top 40
-    assert set(scores["metric"]) == {"e_distance", "emd", "mean_rmse", "pearson_delta"}
+    assert set(scores["metric"]) == {"e_distance", "emd", "mean_rmse", "pearson_delta"} | {
+        "e_distance_floor",
+        "e_distance_excess",
+        "pearson_delta_centred",
+    }
     per_method = scores.groupby("method").size()
     assert per_method.nunique() == 1  # every method scored on every condition, seed, gene set and metric
     assert len(result.failures) == 0
@@ -115,7 +128,10 @@ def test_runner_summary_and_markdown(result):
     text = result.to_markdown()
     assert "| doloris |" in text and "± " in text and "singles_to_doubles" in text
     wins = result.wins()
-    assert set(wins.index) == {"no_change", "mean_shift", "additive", "linear"} and ((wins >= 0) & (wins <= 1)).all()
+    assert (
+        set(wins.index) == {"doloris_paper", "anchor", "no_change", "mean_shift", "additive", "linear"}
+        and ((wins >= 0) & (wins <= 1)).all()
+    )
 
 
 def test_runner_matches_direct_metric(result, synthetic):
@@ -132,6 +148,170 @@ def test_runner_matches_direct_metric(result, synthetic):
         "and gene_set == 'all'"
     )["value"]
     assert float(got.iloc[0]) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------- floor and centred correlation
+NEW_METRICS = ("e_distance_floor", "e_distance_excess", "pearson_delta_centred")
+
+
+def _wide(scores):
+    index = ["method", "seed", "perturbation", "cell_type", "gene_set"]
+    return scores.pivot_table(index=index, columns="metric", values="value", dropna=False)
+
+
+def test_runner_reports_floor_excess_and_centred_correlation(result, synthetic):
+    scores = result.scores
+    for gene_set in ("all", "DE20"):
+        assert set(NEW_METRICS) <= set(scores.loc[scores["gene_set"] == gene_set, "metric"])
+    wide = _wide(scores)
+    np.testing.assert_allclose(wide["e_distance_excess"], wide["e_distance"] - wide["e_distance_floor"], atol=1e-12)
+    # The floor depends on the condition and gene set only (every method predicts 20 cells) ...
+    floors = wide["e_distance_floor"].groupby(["seed", "perturbation", "cell_type", "gene_set"]).nunique()
+    assert (floors == 1).all()
+    # ... and is sd.metrics.e_distance_floor of the real cells.
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    perturbation = split.test["perturbation"].iloc[0]
+    real = split.cells(synthetic, perturbation, "ct0")
+    expected = sd.metrics.e_distance_floor(real.X, n_predicted=20)
+    assert wide.loc[("doloris", 0, perturbation, "ct0", "all"), "e_distance_floor"] == pytest.approx(expected)
+    # The tables show the new columns; wins() works on them.
+    text = result.to_markdown()
+    assert all(f"| {name} |" in text or f" {name} " in text for name in NEW_METRICS)
+    assert "genes: DE20" in text
+    for metric in ("e_distance_excess", "pearson_delta_centred"):
+        wins = result.wins(metric=metric, gene_set="DE20")
+        assert set(wins.index) == {"doloris_paper", "anchor", "no_change", "mean_shift", "additive", "linear"}
+        assert ((wins >= 0) & (wins <= 1)).all()
+
+
+def test_runner_centred_correlation_uses_the_mean_shift(result, synthetic):
+    """pearson_delta_centred equals pearson_delta from control shifted by MeanShift's average training shift."""
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    train = split.train_data(synthetic)
+    shift = (
+        sd.baselines.MeanShift()
+        .fit(train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
+        .predict_shift(["anything"], cell_type="ct0")
+        .iloc[0]
+    )
+    perturbation = split.test["perturbation"].iloc[0]
+    predicted = (
+        sd.baselines.NoChange()
+        .fit(train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
+        .predict([perturbation], cell_type="ct0", n_cells=20, seed=0)
+    )
+    real = split.cells(synthetic, perturbation, "ct0")
+    control = split.controls(synthetic, "ct0")
+    expected = sd.metrics.pearson_delta(predicted.X, real.X, control.X + shift.to_numpy())
+    got = result.scores.query(
+        "method == 'no_change' and seed == 0 and perturbation == @perturbation and gene_set == 'all' "
+        "and metric == 'pearson_delta_centred'"
+    )["value"]
+    assert float(got.iloc[0]) == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def condition(synthetic):
+    """One held-out double: its real cells, controls and the average training shift (a Series over genes)."""
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    perturbation = split.test["perturbation"].iloc[0]
+    real = split.cells(synthetic, perturbation, "ct0")
+    control = split.controls(synthetic, "ct0")
+    shift = (
+        sd.baselines.MeanShift()
+        .fit(split.train_data(synthetic), perturbation_key="perturbation", cell_type_key="cell_type")
+        .predict_shift([perturbation], cell_type="ct0")
+        .iloc[0]
+    )
+    gene_sets = {"all": None, "first10": list(synthetic.var_names[:10])}
+    return real, control, shift, gene_sets
+
+
+def _values(rows):
+    return {(row["gene_set"], row["metric"]): row["value"] for row in rows}
+
+
+def test_real_cells_as_their_own_prediction(condition):
+    real, control, shift, gene_sets = condition
+    values = _values(sd.benchmark.score_condition(real, real, control, gene_sets, reference_shift=shift))
+    for gene_set in gene_sets:
+        assert values[(gene_set, "e_distance")] == pytest.approx(0.0, abs=1e-9)
+        assert values[(gene_set, "e_distance_floor")] > 0
+        # V-statistic of the same cells: 0 minus the floor.
+        assert values[(gene_set, "e_distance_excess")] <= 0
+        assert values[(gene_set, "e_distance_excess")] == pytest.approx(-values[(gene_set, "e_distance_floor")])
+        assert values[(gene_set, "pearson_delta_centred")] == pytest.approx(1.0)
+    # The shift may also be given as an array over the genes of `real`.
+    rows = sd.benchmark.score_condition(
+        real, real, control, gene_sets, metric_names=["pearson_delta_centred"], reference_shift=shift.to_numpy()
+    )
+    assert [row["value"] for row in rows] == pytest.approx([1.0, 1.0])
+
+
+def test_control_plus_average_shift_has_no_specific_part(condition):
+    """A prediction equal to control + the average training shift has no perturbation-specific shift."""
+    real, control, shift, gene_sets = condition
+    x = np.asarray(control.X, dtype=np.float64) + shift.to_numpy()
+    predicted = ad.AnnData(x, var=control.var)
+    values = _values(sd.benchmark.score_condition(predicted, real, control, gene_sets, reference_shift=shift))
+    for gene_set in gene_sets:
+        centred = values[(gene_set, "pearson_delta_centred")]
+        assert np.isnan(centred) or abs(centred) < 1e-6
+        assert np.isfinite(values[(gene_set, "pearson_delta")])  # uncentred, it still gets the average shift
+
+
+def test_score_condition_metric_selection_and_floor_cache(condition):
+    real, control, shift, gene_sets = condition
+    rows = sd.benchmark.score_condition(real, real, control, gene_sets, metric_names=["e_distance_excess"])
+    assert [(row["gene_set"], row["metric"]) for row in rows] == [
+        ("all", "e_distance_excess"),
+        ("first10", "e_distance_excess"),
+    ]
+    # Without a reference shift the centred correlation is undefined.
+    rows = sd.benchmark.score_condition(real, real, control, gene_sets, metric_names=["pearson_delta_centred"])
+    assert all(np.isnan(row["value"]) for row in rows)
+    # The floor is computed once per (gene set, number of predicted cells) and then read from the cache.
+    cache: dict = {}
+    first = _values(sd.benchmark.score_condition(real[:15], real, control, gene_sets, floor_cache=cache))
+    assert set(cache) == {("all", 15), ("first10", 15)}
+    assert cache[("all", 15)] == pytest.approx(sd.metrics.e_distance_floor(real.X, n_predicted=15))
+    cache[("all", 15)] = 123.0
+    again = _values(sd.benchmark.score_condition(real[:15], real, control, gene_sets, floor_cache=cache))
+    assert again[("all", "e_distance_floor")] == 123.0
+    assert again[("all", "e_distance_excess")] == pytest.approx(first[("all", "e_distance")] - 123.0)
+    with pytest.raises(ValueError, match="Unknown metric"):
+        sd.benchmark.score_condition(real, real, control, gene_sets, metric_names=["e_distance_ratio"])
+    with pytest.raises(KeyError, match="reference_shift lacks"):
+        sd.benchmark.score_condition(real, real, control, gene_sets, reference_shift=shift.iloc[:5])
+
+
+def test_runner_paper_metrics_only(synthetic):
+    split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
+    methods = [sd.benchmark.BaselineMethod("no_change", sd.baselines.NoChange)]
+    from scdoloris.benchmark._runner import PAPER_METRICS
+
+    result = sd.benchmark.run_benchmark(
+        synthetic, split, methods, n_cells=10, n_de_genes=(), metric_names=PAPER_METRICS, progress=False
+    )
+    assert set(result.scores["metric"]) == {"e_distance", "emd", "mean_rmse", "pearson_delta"}
+
+
+def test_wins_counts_higher_correlations_as_better():
+    scores = pd.DataFrame(
+        {
+            "method": ["doloris", "no_change"] * 2,
+            "seed": 0,
+            "perturbation": ["A", "A", "B", "B"],
+            "cell_type": "all",
+            "gene_set": "all",
+            "metric": "pearson_delta_centred",
+            "value": [0.9, 0.1, 0.2, 0.5],
+        }
+    )
+    result = sd.benchmark.BenchmarkResult(scores, "split")
+    assert result.wins(metric="pearson_delta_centred").to_dict() == {"no_change": 0.5}
+    scores.loc[2, "value"] = 0.6
+    assert result.wins(metric="pearson_delta_centred").to_dict() == {"no_change": 1.0}
 
 
 # ---------------------------------------------------------------------------------------- molecules

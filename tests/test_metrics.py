@@ -36,7 +36,15 @@ def rng():
 
 
 def test_public_api():
-    assert set(sd.metrics.__all__) == {"e_distance", "emd", "mean_rmse", "pearson_delta", "de_genes", "evaluate"}
+    assert set(sd.metrics.__all__) == {
+        "e_distance",
+        "e_distance_floor",
+        "emd",
+        "mean_rmse",
+        "pearson_delta",
+        "de_genes",
+        "evaluate",
+    }
     assert not hasattr(sd.metrics, "edistance")
     assert not hasattr(sd.metrics, "rmse_mean")
 
@@ -463,3 +471,79 @@ def test_de_genes_leaves_torch_threads_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- E-distance floor -----------------------------------------------------------------------------
+
+
+def _gaussian_delta(d):
+    """E||x - x'|| for independent standard normal x, x' in d dimensions: sqrt(2) times the chi_d mean."""
+    from scipy.special import gammaln
+
+    return 2.0 * np.exp(gammaln((d + 1) / 2) - gammaln(d / 2))
+
+
+def test_e_distance_floor_is_the_u_statistic_formula(rng):
+    real = rng.normal(size=(25, 4))
+    pairs = [np.linalg.norm(real[i] - real[j]) for i in range(25) for j in range(25) if i != j]
+    delta = np.mean(pairs)
+    assert sd.metrics.e_distance_floor(real, n_predicted=10) == pytest.approx(delta * (1 / 10 + 1 / 25), rel=1e-12)
+    assert sd.metrics.e_distance_floor(real, n_predicted=10, n_real=7) == pytest.approx(delta * (1 / 10 + 1 / 7))
+    # Sparse and AnnData inputs, and blocks smaller than the data, give the same value.
+    sparse = sp.csr_matrix(np.where(real > 0, real, 0.0))
+    dense = sparse.toarray()
+    expected = sd.metrics.e_distance_floor(dense, n_predicted=3)
+    assert sd.metrics.e_distance_floor(sparse, n_predicted=3) == pytest.approx(expected, rel=1e-12)
+    assert sd.metrics.e_distance_floor(ad.AnnData(dense), n_predicted=3) == pytest.approx(expected, rel=1e-12)
+
+
+def test_e_distance_floor_small_blocks(rng, monkeypatch):
+    real = rng.normal(size=(40, 6))
+    expected = sd.metrics.e_distance_floor(real, n_predicted=20)
+    monkeypatch.setattr(dist_mod, "_BLOCK_ENTRIES", 50)
+    assert sd.metrics.e_distance_floor(real, n_predicted=20) == pytest.approx(expected, rel=1e-12)
+
+
+def test_e_distance_floor_edge_cases():
+    assert np.isnan(sd.metrics.e_distance_floor(np.ones((1, 3)), n_predicted=5))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            sd.metrics.e_distance_floor(np.ones((3, 3)), n_predicted=bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        sd.metrics.e_distance_floor(np.ones((3, 3)), n_predicted=2, n_real=0)
+    with pytest.raises(ValueError, match="no cells"):
+        sd.metrics.e_distance_floor(np.ones((0, 3)), n_predicted=2)
+
+
+def test_e_distance_floor_matches_monte_carlo_on_gaussians():
+    """E[E(X, Y)] for two samples of one distribution is delta * (1/n + 1/m) (Eq. 20's V-statistic)."""
+    rng = np.random.default_rng(1)
+    n, m, d, reps = 30, 50, 5, 1500
+    values, floors = [], []
+    for _ in range(reps):
+        x, y = rng.normal(size=(n, d)), rng.normal(size=(m, d))
+        values.append(e_distance(x, y))
+        floors.append(sd.metrics.e_distance_floor(y, n_predicted=n))
+    exact = _gaussian_delta(d) * (1 / n + 1 / m)
+    assert np.mean(values) == pytest.approx(exact, rel=0.03)  # Monte-Carlo standard error ~0.9 %
+    assert np.mean(floors) == pytest.approx(exact, rel=0.01)  # the U-statistic estimate is unbiased
+    # Scored against its own floor, a perfect generator's excess is 0 on average.
+    assert abs(np.mean(np.subtract(values, floors))) < 0.03 * exact
+
+
+def test_e_distance_split_half_matches_its_expectation():
+    """Split-half check: E between two random halves of the real cells, on average, is delta * (1/h1 + 1/h2)."""
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(41, 5)) * np.linspace(0.5, 2.0, 5)  # anisotropic; halves of 20 and 21 cells
+    halves = [np.array_split(rng.permutation(41), 2) for _ in range(2000)]
+    split_half = [e_distance(real[a], real[b]) for a, b in halves]
+    expected = sd.metrics.e_distance_floor(real, n_predicted=20, n_real=21)
+    # Over random splits of fixed cells the identity is exact with the estimated delta.
+    assert np.mean(split_half) == pytest.approx(expected, rel=0.05)
+    # Over fresh samples too, against the true delta.
+    fresh = []
+    for _ in range(1000):
+        cells = rng.normal(size=(40, 5))
+        a, b = np.array_split(rng.permutation(40), 2)
+        fresh.append(e_distance(cells[a], cells[b]))
+    assert np.mean(fresh) == pytest.approx(_gaussian_delta(5) * (1 / 20 + 1 / 20), rel=0.03)

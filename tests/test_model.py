@@ -51,7 +51,8 @@ def test_prediction_schema(trained_model, prediction):
     assert latent.shape[0] == pred.n_obs and latent.ndim == 2
     assert set(np.unique(mask)) <= {0.0, 1.0} and 0 < mask.mean() < 1
     assert ((probs >= 0) & (probs <= 1)).all()
-    np.testing.assert_array_equal(pred.X, mask * continuous)  # Eq. 17
+    # Eq. 17: the generated cells (X itself under preset='paper'; the default anchors X, see test_anchored.py).
+    np.testing.assert_array_equal(pred.layers["doloris_generated"], mask * continuous)
     for values in (pred.X, continuous, latent, probs):
         assert np.isfinite(values).all()
     assert (pred.X >= 0).all()
@@ -201,8 +202,8 @@ def test_inplace_writes_counterfactuals(trained_model, held_out_doubles):
         assert controls.layers[key].shape == controls.shape
     assert controls.obsm[f"doloris_{p}_activation_prob"].shape == controls.shape
     assert controls.obsm["doloris_latent"].shape[0] == controls.n_obs
-    np.testing.assert_array_equal(
-        controls.layers[f"doloris_{p}"],
+    np.testing.assert_array_equal(  # Eq. 17: the generated cells (the default anchors the prediction itself)
+        controls.layers[f"doloris_{p}_generated"],
         controls.layers[f"doloris_{p}_mask"] * controls.layers[f"doloris_{p}_continuous"],
     )
     # The same counterfactuals as an AnnData: one per given control cell, in order.

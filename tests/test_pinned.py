@@ -6,14 +6,24 @@ must stay the same to float32 precision (on this CPU they are bit-identical).
 
 import numpy as np
 import pytest
+from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def test_doloris_prediction_is_pinned(trained_model, held_out_gene):
-    pred = trained_model.predict_perturbation(["G000+G003", held_out_gene], n_cells=8, seed=7, n_steps=10)
+@pytest.fixture(scope="module")
+def paper_model(synthetic_two_types, held_out_gene):
+    """The conftest's trained model, with the paper's preset (one training phase, generated cells)."""
+    train = training_subset(synthetic_two_types, exclude=[held_out_gene])
+    model = sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], preset="paper", **SMALL)
+    model.train(max_steps=100, seed=0, **TRAIN_KWARGS)
+    return model
+
+
+def test_doloris_prediction_is_pinned(paper_model, held_out_gene):
+    pred = paper_model.predict_perturbation(["G000+G003", held_out_gene], n_cells=8, seed=7, n_steps=10)
     assert held_out_gene == "U001"
     np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 1666.3578806221485, rtol=1e-6)
     np.testing.assert_allclose(
@@ -42,8 +52,8 @@ def test_doloris_prediction_is_pinned(trained_model, held_out_gene):
     assert list(pred.obs["control_cell"][:3]) == ["cell00027", "cell00067", "cell00071"]
 
 
-def test_baseline_prediction_is_pinned(trained_model):
-    train = trained_model.adata
+def test_baseline_prediction_is_pinned(paper_model):
+    train = paper_model.adata
     baseline = sd.baselines.Additive().fit(
         train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
     )

@@ -12,3 +12,6 @@ REGISTRY_KEYS = _RegistryKeys()
 
 # Mask samplers of predict_perturbation, the default first (module/_mask_sampling.py).
 MASK_STRATEGIES = ("matched", "reference", "bernoulli")
+
+# Prediction presets of Doloris, the default first (model/_anchoring.py): "paper" is the published method.
+PRESETS = ("anchored", "paper")

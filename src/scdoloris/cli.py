@@ -157,6 +157,16 @@ def _benchmark_data(name: str):
     raise SystemExit(f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)} or give an .h5ad path.")
 
 
+# Written under the tables of `scdoloris benchmark` when they have these columns (see docs/evaluation.md).
+_METRIC_LEGEND = {
+    "e_distance_floor": "- `e_distance_floor`: expected E-distance of a perfect generator of the real cells "
+    "(same numbers of cells).",
+    "e_distance_excess": "- `e_distance_excess`: `e_distance - e_distance_floor`; near 0, the condition cannot be won.",
+    "pearson_delta_centred": "- `pearson_delta_centred`: Pearson delta after subtracting the average shift of the "
+    "training perturbations: does the method get the perturbation-specific part of the shift?",
+}
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -205,6 +215,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     result.summary().to_csv(f"{stem}_summary.csv", index=False)
     command = "scdoloris " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("scdoloris") else "scdoloris benchmark ..."
     text = f"`{command}`\n\n{result.to_markdown()}\n"
+    legend = [line for metric, line in _METRIC_LEGEND.items() if metric in set(result.scores.get("metric", ()))]
+    if legend:
+        text += "\n" + "\n".join(legend) + "\n"
     with open(f"{stem}.md", "w") as handle:
         handle.write(text)
     print(text)
@@ -242,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--batch-size", type=int, default=64, help="Doloris batch size (default 64).")
     bench.add_argument("--n-cells", type=int, default=100, help="Generated cells per condition (default 100).")
     bench.add_argument(
-        "--methods", nargs="+", help="Only these methods (doloris no_change mean_shift additive linear)."
+        "--methods",
+        nargs="+",
+        help="Only these methods (doloris doloris_paper anchor no_change mean_shift additive linear).",
     )
     bench.add_argument(
         "--mask-variants",

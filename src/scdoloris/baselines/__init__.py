@@ -8,13 +8,16 @@ the predicted mean shift) and ``predict_shift(perturbations, *, cell_type)`` the
 - :class:`NoChange`: control cells unchanged.
 - :class:`MeanShift`: control plus the average shift of the training perturbations.
 - :class:`Additive`: control plus the sum of the single perturbations' shifts.
+- :class:`Anchor`: the best measured shift for each condition, with fallbacks calibrated on the
+  training data (no change, the average shift, additive, or transfer from other cell types).
 - :class:`Linear`: the linear PCA-embedding model of Ahlmann-Eltze, Huber & Anders (2025).
 - :func:`no_change`: the older functional form of the "no change" baseline.
 """
 
+from ._anchor import Anchor
 from ._base import Baseline
 from ._linear import Linear
 from ._mean import Additive, MeanShift, NoChange
 from ._no_change import no_change
 
-__all__ = ["Additive", "Baseline", "Linear", "MeanShift", "NoChange", "no_change"]
+__all__ = ["Additive", "Anchor", "Baseline", "Linear", "MeanShift", "NoChange", "no_change"]

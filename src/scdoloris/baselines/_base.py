@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from ..data import expression_matrix, read_rows
+from ..data import expression_matrix, is_in_memory, read_rows
 from ..perturbation import split_perturbation
 from ..prediction import (
     PredictedCells,
@@ -28,6 +28,19 @@ from ..prediction import (
 DEFAULT_CELL_TYPE = "0"
 # Key of the control condition among the canonical perturbation keys.
 CONTROL_KEY = ""
+
+
+def _group_means(indicator: sparse.csr_matrix, X) -> np.ndarray:
+    """``indicator @ X`` as a dense array; on-disk (backed) matrices are read in row blocks."""
+    if is_in_memory(X):
+        means = indicator @ X
+        return means.toarray() if sparse.issparse(means) else np.asarray(means)
+    step = max(1, 2**22 // max(X.shape[1], 1))
+    means = np.zeros((indicator.shape[0], X.shape[1]))
+    for start in range(0, X.shape[0], step):
+        rows = np.arange(start, min(start + step, X.shape[0]))
+        means += indicator[:, rows] @ read_rows(X, rows)
+    return means
 
 
 def canonical(components: Sequence[str]) -> str:
@@ -154,8 +167,7 @@ class Baseline(ABC):
         indicator = sparse.csr_matrix(
             (1.0 / counts[codes], (codes, np.arange(adata.n_obs))), shape=(len(uniques), adata.n_obs)
         )
-        means = indicator @ X
-        means = means.toarray() if sparse.issparse(means) else np.asarray(means)
+        means = _group_means(indicator, X)
         means = pd.DataFrame(
             means.astype(np.float64), index=pd.MultiIndex.from_tuples(uniques), columns=adata.var_names
         )

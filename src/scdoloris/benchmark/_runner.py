@@ -15,14 +15,27 @@ from .. import baselines, metrics
 from ..data import to_dense
 from ._splits import SINGLE_CELL_TYPE, Split
 
-DEFAULT_METRICS = ("e_distance", "emd", "mean_rmse", "pearson_delta")
-# Each metric as a function of (predicted, real, control).
+# The four metrics of the paper's tables; :data:`DEFAULT_METRICS` adds the floor columns and the centred correlation.
+PAPER_METRICS = ("e_distance", "emd", "mean_rmse", "pearson_delta")
+DEFAULT_METRICS = (
+    "e_distance",
+    "e_distance_floor",
+    "e_distance_excess",
+    "emd",
+    "mean_rmse",
+    "pearson_delta",
+    "pearson_delta_centred",
+)
+# Each metric of the predicted cells alone as a function of (predicted, real, control); the others
+# ("e_distance_floor", "e_distance_excess", "pearson_delta_centred") need more and are made in score_condition.
 METRICS = {
     "e_distance": lambda p, r, c: metrics.e_distance(p, r),
     "emd": lambda p, r, c: metrics.emd(p, r),
     "mean_rmse": lambda p, r, c: metrics.mean_rmse(p, r),
     "pearson_delta": metrics.pearson_delta,
 }
+ALL_METRICS = (*DEFAULT_METRICS,)
+HIGHER_IS_BETTER = frozenset({"pearson_delta", "pearson_delta_centred"})
 
 
 class DolorisMethod:
@@ -241,7 +254,7 @@ def _dosed_labels(adata: ad.AnnData, split: Split) -> pd.Categorical:
 def default_methods(
     *, model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None, gene_graph="auto"
 ) -> list:
-    """Doloris and every baseline: no change, mean shift, additive, linear.
+    """Doloris (its default and ``preset="paper"``) and every baseline: anchor, no change, mean shift, additive, linear.
 
     Parameters
     ----------
@@ -262,10 +275,15 @@ def default_methods(
     >>> import scdoloris as sd
     >>> methods = sd.benchmark.default_methods(train_kwargs={"max_steps": 500})
     >>> [method.name for method in methods]
-    ['doloris', 'no_change', 'mean_shift', 'additive', 'linear']
+    ['doloris', 'doloris_paper', 'anchor', 'no_change', 'mean_shift', 'additive', 'linear']
     """
+    model_kwargs = {"gene_graph": gene_graph, **(model_kwargs or {})}
     return [
-        DolorisMethod(model_kwargs={"gene_graph": gene_graph, **(model_kwargs or {})}, train_kwargs=train_kwargs),
+        DolorisMethod(model_kwargs=model_kwargs, train_kwargs=train_kwargs),
+        DolorisMethod(
+            model_kwargs={**model_kwargs, "preset": "paper"}, train_kwargs=train_kwargs, name="doloris_paper"
+        ),
+        BaselineMethod("anchor", baselines.Anchor),
         BaselineMethod("no_change", baselines.NoChange),
         BaselineMethod("mean_shift", baselines.MeanShift),
         BaselineMethod("additive", baselines.Additive),
@@ -353,14 +371,22 @@ class BenchmarkResult:
         return "\n".join(lines)
 
     def wins(self, *, metric: str = "e_distance", gene_set: str = "all", against: str | None = None) -> pd.Series:
-        """For each method, the fraction of (condition, seed) pairs where Doloris scores lower."""
+        """For each method, the fraction of (condition, seed) pairs where Doloris scores better.
+
+        Better is lower, except for the correlations (``HIGHER_IS_BETTER``: ``"pearson_delta"``,
+        ``"pearson_delta_centred"``), where it is higher. ``"e_distance_excess"`` ranks like
+        ``"e_distance"`` when every method predicts as many cells (the floor is then shared).
+        """
         table = self.scores[(self.scores["metric"] == metric) & (self.scores["gene_set"] == gene_set)]
         index = [c for c in ("seed", "perturbation", "cell_type", "dose") if c in table.columns]
         wide = table.pivot_table(index=index, columns="method", values="value")
         others = [m for m in wide.columns if m != "doloris"] if against is None else [against]
+        better = np.greater if metric in HIGHER_IS_BETTER else np.less
         # Each pair over the conditions both methods predicted.
         wins = {
-            m: float((pair["doloris"] < pair[m]).mean()) for m in others if len(pair := wide[["doloris", m]].dropna())
+            m: float(better(pair["doloris"], pair[m]).mean())
+            for m in others
+            if len(pair := wide[["doloris", m]].dropna())
         }
         return pd.Series(wins, name=f"doloris_wins_{metric}")
 
@@ -372,8 +398,25 @@ def score_condition(
     gene_sets: Mapping[str, Sequence[str] | None],
     *,
     metric_names: Sequence[str] = DEFAULT_METRICS,
+    reference_shift: pd.Series | np.ndarray | None = None,
+    floor_cache: dict | None = None,
 ) -> list[dict]:
-    """Every metric over every gene set for one condition (log1p scale).
+    r"""Every metric over every gene set for one condition (log1p scale).
+
+    Besides the metrics of :mod:`scdoloris.metrics`, three columns put the E-distance and the
+    Pearson delta in context:
+
+    - ``"e_distance_floor"``: :func:`scdoloris.metrics.e_distance_floor` of the real cells for as
+      many predicted cells as given, the expected E-distance of a perfect generator of the real
+      distribution, :math:`\hat\delta (1/n + 1/m)`;
+    - ``"e_distance_excess"``: ``e_distance - e_distance_floor``; near 0 (or below) the prediction
+      is as good as a fresh sample of the real distribution, and the condition cannot be won;
+    - ``"pearson_delta_centred"``: the Pearson correlation over genes of
+      :math:`\bar x - \bar c - s` and :math:`\bar y - \bar c - s` (predicted, real and control
+      means; :math:`s` = ``reference_shift``, the average shift of the training perturbations): does
+      the prediction get the perturbation-specific part of the shift, beyond the average response?
+      ``nan`` without a ``reference_shift``, or where a centred change is constant over genes
+      (a prediction equal to control plus the average shift).
 
     Parameters
     ----------
@@ -382,7 +425,15 @@ def score_condition(
     gene_sets
         ``{name: genes}``; ``None`` scores all genes.
     metric_names
-        Metrics to compute, among ``"e_distance"``, ``"emd"``, ``"mean_rmse"`` and ``"pearson_delta"``.
+        Metrics to compute, among ``"e_distance"``, ``"e_distance_floor"``, ``"e_distance_excess"``,
+        ``"emd"``, ``"mean_rmse"``, ``"pearson_delta"`` and ``"pearson_delta_centred"``.
+    reference_shift
+        Average shift of the training perturbations in the condition's cell type over the genes of
+        ``real`` (a Series is aligned by gene name), e.g. from
+        :meth:`scdoloris.baselines.MeanShift.predict_shift`; needed by ``"pearson_delta_centred"``.
+    floor_cache
+        A dict kept by the caller for this condition (same real cells): floors are stored in it by
+        ``(gene set, number of predicted cells)`` and reused, as they do not depend on the method.
 
     Returns
     -------
@@ -392,7 +443,7 @@ def score_condition(
     Raises
     ------
     KeyError
-        If a gene set names genes that are not in ``real``.
+        If a gene set names genes that are not in ``real``, or ``reference_shift`` lacks some.
     ValueError
         For an unknown metric.
 
@@ -408,7 +459,36 @@ def score_condition(
     >>> rows = sd.benchmark.score_condition(real, real, control, gene_sets, metric_names=["e_distance", "mean_rmse"])
     >>> [(row["gene_set"], row["metric"], round(row["value"], 6)) for row in rows]
     [('all', 'e_distance', 0.0), ('all', 'mean_rmse', 0.0), ('first5', 'e_distance', 0.0), ('first5', 'mean_rmse', 0.0)]
+
+    With the floor columns and the centred correlation (the reference shift of a mean-shift
+    baseline fitted on the other perturbations): the real cells are below the floor (their
+    E-distance to themselves is 0) and get the perturbation-specific shift exactly:
+
+    >>> train = adata[adata.obs["perturbation"] != "G001+G002"]
+    >>> shift = sd.baselines.MeanShift().fit(train).predict_shift(["G001+G002"]).iloc[0]
+    >>> names = ["e_distance", "e_distance_floor", "e_distance_excess", "pearson_delta_centred"]
+    >>> rows = sd.benchmark.score_condition(
+    ...     real, real, control, {"all": None}, metric_names=names, reference_shift=shift
+    ... )
+    >>> values = {row["metric"]: row["value"] for row in rows}
+    >>> values["e_distance_excess"] == -values["e_distance_floor"] < 0, round(values["pearson_delta_centred"], 6)
+    (True, 1.0)
     """
+    unknown = [name for name in metric_names if name not in ALL_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric {unknown[0]!r}; choose from {sorted(ALL_METRICS)}.")
+    shift = None
+    if reference_shift is not None:
+        if isinstance(reference_shift, pd.Series):
+            missing = real.var_names.difference(reference_shift.index)
+            if len(missing):
+                raise KeyError(f"reference_shift lacks {len(missing)} gene(s) of the data, e.g. {list(missing[:5])}.")
+            shift = reference_shift.reindex(real.var_names).to_numpy(dtype=np.float64)
+        else:
+            shift = np.asarray(reference_shift, dtype=np.float64).ravel()
+            if shift.shape != (real.n_vars,):
+                raise ValueError(f"reference_shift must have one value per gene ({real.n_vars}), got {shift.shape}.")
+    cache = {} if floor_cache is None else floor_cache
     rows = []
     for gene_set, genes in gene_sets.items():
         columns = slice(None) if genes is None else real.var_names.get_indexer(list(genes))
@@ -417,12 +497,33 @@ def score_condition(
         p = to_dense(predicted[:, columns].X)
         r = to_dense(real[:, columns].X)
         c = to_dense(control[:, columns].X)
-        for name in metric_names:
-            if name not in METRICS:
-                raise ValueError(f"Unknown metric {name!r}; choose from {sorted(METRICS)}.")
-            value = METRICS[name](p, r, c)
-            rows.append({"gene_set": gene_set, "metric": name, "value": float(value)})
+        ref = None if shift is None else shift[columns]
+        values = _gene_set_scores(metric_names, p, r, c, ref, cache, gene_set)
+        rows.extend({"gene_set": gene_set, "metric": name, "value": values[name]} for name in metric_names)
     return rows
+
+
+def _gene_set_scores(names, p, r, c, shift, cache: dict, gene_set: str) -> dict[str, float]:
+    """The metrics ``names`` on one gene set (dense predicted, real and control cells), each computed once."""
+    values: dict[str, float] = {}
+
+    def value(name: str) -> float:
+        if name not in values:
+            if name in METRICS:
+                result = METRICS[name](p, r, c)
+            elif name == "e_distance_floor":
+                key = (gene_set, p.shape[0])
+                if key not in cache:
+                    cache[key] = metrics.e_distance_floor(r, n_predicted=p.shape[0])
+                result = cache[key]
+            elif name == "e_distance_excess":
+                result = value("e_distance") - value("e_distance_floor")
+            else:  # pearson_delta_centred: the Pearson delta from control shifted by the reference shift
+                result = float("nan") if shift is None else metrics.pearson_delta(p, r, c + shift)
+            values[name] = float(result)
+        return values[name]
+
+    return {name: value(name) for name in names}
 
 
 def run_benchmark(
@@ -460,7 +561,11 @@ def run_benchmark(
     n_de_genes
         Sizes of the DE-gene sets scored besides all genes.
     metric_names
-        Metrics to report.
+        Metrics to report (see :func:`score_condition`); by default all of them, the paper's four
+        (``PAPER_METRICS``) and ``"e_distance_floor"``, ``"e_distance_excess"`` and
+        ``"pearson_delta_centred"``, whose reference shift is the average shift of the split's
+        training perturbations in the cell type (:class:`scdoloris.baselines.MeanShift`). The floor
+        is computed once per condition, gene set and number of predicted cells.
     progress
         Show a progress bar.
 
@@ -491,12 +596,14 @@ def run_benchmark(
     has_dose = (split(seeds[0]) if callable(split) else split).dose_key is not None
     rows, failures, seconds = [], [], {}
     de_cache: dict = {}
+    floor_cache: dict = {}  # per condition: {(gene set, n predicted cells): floor}, shared by the methods
     total = len(seeds) * len(methods)
     with tqdm(total=total, desc="benchmark", disable=not progress) as bar:
         for seed in seeds:
             current = split(seed) if callable(split) else split
             train = current.train_data(adata)
             smiles = current.smiles(adata)
+            reference = _ReferenceShift(train, current) if "pearson_delta_centred" in metric_names else None
             for method in methods:
                 bar.set_postfix_str(f"seed {seed}, {method.name}")
                 start = time.perf_counter()
@@ -512,6 +619,7 @@ def run_benchmark(
                     ct = None if cell_type == SINGLE_CELL_TYPE else cell_type
                     control = current.controls(adata, ct)
                     records = conditions.to_dict("records")
+                    shift = None if reference is None else reference.shift(ct, records[0]["perturbation"])
                     for condition, predicted in _predict_conditions(method, records, ct, n_cells, seed, smiles):
                         perturbation, dose = condition["perturbation"], condition.get("dose")
                         ids = {"method": method.name, "seed": seed, "perturbation": perturbation}
@@ -523,14 +631,51 @@ def run_benchmark(
                         key = (perturbation, cell_type, dose)
                         if key not in de_cache:
                             de_cache[key] = _de_gene_sets(adata, current, perturbation, ct, n_de_genes, dose)
-                        for row in score_condition(predicted, real, control, de_cache[key], metric_names=metric_names):
-                            rows.append(ids | row)
+                        scored = score_condition(
+                            predicted,
+                            real,
+                            control,
+                            de_cache[key],
+                            metric_names=metric_names,
+                            reference_shift=shift,
+                            floor_cache=floor_cache.setdefault(key, {}),
+                        )
+                        rows.extend(ids | row for row in scored)
                 seconds[(seed, method.name)] = time.perf_counter() - start
                 bar.update()
     columns = ["method", "seed", "perturbation", "cell_type", "dose", "error"]
     failures_table = pd.DataFrame(failures).reindex(columns=[c for c in columns if c != "dose" or has_dose])
     name = (split(seeds[0]) if callable(split) else split).name
     return BenchmarkResult(pd.DataFrame(rows), name, failures_table, seconds)
+
+
+class _ReferenceShift:
+    """Average shift of a split's training perturbations per cell type (``pearson_delta_centred``'s reference).
+
+    It is the shift of the mean-shift baseline, fitted the way the runner fits it (a (drug, dose)
+    pair is one training perturbation), so the centring and that baseline agree. ``None`` where it
+    cannot be made (no perturbed training cells): the centred correlation is then ``nan``.
+    """
+
+    def __init__(self, train: ad.AnnData, split: Split):
+        try:
+            self.model = BaselineMethod("mean_shift", baselines.MeanShift).fit(train, split, seed=0).fitted
+        except (KeyError, ValueError):
+            self.model = None
+        self.shifts: dict = {}
+
+    def shift(self, cell_type: str | None, label: str) -> pd.Series | None:
+        """The reference shift in ``cell_type`` (``label`` is any perturbation label: MeanShift ignores it)."""
+        if self.model is None:
+            return None
+        if cell_type not in self.shifts:
+            try:
+                shifts = self.model.predict_shift([label], cell_type=cell_type)
+                # ``None`` pools every cell type: the average over all perturbed training conditions.
+                self.shifts[cell_type] = shifts.iloc[0] if len(shifts) == 1 else self.model.overall_shift_
+            except (KeyError, ValueError):
+                self.shifts[cell_type] = None
+        return self.shifts[cell_type]
 
 
 def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, seed: int, smiles: dict):

@@ -119,6 +119,92 @@ def e_distance(X: MatrixLike, Y: MatrixLike, *, sqrt: bool = False) -> float:
     return float(np.sqrt(value)) if sqrt else float(value)
 
 
+def e_distance_floor(real: MatrixLike, *, n_predicted: int, n_real: int | None = None) -> float:
+    r"""Expected E-distance (Eq. 20) of a perfect generator: the floor no prediction can beat on average.
+
+    A generator of the true distribution :math:`P` of the real cells that draws ``n`` cells, scored
+    against ``m`` real cells with the V-statistic of :func:`e_distance`, has expectation
+
+    .. math::
+
+        \mathbb{E}\,E(X, Y) = \delta \left(\frac{1}{n} + \frac{1}{m}\right),
+        \qquad \delta = \mathbb{E} \lVert x - x' \rVert_2, \quad x, x' \sim P \text{ independent}.
+
+    Derivation: with :math:`X` (``n`` cells) and :math:`Y` (``m`` cells) independent samples of
+    :math:`P`, every cross pair :math:`(x_i, y_j)` is a pair of independent draws, so the cross term
+    :math:`\frac{2}{nm}\sum_{i,j} \lVert x_i - y_j \rVert` has expectation :math:`2\delta`. Of the
+    :math:`n^2` ordered pairs of the within-:math:`X` mean, the :math:`n` pairs with :math:`i = j`
+    are zero and the :math:`n(n-1)` others have expectation :math:`\delta`, so that term has
+    expectation :math:`(1 - 1/n)\,\delta`; likewise :math:`(1 - 1/m)\,\delta` for :math:`Y`. Hence
+    :math:`2\delta - (1 - 1/n)\delta - (1 - 1/m)\delta = \delta (1/n + 1/m)`.
+
+    :math:`\delta` is estimated without bias by the mean distance over the :math:`m(m-1)` ordered
+    pairs of *distinct* real cells (the U-statistic), computed exactly and block by block like
+    :func:`e_distance`. An E-distance close to this floor means the prediction is as close to the
+    real cells as a fresh sample of the same size from the real distribution would be.
+
+    The same formula gives the expected E-distance between two random halves of the real cells
+    (sizes :math:`h_1, h_2`): :math:`\delta (1/h_1 + 1/h_2)`, ``e_distance_floor(real,
+    n_predicted=h1, n_real=h2)``. Averaged over random splits of fixed cells this identity is exact
+    with the estimated :math:`\delta`, which makes a split-half check of the floor (example below).
+
+    Parameters
+    ----------
+    real
+        Real cells of the condition, shape ``(m, n_genes)``: a dense array, a scipy sparse
+        matrix/array, or an :class:`~anndata.AnnData` (its ``.X`` is used); they estimate
+        :math:`\delta`.
+    n_predicted
+        Number of predicted cells ``n`` scored against the real cells.
+    n_real
+        Number of real cells ``m`` the prediction is scored against; the number of rows of ``real``
+        by default.
+
+    Returns
+    -------
+    float
+        The floor :math:`\hat\delta (1/n + 1/m)`; ``nan`` for fewer than two real cells, where
+        :math:`\delta` cannot be estimated.
+
+    Raises
+    ------
+    ValueError
+        If ``real`` is not 2-D or has no cells, or ``n_predicted`` or ``n_real`` is below 1.
+
+    Examples
+    --------
+    The mean E-distance of fresh samples of the real distribution matches the floor:
+
+    >>> import numpy as np
+    >>> import scdoloris as sd
+    >>> rng = np.random.default_rng(0)
+    >>> real = rng.normal(size=(60, 5))
+    >>> floor = sd.metrics.e_distance_floor(real, n_predicted=30)
+    >>> draws = [sd.metrics.e_distance(rng.normal(size=(30, 5)), rng.normal(size=(60, 5))) for _ in range(300)]
+    >>> bool(abs(np.mean(draws) / floor - 1) < 0.1)
+    True
+
+    Split-half check: the E-distance between random halves of the real cells, on average over
+    splits, equals its own expectation:
+
+    >>> halves = [np.array_split(rng.permutation(60), 2) for _ in range(300)]
+    >>> split_half = np.mean([sd.metrics.e_distance(real[a], real[b]) for a, b in halves])
+    >>> expected = sd.metrics.e_distance_floor(real, n_predicted=30, n_real=30)
+    >>> bool(abs(split_half / expected - 1) < 0.05)
+    True
+    """
+    ya = as_matrix(real, "real")
+    m = ya.shape[0]
+    n_real = m if n_real is None else n_real
+    for name, value in (("n_predicted", n_predicted), ("n_real", n_real)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if m < 2:
+        return float("nan")
+    delta = _sum_within_distances(ya) / (m * (m - 1))
+    return float(delta * (1.0 / n_predicted + 1.0 / n_real))
+
+
 def emd(X: MatrixLike, Y: MatrixLike) -> float:
     r"""Mean over genes of the 1-D Wasserstein-1 (earth mover's) distance, paper Eq. 21.
 

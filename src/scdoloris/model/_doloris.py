@@ -16,6 +16,7 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses it withou
 import scvi
 import torch
 from anndata import AnnData
+from lightning.pytorch.callbacks import Callback
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model._utils import use_distributed_sampler
@@ -23,7 +24,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import track
 
-from .._constants import MASK_STRATEGIES, REGISTRY_KEYS
+from .._constants import MASK_STRATEGIES, PRESETS, REGISTRY_KEYS
 from .._validation import (
     check_count,
     check_doses,
@@ -33,6 +34,7 @@ from .._validation import (
     check_setup,
     drop_unused_categories,
 )
+from ..baselines import Anchor
 from ..data import (
     TrainingSummary,
     expression_matrix,
@@ -49,6 +51,7 @@ from ..prediction import (
     Request,
     Sources,
     check_keys_free,
+    dose_text,
     draw_controls,
     given_cells,
     predicted_anndata,
@@ -57,6 +60,15 @@ from ..prediction import (
     write_inplace,
 )
 from ..train import DistributedSamplerSeed, DolorisTrainingPlan, ResumableDataSplitter, checkpointing, world_size_of
+from ._anchoring import (
+    CALIBRATION_CELLS,
+    CALIBRATION_MIN_CELLS,
+    CALIBRATION_PHASE,
+    anchored_cells,
+    calibration_fold,
+    dosed_label,
+    fit_gates,
+)
 from ._inputs import PerturbationInputs, module_inputs, perturbation_inputs
 from ._persistence import read_model, write_model
 
@@ -74,15 +86,48 @@ def _resolve_seed(seed: int | None) -> int:
     return 0 if seed is None else int(seed)
 
 
-# In-place predictions: layers[f"{key_added}_{p}"] with its _continuous and _mask,
-# obsm[f"{key_added}_{p}_activation_prob"], and the shared obsm[f"{key_added}_latent"].
-def _inplace_keys(key_added: str) -> InplaceKeys:
+# In-place predictions: layers[f"{key_added}_{p}"] with its _continuous and _mask (and, anchored, the
+# paper's _generated cells), obsm[f"{key_added}_{p}_activation_prob"], and the shared obsm[f"{key_added}_latent"].
+def _inplace_keys(key_added: str, anchored: bool) -> InplaceKeys:
+    generated = {"generated": "_generated"} if anchored else {}
     return InplaceKeys(
         key_added,
-        layers={"prediction": "", "continuous": "_continuous", "mask": "_mask"},
+        layers={"prediction": "", "continuous": "_continuous", "mask": "_mask", **generated},
         obsm={"probs": "_activation_prob"},
         shared_obsm=("latent",),
     )
+
+
+class _Calibration(Callback):
+    """Predicts the held-out fold at ``step`` and fits the gates (preset="anchored"; model/_anchoring.py).
+
+    Until ``step`` the training plan gives the fold's perturbations no weight, so at ``step`` the
+    model has never learned them; training then goes on with every perturbation. The result is kept
+    in the run's checkpoints, so a resumed run ends with the gates of an uninterrupted one.
+    """
+
+    def __init__(self, model: Doloris, fold: list[str], codes: list[int], step: int, seed: int):
+        self.model, self.fold, self.codes, self.step, self.seed = model, fold, codes, step, seed
+        self.result: dict | None = None
+
+    def _run(self, pl_module) -> None:
+        held_out = np.isin(self.model._codes(REGISTRY_KEYS.PERTURBATION_KEY), self.codes)
+        self.result = self.model._calibrate(self.fold, held_out, self.seed)
+        pl_module.train()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self.result is None and trainer.global_step >= self.step:
+            self._run(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if self.result is None:  # stopped early (early stopping, max_epochs) before the calibration step
+            self._run(pl_module)
+
+    def state_dict(self) -> dict:  # noqa: D102
+        return {"result": self.result}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        self.result = state_dict.get("result")
 
 
 class _SourceBatches:
@@ -138,6 +183,14 @@ class Doloris(BaseModelClass):
         DataFrame indexed by drug name or SMILES, used instead of Morgan fingerprints. A component
         of a perturbation label is a molecule when it has a SMILES in the registered column or its
         name is in the table's index; at prediction, molecules in the table need no ``smiles=``.
+    preset
+        ``"anchored"`` (default): each predicted cell is its source control cell moved by a
+        population anchor (:class:`~scdoloris.baselines.Anchor`: the measured shift, the sum of
+        trained singles, the cell type's average shift, ...) plus the share of the diffusion model's
+        own shift beyond it that held out of training: :meth:`train` holds 20% of the perturbations
+        out of its first 80% of steps and fits that share per kind of condition on them
+        (``calibration_``). ``"paper"``: the paper's method, every cell generated by the bridge.
+        See "Differences from the paper" in the README and BENCHMARKS.md for how they compare.
 
     Examples
     --------
@@ -165,6 +218,7 @@ class Doloris(BaseModelClass):
         n_timesteps: int = 500,
         mask_reference_cells: int = 100,
         molecule_table: pd.DataFrame | None = None,
+        preset: str = PRESETS[0],
     ):
         if not isinstance(adata, AnnData) and hasattr(adata, "mod"):  # MuData: its modality set up by setup_mudata
             adata = registered_modality(adata, lambda mod: self._get_most_recent_anndata_manager(mod) is not None)
@@ -201,6 +255,8 @@ class Doloris(BaseModelClass):
     def _check_init_args(args: dict) -> None:
         sizes = ("n_hidden", "n_blocks", "n_hidden_mask", "n_blocks_mask", "n_perturbation", "n_timesteps")
         check_model_args(**{name: args[name] for name in (*sizes, "mask_reference_cells")})
+        if args["preset"] not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {args['preset']!r}.")
         if not 0.0 <= args["dropout"] < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {args['dropout']!r}.")
 
@@ -510,6 +566,24 @@ class Doloris(BaseModelClass):
             # Every process computes the same split from the seed; the sampler gives each its shard.
             datasplitter_kwargs.setdefault("distributed_sampler", True)
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), DistributedSamplerSeed(seed)]
+        plan_kwargs = {"seed": seed, **(plan_kwargs or {})}
+        callbacks = list(plan_kwargs.pop("callbacks", []))
+        if checkpoint is not None:
+            callbacks.append(checkpoint)
+        total_steps = max_steps if max_steps > 0 else max_epochs * steps_per_epoch
+        calibration = self._calibration(seed, total_steps, world_size)
+        if calibration is not None:
+            # The fold's perturbations count for nothing until the calibration step (see _Calibration).
+            plan_kwargs["excluded_perturbations"] = calibration.codes
+            plan_kwargs["exclude_until_step"] = calibration.step
+            callbacks.append(calibration)
+        plan_kwargs["callbacks"] = callbacks
+        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        if train_size < 1.0 or validation_size:
+            # Validation loss about 20 times per run, not every epoch.
+            trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, max_epochs // 20))
         # Batches indexed by (seed, step), not by the global random state: exact resumption.
         data_splitter = ResumableDataSplitter(
             self.adata_manager,
@@ -518,15 +592,6 @@ class Doloris(BaseModelClass):
             seed=seed,
             **datasplitter_kwargs,
         )
-        plan_kwargs = {"seed": seed, **(plan_kwargs or {})}
-        if checkpoint is not None:
-            plan_kwargs["callbacks"] = [*plan_kwargs.get("callbacks", []), checkpoint]
-        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        if train_size < 1.0 or validation_size:
-            # Validation loss about 20 times per run, not every epoch.
-            trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, max_epochs // 20))
         runner = self._train_runner_cls(
             self,
             training_plan=training_plan,
@@ -538,7 +603,138 @@ class Doloris(BaseModelClass):
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
-        return runner()
+        result = runner()
+        if self.preset == "anchored":
+            self.anchor_ = self._fit_anchor(np.ones(self.adata.n_obs, dtype=bool)).state()
+            empty = {"gates": {}, "n_conditions": {}, "held_out": []}
+            self.calibration_ = empty if calibration is None or calibration.result is None else calibration.result
+        return result
+
+    # ------------------------------------------------------------------ anchoring (preset="anchored")
+    @property
+    def preset(self) -> str:
+        """``"anchored"`` (control + calibrated anchor, the default) or ``"paper"`` (the published method)."""
+        return self.init_params_["non_kwargs"].get("preset", "paper")
+
+    def _registered_labels(self) -> np.ndarray:
+        """Perturbation label of every cell of the model's AnnData."""
+        return np.asarray(self._summary.perturbation_labels, dtype=object)[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
+
+    def _calibration(self, seed: int, total_steps: int, world_size: int) -> _Calibration | None:
+        """The calibration of an anchored run: a fold of perturbations and the step it is predicted at.
+
+        ``None`` for the paper preset, too few perturbations or steps, and distributed runs (whose
+        processes would each predict the fold); their gates stay 0, the prediction control + anchor.
+        """
+        if self.preset != "anchored" or total_steps < 10:
+            return None
+        if world_size > 1:
+            logger.warning("preset='anchored': a distributed run is not calibrated; predictions use the anchor alone.")
+            return None
+        labels, is_control = self._summary.perturbation_labels, self._summary.is_control
+        fold = calibration_fold([label for label, control in zip(labels, is_control, strict=True) if not control], seed)
+        if not fold:
+            return None
+        step = round(CALIBRATION_PHASE * total_steps)
+        return _Calibration(self, fold, [labels.index(label) for label in fold], step, seed)
+
+    def _anchor_labels(self, rows: np.ndarray) -> np.ndarray:
+        """The anchor's label of each cell in ``rows``: the control label, the label, or ``A@dose`` per component."""
+        labels = self._registered_labels()[rows]
+        is_control = self._summary.is_control[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)[rows]]
+        doses = self._doses()
+        control = self.control_values[0]
+        if doses is None:
+            return np.where(is_control, control, labels).astype(object)
+        doses = doses[rows]
+        out = np.empty(len(rows), dtype=object)
+        for i, (label, dose) in enumerate(zip(labels, doses, strict=True)):
+            out[i] = control if is_control[i] or dose == 0 else self._anchor_label(label, float(dose))
+        return out
+
+    def _anchor_label(self, label: str, dose) -> str:
+        """``label`` with its dose on each component (``"A@100+B@100"``), as the anchor names conditions."""
+        if self._setup_args.get("dose_key") is None or dose is None:
+            return label
+        components = split_perturbation(label, self.control_values)
+        per_component = np.atleast_1d(np.asarray(dose, dtype=np.float64))
+        if len(per_component) == 1:
+            per_component = np.repeat(per_component, len(components))
+        return "+".join(dosed_label(c, dose_text(d)) for c, d in zip(components, per_component, strict=True))
+
+    def _fit_anchor(self, keep: np.ndarray) -> Anchor:
+        """The anchor fitted on the model's cells where ``keep`` (its training cells, or all but a fold)."""
+        rows = np.flatnonzero(keep)
+        X = expression_matrix(self.adata, self._setup_args.get("layer"))
+        types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows]]
+        obs = pd.DataFrame(
+            {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)}
+        )
+        data = AnnData(X=X if len(rows) == self.adata.n_obs else read_rows(X, rows, np.float32), obs=obs)
+        return Anchor().fit(
+            data, perturbation_key="perturbation", control_value=self.control_values[0], cell_type_key="cell_type"
+        )
+
+    def _anchor(self) -> Anchor:
+        """The fitted anchor, restored from ``anchor_`` once per model (fitted now if the model has none)."""
+        state = self.__dict__.get("anchor_")
+        cached = self.__dict__.get("_anchor_cache")
+        if cached is None or cached[0] is not state:
+            anchor = (
+                Anchor.from_state(state) if state is not None else self._fit_anchor(np.ones(self.adata.n_obs, bool))
+            )
+            self._anchor_cache = cached = (state, anchor)
+        return cached[1]
+
+    def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray):
+        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the shifts applied."""
+        anchor = self._anchor()
+        gates = self.__dict__.get("calibration_", {}).get("gates", {})
+        types = np.asarray(sources.cell_types, dtype=object)
+        groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
+        group_of = np.array([groups[t] for t in types])
+        anchors, weights = {}, {}
+        for e, (label, dose) in enumerate(zip(request.perturbations, request.doses, strict=True)):
+            name = self._anchor_label(label, dose)
+            shift = anchor.predict_shift([name], cell_type=list(groups))
+            for t, g in groups.items():
+                anchors[(e, g)] = shift.loc[(name, t)].to_numpy()
+                weights[(e, g)] = float(gates.get(anchor.kind(name, t), 0.0))
+        cells, shifts = anchored_cells(source_x, generated, group_of, anchors, weights)
+        return cells.astype(np.float32), shifts
+
+    def _calibrate(self, fold: list[str], held_out: np.ndarray, seed: int) -> dict:
+        """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them."""
+        anchor = self._fit_anchor(~held_out)
+        names = self._anchor_labels(np.arange(self.adata.n_obs))
+        types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)]
+        X = expression_matrix(self.adata, self._setup_args.get("layer"))
+        doses = self._doses()
+        labels = self._registered_labels()
+        true, anchors, model, kinds = [], [], [], []
+        rng = np.random.default_rng(seed)
+        conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
+        conditions["dose"] = 0.0 if doses is None else doses
+        held = conditions[held_out]
+        for (name, cell_type), rows in held.groupby(["name", "type"], sort=True).groups.items():
+            if len(rows) < CALIBRATION_MIN_CELLS:
+                continue
+            label, dose = held.loc[rows[0], "label"], held.loc[rows[0], "dose"]
+            request = resolve_request([label], self.control_values, dose=None if doses is None else float(dose))
+            inputs = self._perturbation_inputs(request, None)
+            sources = self._sources(None, cell_type, CALIBRATION_CELLS, rng)
+            sampling = (MASK_STRATEGIES[0], (0.05, 0.95), 1)
+            arrays, _ = self._generate(request, inputs, sources, 50, 1024, sampling, rng, False)
+            control_mean = anchor.control_means_.loc[cell_type].to_numpy()
+            true.append(read_rows(X, np.sort(np.asarray(rows))).mean(axis=0) - control_mean)
+            model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))
+            anchors.append(anchor.predict_shift([name], cell_type=cell_type).to_numpy()[0])
+            kinds.append(anchor.kind(name, cell_type))
+        if not kinds:
+            return {"gates": {}, "n_conditions": {}, "held_out": fold}
+        gates, counts = fit_gates(np.array(true), np.array(anchors), np.array(model), kinds)
+        logger.info("Calibrated on %d held-out conditions: gates %s", len(kinds), gates)
+        return {"gates": gates, "n_conditions": counts, "held_out": fold}
 
     # ------------------------------------------------------------------ prediction
     def _expression_rows(self, adata: AnnData, rows: np.ndarray) -> torch.Tensor:
@@ -665,14 +861,45 @@ class Doloris(BaseModelClass):
         inputs = self._perturbation_inputs(request, smiles)
         sources = self._sources(adata, cell_type, n_cells, rng)
         if inplace:
-            check_keys_free(adata, request.names, _inplace_keys(key_added), overwrite)
+            check_keys_free(adata, request.names, _inplace_keys(key_added, self.preset == "anchored"), overwrite)
 
+        sampling = (mask_strategy, mask_thresholds, mask_reference_conditions)
+        arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar)
+        if self.preset == "anchored":
+            arrays["generated"] = arrays["prediction"]
+            arrays["prediction"], shifts = self._anchored(request, sources, arrays["source"], arrays["generated"])
+        if inplace:
+            keys = _inplace_keys(key_added, self.preset == "anchored")
+            write_inplace(adata, request.names, keys, arrays, {"latent": latents})
+            return None
+        layers = {"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]}
+        if "generated" in arrays:
+            layers["doloris_generated"] = arrays["generated"]
+        predicted = PredictedCells(
+            arrays["prediction"],
+            layers=layers,
+            obsm={
+                "doloris_latent": np.tile(latents, (len(request.perturbations), 1)),
+                "doloris_activation_prob": arrays["probs"],
+            },
+        )
+        setup = self._setup_args
+        obs_keys = {
+            "perturbation": setup["perturbation_key"],
+            "cell_type": setup.get("cell_type_key"),
+            "dose": setup.get("dose_key"),
+        }
+        return predicted_anndata(predicted, request, sources, self.adata.var, obs_keys=obs_keys)
+
+    def _generate(self, request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar):
+        """The paper's generated cells for every entry and source (numpy, float32) and the sources' latents."""
         module, device = self.module, self.device
         module.eval()
         embedding, mask_embedding = module.embed(*inputs.to(device))  # GAT once per call
         type_codes = torch.as_tensor([self.cell_types.index(t) for t in sources.cell_types], device=device)
         batches = _SourceBatches(self, sources, type_codes, batch_size, device)
-        reference, (low, high) = self._mask_reference(), mask_thresholds
+        mask_strategy, (low, high), mask_reference_conditions = sampling
+        reference = self._mask_reference()
 
         def sample_mask(probabilities, cell_type, groups):
             return sample_activation_mask(
@@ -690,27 +917,10 @@ class Doloris(BaseModelClass):
             "continuous": cells.continuous,
             "mask": cells.mask,
             "probs": cells.probabilities,
+            "source": cells.source,
         }
         arrays = {name: value.cpu().numpy().astype(np.float32) for name, value in arrays.items()}
-        latents = cells.latent.cpu().numpy().astype(np.float32)
-        if inplace:
-            write_inplace(adata, request.names, _inplace_keys(key_added), arrays, {"latent": latents})
-            return None
-        predicted = PredictedCells(
-            arrays["prediction"],
-            layers={"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]},
-            obsm={
-                "doloris_latent": np.tile(latents, (len(request.perturbations), 1)),
-                "doloris_activation_prob": arrays["probs"],
-            },
-        )
-        setup = self._setup_args
-        obs_keys = {
-            "perturbation": setup["perturbation_key"],
-            "cell_type": setup.get("cell_type_key"),
-            "dose": setup.get("dose_key"),
-        }
-        return predicted_anndata(predicted, request, sources, self.adata.var, obs_keys=obs_keys)
+        return arrays, cells.latent.cpu().numpy().astype(np.float32)
 
     def _check_prediction_args(
         self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
@@ -844,6 +1054,8 @@ class Doloris(BaseModelClass):
         # Registers adata as the model's was (same categories and codes), validated against that registry.
         cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
         init_params = attr_dict.pop("init_params_")
+        # Models saved before presets existed were trained and predict as the paper's method.
+        init_params["non_kwargs"].setdefault("preset", "paper")
         summary = TrainingSummary(**attr_dict.pop("summary_"))
         model = cls._from_summary(adata, summary, **init_params["non_kwargs"])
         for name, value in attr_dict.items():  # history_, is_trained_, the data split, version, run name, ...

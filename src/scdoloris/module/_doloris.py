@@ -42,6 +42,8 @@ class GeneratedCells:
         The mask model's activation probabilities.
     latent
         ``(sources, genes)`` shared latent of each source cell (Eq. 15), once per source.
+    source
+        ``(sources, genes)`` the source control cells, log1p scale.
     """
 
     prediction: torch.Tensor
@@ -49,6 +51,7 @@ class GeneratedCells:
     mask: torch.Tensor
     probabilities: torch.Tensor
     latent: torch.Tensor
+    source: torch.Tensor
 
 
 class DolorisModule(nn.Module):
@@ -212,7 +215,12 @@ class DolorisModule(nn.Module):
         return mean + self.control_std[cell_type] * torch.randn_like(mean)
 
     def loss(
-        self, x: torch.Tensor, perturbation: torch.Tensor, cell_type: torch.Tensor, dose: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        perturbation: torch.Tensor,
+        cell_type: torch.Tensor,
+        dose: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Masked diffusion loss (Eq. 9, 13) and mask BCE (Eq. 14) of one batch.
 
@@ -226,6 +234,8 @@ class DolorisModule(nn.Module):
             Cell-type codes ``(n,)``.
         dose
             Dose per cell ``(n,)`` for molecular perturbations; a dose of 0 is unperturbed.
+        weight
+            Optional 0/1 weight per cell ``(n,)``: cells of weight 0 count in neither loss.
         """
         x0 = x / self.x_max
         is_target = ~self.is_control[perturbation]
@@ -242,17 +252,22 @@ class DolorisModule(nn.Module):
         t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
         x0_hat = self._predict_x0(x_t, t, self._condition(cell_type, is_target, embedding, control))
-        weight = (
+        genes = (
             torch.where(is_target[:, None], expressed, torch.ones_like(expressed))
             if self.full_source_loss
             else expressed
         )
-        per_cell = (weight * (x0 - x0_hat) ** 2).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
-        diffusion_loss = per_cell.mean()
+        per_cell = (genes * (x0 - x0_hat) ** 2).sum(dim=1) / genes.sum(dim=1).clamp(min=1.0)
+        if weight is None:
+            diffusion_loss = per_cell.mean()
+            masked = is_target
+        else:
+            diffusion_loss = (per_cell * weight).sum() / weight.sum().clamp(min=1.0)
+            masked = is_target & (weight > 0)
 
-        if is_target.any():
-            logits = self.mask_model(control[is_target], cell_type[is_target], mask_embedding[is_target])
-            mask_loss = nn.functional.binary_cross_entropy_with_logits(logits, expressed[is_target])
+        if masked.any():
+            logits = self.mask_model(control[masked], cell_type[masked], mask_embedding[masked])
+            mask_loss = nn.functional.binary_cross_entropy_with_logits(logits, expressed[masked])
         else:
             mask_loss = x0.new_zeros(())
         return {"loss": diffusion_loss + mask_loss, "diffusion_loss": diffusion_loss, "mask_loss": mask_loss}
@@ -413,4 +428,5 @@ class DolorisModule(nn.Module):
             outputs["mask"].append(mask.to(continuous.dtype))
             outputs["probabilities"].append(probabilities)
         continuous, mask = torch.cat(outputs["continuous"]), torch.cat(outputs["mask"])
-        return GeneratedCells(mask * continuous, continuous, mask, torch.cat(outputs["probabilities"]), latents)
+        probabilities = torch.cat(outputs["probabilities"])
+        return GeneratedCells(mask * continuous, continuous, mask, probabilities, latents, controls)

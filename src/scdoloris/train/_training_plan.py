@@ -62,6 +62,10 @@ class DolorisTrainingPlan(pl.LightningModule):
     callbacks
         Lightning callbacks to attach at ``fit`` (e.g. a ``ModelCheckpoint``), via
         :meth:`configure_callbacks`.
+    excluded_perturbations, exclude_until_step
+        Registered perturbation codes whose cells get no weight in the training loss before step
+        ``exclude_until_step`` (a calibration fold: the model must not have learned them when it is
+        asked to predict them).
 
     Examples
     --------
@@ -110,6 +114,8 @@ class DolorisTrainingPlan(pl.LightningModule):
         warmup_steps: int = 100,
         seed: int | None = None,
         callbacks: Sequence[Callback] = (),
+        excluded_perturbations: Sequence[int] = (),
+        exclude_until_step: int = 0,
     ):
         super().__init__()
         self.module = module
@@ -119,14 +125,22 @@ class DolorisTrainingPlan(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.seed = seed
         self.extra_callbacks = list(callbacks)
+        self.excluded_perturbations = torch.as_tensor(list(excluded_perturbations), dtype=torch.long)
+        self.exclude_until_step = int(exclude_until_step)
 
     def _step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         x = batch[REGISTRY_KEYS.X_KEY]
+        perturbation = batch[REGISTRY_KEYS.PERTURBATION_KEY].reshape(-1).long()
+        weight = None
+        if prefix == "train" and len(self.excluded_perturbations) and self.global_step < self.exclude_until_step:
+            excluded = self.excluded_perturbations.to(perturbation.device)
+            weight = (~torch.isin(perturbation, excluded)).to(x.dtype)
         losses = self.module.loss(
             x,
-            batch[REGISTRY_KEYS.PERTURBATION_KEY].reshape(-1).long(),
+            perturbation,
             batch[REGISTRY_KEYS.CELL_TYPE_KEY].reshape(-1).long(),
             batch.get(REGISTRY_KEYS.DOSE_KEY),
+            weight=weight,
         )
         for name, value in losses.items():
             self.log(

@@ -1,0 +1,490 @@
+"""The anchor baseline: the best measured population shift for each condition, with calibrated fallbacks."""
+
+from __future__ import annotations
+
+from typing import Self
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ..prediction import resolve_cell_types, resolve_request
+from ._base import Baseline, canonical
+
+#: What :meth:`Anchor.kind` answers, from the most to the least measured.
+KINDS = ("seen", "combination", "partial", "unseen", "new_cell_type")
+# Ridge strengths of the per-gene transfer refinement, relative to the mean (over genes) of the sum
+# of squared control differences it is fitted on; the leave-one-cell-type-out error picks one.
+_RIDGE_GRID = 10.0 ** np.arange(-4.0, 4.5, 0.5)
+# Relative drop of the leave-one-cell-type-out error the per-gene refinement must achieve to be kept.
+_MIN_GAIN = 0.01
+_STATE_FORMAT = "scdoloris.baselines.Anchor"
+_STATE_VERSION = 1
+
+
+def _shrinkage(num: float, den: float, default: float) -> float:
+    """``clip(num / den, 0, 1)``, the least-squares factor; ``default`` when there is nothing to fit."""
+    if den <= 0.0 or not np.isfinite(den):
+        return float(default)
+    return float(np.clip(num / den, 0.0, 1.0))
+
+
+def _loo_means(x: np.ndarray) -> np.ndarray:
+    """Row ``i``: the mean of the other rows of ``x`` (needs at least two rows)."""
+    return (x.sum(axis=0, keepdims=True) - x) / (len(x) - 1)
+
+
+class Anchor(Baseline):
+    """The best population estimate of the shift that exists for the asked condition.
+
+    Each perturbation ``p`` with components ``C`` in cell type ``t`` is answered by the most specific
+    measured shift there is, falling back to shrunk averages whose shrinkage factor is calibrated
+    out of sample on the training data (closed form, no iterations):
+
+    1. ``"seen"``: ``p`` was trained in ``t``; its own measured shift (mean minus control mean).
+    2. ``"combination"``: every component was trained as a single in ``t``; the sum of their shifts
+       (:class:`Additive`'s answer).
+    3. ``"partial"`` / ``"unseen"``: some (``"partial"``) or all (``"unseen"``) components lack a
+       single shift in ``t``; the sum of the known singles' shifts plus ``lambda_ * m_t`` per unknown
+       component, where ``m_t`` is :class:`MeanShift`'s average shift in ``t``.
+    4. ``"new_cell_type"``: ``t`` has controls but no perturbed training cells. ``p`` (or else each
+       component, additively) is transferred from the cell types where it was measured:
+       ``gamma_ * (average of its shifts there)``; a part never measured anywhere gets
+       ``lambda_ * gamma_ * (average shift of all training conditions)``. When it lowered the
+       leave-one-cell-type-out error at fit time (:attr:`transfer_` is ``"per_gene"``), each
+       transferred part also gets ``beta_ * (ctrl_t - average control of the cell types it was
+       measured in)``: genes whose response follows their baseline expression across cell types.
+
+    Calibration, done by :meth:`~Baseline.fit`:
+
+    - ``lambda_`` (one per fit): every training single ``i`` (in its cell type) is predicted by the
+      mean ``m_{-i}`` of the other training conditions' shifts in that cell type;
+      ``lambda_ = clip(sum_i <s_i, m_{-i}> / sum_i ||m_{-i}||^2, 0, 1)``, the least-squares factor.
+      It is near 0 when perturbations move cells in unrelated directions (the average shift is then
+      noise: no change is the better answer) and near 1 when they share a common response. Without
+      any single to hold out it is 1 (:class:`MeanShift`'s answer).
+    - ``gamma_``: every training condition ``(key, t')`` measured in at least two cell types is
+      predicted by the average of its shifts in the other cell types ``a_{-t'}``;
+      ``gamma_ = clip(sum <s_{key,t'}, a_{-t'}> / sum ||a_{-t'}||^2, 0, 1)``. Near 1 when responses
+      are shared across cell types, near 0 when they are cell-type specific. Without any such
+      condition the data cannot tell, and ``default_gamma`` is used.
+    - The per-gene refinement ``beta_g`` is a ridge regression (towards 0), pooled over the same
+      ``(key, t')`` conditions, of the residual ``s_{key,t'} - gamma_ * a_{-t'}`` on the control
+      difference ``ctrl_{t'} - (average control of the other cell types)``, gene by gene. Its ridge
+      strength is chosen, and the refinement kept at all, by leave-one-cell-type-out: every
+      perturbed cell type is held out in turn, ``beta`` is fitted on the others (each of their keys
+      needs two further cell types) and its error on the held-out cell type's shifts compared with
+      ``beta = 0``; it is kept when the best ridge strength lowers that error by more than 1% (the
+      best of several strengths is itself slightly optimistic). Otherwise ``beta_`` is 0 and
+      :attr:`transfer_` is ``"mean"``.
+
+    Parameters
+    ----------
+    clip
+        Clip shifted expression at 0.
+    default_gamma
+        ``gamma_`` when no training condition was measured in two cell types (only one perturbed cell
+        type). The default 1 transfers a measured response as measured, as every other baseline does
+        (:class:`MeanShift`'s unseen-cell-type answer); it rests on no evidence, and
+        :attr:`n_gamma_` is then 0 to say so.
+
+    Attributes
+    ----------
+    lambda_
+        Shrinkage of the average shift standing in for a component never measured in the cell type.
+    n_lambda_
+        Number of held-out training singles ``lambda_`` was calibrated on.
+    gamma_
+        Shrinkage of a response transferred from other cell types.
+    n_gamma_
+        Number of held-out training conditions (key, cell type) ``gamma_`` was calibrated on.
+    transfer_
+        ``"per_gene"`` when the per-gene refinement of the transfer was kept, else ``"mean"``.
+    beta_
+        The per-gene refinement (a Series over genes; zeros unless :attr:`transfer_` is ``"per_gene"``).
+    ridge_
+        Ridge strength of ``beta_`` (``None`` unless :attr:`transfer_` is ``"per_gene"``).
+    transfer_errors_
+        Leave-one-cell-type-out squared error of the transfer without (``"mean"``) and with the best
+        refinement (``"per_gene"``); ``NaN`` where it could not be computed.
+    n_transfer_
+        Number of held-out conditions (key, cell type) the refinement was judged on.
+    mean_shift_
+        The average shift per perturbed cell type (as :class:`MeanShift`).
+    overall_shift_
+        The average shift over all perturbed training conditions.
+
+    Examples
+    --------
+    Train on the singles of synthetic data; a double of two trained singles is their sum:
+
+    >>> import numpy as np
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    >>> singles = adata[adata.obs["condition_type"] != "double"].copy()
+    >>> anchor = sd.baselines.Anchor().fit(singles)
+    >>> anchor.kind("G001"), anchor.kind("G001+G002"), anchor.kind("G001+NEW"), anchor.kind("NEW")
+    ('seen', 'combination', 'partial', 'unseen')
+    >>> shift = anchor.predict_shift(["G001+G002", "G001", "G002", "NEW"])
+    >>> bool(np.allclose(shift.iloc[0], shift.iloc[1] + shift.iloc[2]))
+    True
+    >>> 0.0 <= anchor.lambda_ <= 1.0, anchor.n_lambda_
+    (True, 5)
+    >>> bool(np.allclose(shift.iloc[3], anchor.lambda_ * anchor.mean_shift_.loc["0"]))
+    True
+
+    The fitted numbers travel as plain data, e.g. inside another model's file:
+
+    >>> restored = sd.baselines.Anchor.from_state(anchor.state())
+    >>> bool(np.allclose(restored.predict_shift(["G001+NEW"]), anchor.predict_shift(["G001+NEW"])))
+    True
+    """
+
+    name = "anchor"
+
+    def __init__(self, *, clip: bool = True, default_gamma: float = 1.0):
+        super().__init__(clip=clip)
+        if not 0.0 <= float(default_gamma) <= 1.0:
+            raise ValueError(f"default_gamma must be in [0, 1], got {default_gamma}.")
+        self.default_gamma = float(default_gamma)
+
+    def _params(self) -> dict:
+        return {"clip": self.clip, "default_gamma": self.default_gamma}
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, means, control_means, shifts):
+        if len(shifts) == 0:
+            raise ValueError("Anchor needs at least one perturbed training condition; only controls were given.")
+        self._index_shifts()
+        self._calibrate_lambda()
+        self._calibrate_transfer()
+
+    def _index_shifts(self) -> None:
+        """Lookup tables and averages derived from ``shifts_`` and ``control_means_`` (fit and restore)."""
+        keys = self.shifts_.index.get_level_values("perturbation").astype(str)
+        types = self.shifts_.index.get_level_values("cell_type").astype(str)
+        self._S = self.shifts_.to_numpy(dtype=np.float64)
+        self._C = self.control_means_.loc[self.cell_types_].to_numpy(dtype=np.float64)
+        self._type_row = {t: i for i, t in enumerate(self.cell_types_)}
+        self._row = {(k, t): i for i, (k, t) in enumerate(zip(keys, types, strict=True))}
+        self._types_of: dict[str, list[str]] = {}
+        for k, t in zip(keys, types, strict=True):
+            self._types_of.setdefault(k, []).append(t)
+        self.mean_shift_ = self.shifts_.groupby(level="cell_type").mean()
+        self.overall_shift_ = self.shifts_.mean(axis=0)
+        self._perturbed_types = set(types)
+        self._mean = {t: self.mean_shift_.loc[t].to_numpy(dtype=np.float64) for t in self._perturbed_types}
+        self._overall = self.overall_shift_.to_numpy(dtype=np.float64)
+
+    def _calibrate_lambda(self) -> None:
+        num = den = 0.0
+        n = 0
+        for t in self._perturbed_types:
+            keys = self._keys_in(t)
+            if len(keys) < 2:
+                continue
+            S = self._S[[self._row[k, t] for k in keys]]
+            loo = _loo_means(S)
+            single = np.array(["+" not in k for k in keys])
+            num += float(np.sum(S[single] * loo[single]))
+            den += float(np.sum(loo[single] ** 2))
+            n += int(single.sum())
+        self.lambda_ = _shrinkage(num, den, 1.0) if n else 1.0
+        self.n_lambda_ = n
+
+    def _keys_in(self, cell_type: str) -> list[str]:
+        return [k for k, types in self._types_of.items() if cell_type in types]
+
+    def _key_blocks(self):
+        """Per key measured in >= 2 cell types: its cell types, shifts and control means (rows alike)."""
+        for k, types in self._types_of.items():
+            if len(types) >= 2:
+                S = self._S[[self._row[k, t] for t in types]]
+                C = self._C[[self._type_row[t] for t in types]]
+                yield k, types, S, C
+
+    def _calibrate_transfer(self) -> None:
+        n_genes = self._S.shape[1]
+        num = den = 0.0
+        n = 0
+        for _, _, S, _ in self._key_blocks():
+            loo = _loo_means(S)
+            num += float(np.sum(S * loo))
+            den += float(np.sum(loo**2))
+            n += len(S)
+        self.gamma_ = _shrinkage(num, den, self.default_gamma) if n else self.default_gamma
+        self.n_gamma_ = n
+        gamma = self.gamma_
+
+        # Leave one cell type out: per held-out cell type T, the outer error terms of its conditions
+        # (e: residual of the mean transfer, d: control difference) and the inner ridge sums (A, B)
+        # of beta fitted on the other cell types only.
+        outer: dict[str, list[np.ndarray]] = {}
+        inner: dict[str, list[np.ndarray]] = {}
+        A_all, B_all = np.zeros(n_genes), np.zeros(n_genes)
+        size = 0.0  # total squared shift of the held-out conditions: the scale of a meaningful improvement
+        for _, types, S, C in self._key_blocks():
+            size += float(np.sum(S**2))
+            r = S - gamma * _loo_means(S)
+            d = C - _loo_means(C)
+            A_all += np.sum(r * d, axis=0)
+            B_all += np.sum(d**2, axis=0)
+            for j, T in enumerate(types):
+                # Outer: the key's shift in T predicted from its other cell types.
+                e2, ed, dd = outer.setdefault(T, [np.zeros(1), np.zeros(n_genes), np.zeros(n_genes)])
+                e2 += np.sum(r[j] ** 2)
+                ed += r[j] * d[j]
+                dd += d[j] ** 2
+                rest = [i for i in range(len(types)) if i != j]
+                if len(rest) >= 2:
+                    ri = S[rest] - gamma * _loo_means(S[rest])
+                    di = C[rest] - _loo_means(C[rest])
+                    a, b = inner.setdefault(T, [np.zeros(n_genes), np.zeros(n_genes)])
+                    a += np.sum(ri * di, axis=0)
+                    b += np.sum(di**2, axis=0)
+
+        self.beta_ = pd.Series(np.zeros(n_genes), index=self.genes_, name="beta")
+        self.ridge_ = None
+        self.transfer_ = "mean"
+        self.n_transfer_ = n
+        base = float(sum(v[0][0] for v in outer.values())) if outer else np.nan
+        best_error, best_ridge = np.nan, None
+        scale = float(B_all.mean())
+        if inner and scale > 0.0:
+            for ridge in scale * _RIDGE_GRID:
+                error = 0.0
+                for T, (e2, ed, dd) in outer.items():
+                    error += float(e2[0])
+                    if T in inner:
+                        a, b = inner[T]
+                        beta = a / (b + ridge)
+                        error += float(np.sum(beta**2 * dd - 2.0 * beta * ed))
+                if not best_error <= error:  # also replaces the initial NaN
+                    best_error, best_ridge = error, float(ridge)
+        self.transfer_errors_ = {"mean": base, "per_gene": best_error}
+        # Kept only when it lowers the held-out error clearly: the best of several ridge strengths is
+        # slightly optimistic, so a gain within _MIN_GAIN of the error (or rounding) is no evidence.
+        if best_ridge is not None and best_error < (1.0 - _MIN_GAIN) * base - 1e-9 * size:
+            self.transfer_ = "per_gene"
+            self.ridge_ = best_ridge
+            self.beta_[:] = A_all / (B_all + best_ridge)
+
+    # ------------------------------------------------------------------ prediction
+    def kind(self, perturbation: str, cell_type: str | None = None) -> str:
+        """Which estimate answers ``perturbation`` in ``cell_type``.
+
+        Parameters
+        ----------
+        perturbation
+            A label such as ``"KLF1"`` or ``"KLF1+MAP2K6"``.
+        cell_type
+            A training cell type; may be left out when there is only one.
+
+        Returns
+        -------
+        str
+            ``"seen"``, ``"combination"``, ``"partial"``, ``"unseen"`` or ``"new_cell_type"`` (see the
+            class description).
+
+        Examples
+        --------
+        >>> import scdoloris as sd
+        >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+        >>> anchor = sd.baselines.Anchor().fit(adata)
+        >>> anchor.kind("G002+G001"), anchor.kind("G000+G003"), anchor.kind("G000+NEW")
+        ('seen', 'combination', 'partial')
+        """
+        self._check_fitted()
+        if cell_type is None:
+            if len(self.cell_types_) > 1:
+                raise ValueError(f"Name the cell type; this Anchor knows several: {self.cell_types_}.")
+            cell_type = self.cell_types_[0]
+        (t,) = resolve_cell_types(str(cell_type), self.cell_types_)
+        components = resolve_request(perturbation, self.control_values_).components[0]
+        return self._kind(components, t)
+
+    def _kind(self, components: list[str], cell_type: str) -> str:
+        if cell_type not in self._perturbed_types:
+            return "new_cell_type"
+        if (canonical(components), cell_type) in self._row:
+            return "seen"
+        known = sum((c, cell_type) in self._row for c in set(components))
+        if known == len(set(components)):
+            return "combination"
+        return "partial" if known else "unseen"
+
+    def _transferred(self, key: str, cell_type: str) -> np.ndarray:
+        """``gamma_ * (average shift of key where measured)``, plus the per-gene refinement."""
+        types = self._types_of[key]
+        shift = self.gamma_ * self._S[[self._row[key, t] for t in types]].mean(axis=0)
+        if self.transfer_ == "per_gene":
+            control = self._C[[self._type_row[t] for t in types]].mean(axis=0)
+            shift = shift + self.beta_.to_numpy(dtype=np.float64) * (self._C[self._type_row[cell_type]] - control)
+        return shift
+
+    def _shift_one(self, components: list[str], cell_type: str) -> np.ndarray:
+        key = canonical(components)
+        if cell_type not in self._perturbed_types:
+            if key in self._types_of:
+                return self._transferred(key, cell_type)
+            unknown = self.lambda_ * self.gamma_ * self._overall
+            return sum(
+                (self._transferred(c, cell_type) if c in self._types_of else unknown for c in components),
+                np.zeros(len(self.genes_)),
+            )
+        if (key, cell_type) in self._row:
+            return self._S[self._row[key, cell_type]]
+        fallback = self.lambda_ * self._mean[cell_type]
+        return sum(
+            (self._S[self._row[c, cell_type]] if (c, cell_type) in self._row else fallback for c in components),
+            np.zeros(len(self.genes_)),
+        )
+
+    def _shift(self, components, labels, cell_type):
+        return np.stack([self._shift_one(list(comps), cell_type) for comps in components])
+
+    def predict(self, perturbations, *, cell_type=None, n_cells=100, seed=0, adata=None) -> AnnData:
+        """Predict cells: real control cells shifted by the predicted mean shift (see :meth:`Baseline.predict`).
+
+        An Anchor restored by :meth:`from_state` needs the training AnnData (``from_state(state, adata)``)
+        to draw control cells.
+        """
+        self._check_fitted()
+        if getattr(self, "adata_", None) is None:
+            raise ValueError(
+                "This Anchor was restored without its training data; predict_shift works, but predict needs "
+                "Anchor.from_state(state, adata) with the training AnnData to draw and shift control cells."
+            )
+        return super().predict(perturbations, cell_type=cell_type, n_cells=n_cells, seed=seed, adata=adata)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        """The fitted numbers as plain data: numpy arrays, lists of str, floats, ints, bools and ``None``.
+
+        Returns
+        -------
+        dict
+            Everything :meth:`from_state` needs; no reference to the training AnnData.
+
+        Examples
+        --------
+        >>> import scdoloris as sd
+        >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+        >>> state = sd.baselines.Anchor().fit(adata).state()
+        >>> state["shifts"].shape, state["shift_perturbations"][:2], state["transfer"]
+        ((6, 20), ['G000', 'G001'], 'mean')
+        """
+        self._check_fitted()
+        n_cells = self.n_cells_
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "clip": bool(self.clip),
+            "default_gamma": float(self.default_gamma),
+            "perturbation_key": str(self.perturbation_key_),
+            "cell_type_key": None if self.cell_type_key_ is None else str(self.cell_type_key_),
+            "control_values": [str(c) for c in self.control_values_],
+            "layer": None if self.layer_ is None else str(self.layer_),
+            "genes": [str(g) for g in self.genes_],
+            "cell_types": [str(t) for t in self.cell_types_],
+            "control_means": self._C.copy(),
+            "shift_perturbations": [str(k) for k in self.shifts_.index.get_level_values("perturbation")],
+            "shift_cell_types": [str(t) for t in self.shifts_.index.get_level_values("cell_type")],
+            "shifts": self._S.copy(),
+            "n_cells_perturbations": [str(k) for k in n_cells.index.get_level_values("perturbation")],
+            "n_cells_cell_types": [str(t) for t in n_cells.index.get_level_values("cell_type")],
+            "n_cells": n_cells.to_numpy(dtype=np.int64).copy(),
+            "lambda": float(self.lambda_),
+            "n_lambda": int(self.n_lambda_),
+            "gamma": float(self.gamma_),
+            "n_gamma": int(self.n_gamma_),
+            "transfer": str(self.transfer_),
+            "beta": self.beta_.to_numpy(dtype=np.float64).copy(),
+            "ridge": None if self.ridge_ is None else float(self.ridge_),
+            "transfer_errors": [float(self.transfer_errors_["mean"]), float(self.transfer_errors_["per_gene"])],
+            "n_transfer": int(self.n_transfer_),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, adata: AnnData | None = None) -> Self:
+        """Rebuild a fitted Anchor from :meth:`state`, without refitting.
+
+        Parameters
+        ----------
+        state
+            The dict :meth:`state` returned (or a copy of its values, e.g. read back from a file).
+        adata
+            The training AnnData (or any with the same genes, in order, and control cells of every
+            cell type); needed only by :meth:`~Baseline.predict` with ``adata=None``, which draws
+            control cells from it. :meth:`~Baseline.predict_shift` and :meth:`kind` work without it.
+
+        Returns
+        -------
+        Anchor
+            A fitted Anchor whose :meth:`~Baseline.predict_shift` equals the original's.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not an Anchor state, or ``adata`` does not match it.
+        """
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError("state is not an Anchor state (see Anchor.state()).")
+        if int(state["version"]) > _STATE_VERSION:
+            raise ValueError(f"Anchor state version {state['version']} is newer than this scdoloris reads.")
+        self = cls(clip=bool(state["clip"]), default_gamma=float(state["default_gamma"]))
+        genes = pd.Index([str(g) for g in state["genes"]])
+        self.genes_ = genes
+        self.perturbation_key_ = str(state["perturbation_key"])
+        self.cell_type_key_ = state["cell_type_key"]
+        self.control_values_ = [str(c) for c in state["control_values"]]
+        self.layer_ = state["layer"]
+        self.cell_types_ = [str(t) for t in state["cell_types"]]
+        self.control_means_ = pd.DataFrame(
+            np.asarray(state["control_means"], dtype=np.float64), index=pd.Index(self.cell_types_), columns=genes
+        )
+        index = pd.MultiIndex.from_arrays(
+            [list(state["shift_perturbations"]), list(state["shift_cell_types"])], names=["perturbation", "cell_type"]
+        )
+        self.shifts_ = pd.DataFrame(np.asarray(state["shifts"], dtype=np.float64), index=index, columns=genes)
+        n_index = pd.MultiIndex.from_arrays(
+            [list(state["n_cells_perturbations"]), list(state["n_cells_cell_types"])],
+            names=["perturbation", "cell_type"],
+        )
+        self.n_cells_ = pd.Series(np.asarray(state["n_cells"], dtype=np.int64), index=n_index)
+        self._index_shifts()
+        self.lambda_, self.n_lambda_ = float(state["lambda"]), int(state["n_lambda"])
+        self.gamma_, self.n_gamma_ = float(state["gamma"]), int(state["n_gamma"])
+        self.transfer_ = str(state["transfer"])
+        self.beta_ = pd.Series(np.asarray(state["beta"], dtype=np.float64), index=genes, name="beta")
+        self.ridge_ = None if state["ridge"] is None else float(state["ridge"])
+        errors = [float(v) for v in state["transfer_errors"]]
+        self.transfer_errors_ = {"mean": errors[0], "per_gene": errors[1]}
+        self.n_transfer_ = int(state["n_transfer"])
+        self.adata_ = None
+        if adata is not None:
+            self._attach(adata)
+        return self
+
+    def _attach(self, adata: AnnData) -> None:
+        """Keep ``adata``'s control cells, per cell type, to draw from in :meth:`predict`."""
+        if not isinstance(adata, AnnData):
+            raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}.")
+        if not adata.var_names.equals(self.genes_):
+            raise ValueError("adata's genes (var_names) differ from the genes this Anchor was fitted on.")
+        for key in [self.perturbation_key_, self.cell_type_key_]:
+            if key is not None and key not in adata.obs:
+                raise ValueError(f"adata.obs has no column {key!r}, which this Anchor was fitted with.")
+        if self.layer_ is not None and self.layer_ not in adata.layers:
+            raise ValueError(f"adata has no layer {self.layer_!r}, which this Anchor was fitted on.")
+        is_control = np.isin(adata.obs[self.perturbation_key_].astype(str).to_numpy(), self.control_values_)
+        if self.cell_type_key_ is None:
+            types = np.full(adata.n_obs, self.cell_types_[0], dtype=object)
+        else:
+            types = adata.obs[self.cell_type_key_].astype(str).to_numpy()
+        rows = {t: np.flatnonzero(is_control & (types == t)) for t in self.cell_types_}
+        without = [t for t, r in rows.items() if not len(r)]
+        if without:
+            raise ValueError(f"adata has no control cells of cell type(s) {without}.")
+        self.adata_ = adata
+        self.control_rows_ = rows

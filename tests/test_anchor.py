@@ -1,0 +1,310 @@
+"""Tests of sd.baselines.Anchor: the best measured shift per condition, with calibrated fallbacks.
+
+Hand-made data sets have exact pseudobulk means (each condition is two cells, mean +- the same
+deviation), so the calibrated factors have known values; the synthetic generator checks the
+behaviour on noisy single-cell data.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+
+import scdoloris as sd
+from scdoloris.baselines import Additive, Anchor, MeanShift, NoChange
+
+
+def _subset(adata, keep):
+    out = adata[np.asarray(keep)].copy()
+    for column in out.obs.columns:
+        if isinstance(out.obs[column].dtype, pd.CategoricalDtype):
+            out.obs[column] = out.obs[column].cat.remove_unused_categories()
+    return out
+
+
+def exact_adata(controls, shifts, seed=0):
+    """AnnData whose pseudobulk means are exactly ``controls[t]`` and ``controls[t] + shifts[key, t]``.
+
+    ``controls``: cell type -> control mean; ``shifts``: (label, cell type) -> shift.
+    """
+    rng = np.random.default_rng(seed)
+    n_genes = len(next(iter(controls.values())))
+    rows, labels, types = [], [], []
+    conditions = [("control", t, c) for t, c in controls.items()]
+    conditions += [(label, t, controls[t] + s) for (label, t), s in shifts.items()]
+    for label, t, mean in conditions:
+        deviation = rng.normal(0.0, 0.1, n_genes)
+        rows += [mean + deviation, mean - deviation]
+        labels += [label, label]
+        types += [t, t]
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": types}, index=[f"c{i}" for i in range(len(rows))])
+    return AnnData(
+        np.asarray(rows, dtype=np.float64), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
+    )
+
+
+def real_shifts(adata, labels, cell_type=None):
+    lab = adata.obs["perturbation"].astype(str).to_numpy()
+    keep = np.ones(adata.n_obs, bool)
+    if cell_type is not None:
+        keep = adata.obs["cell_type"].astype(str).to_numpy() == cell_type
+    X = np.asarray(adata.X, dtype=np.float64)
+    control = X[keep & (lab == "control")].mean(axis=0)
+    return np.stack([X[keep & (lab == p)].mean(axis=0) - control for p in labels])
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return sd.datasets.synthetic_perturbations(n_genes=40, n_perturbed_genes=8, n_doubles=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def singles_fit(synthetic):
+    """Anchor and Additive trained on controls and singles, minus two held-out singles."""
+    held = ["G002", "G005"]
+    keep = (synthetic.obs["condition_type"] != "double") & ~synthetic.obs["perturbation"].isin(held)
+    train = _subset(synthetic, keep)
+    return train, held, Anchor().fit(train), Additive().fit(train), MeanShift().fit(train)
+
+
+# ---------------------------------------------------------------------- the measured answers
+def test_seen_conditions_get_their_measured_shift(singles_fit):
+    train, _, anchor, _, _ = singles_fit
+    labels = ["G000", "G001", "U000", "U001"]
+    assert [anchor.kind(p) for p in labels] == ["seen"] * 4
+    np.testing.assert_allclose(anchor.predict_shift(labels).to_numpy(), real_shifts(train, labels), atol=1e-5)
+
+
+def test_doubles_of_trained_singles_equal_additive(synthetic, singles_fit):
+    _, held, anchor, additive, _ = singles_fit
+    doubles = [p for p in synthetic.obs["perturbation"].cat.categories if "+" in p]
+    doubles = [d for d in doubles if not set(d.split("+")) & set(held)]
+    doubles += ["G000+G001", "G007+G003+U000", "G001+G000"]
+    assert {anchor.kind(d) for d in doubles} == {"combination"}
+    np.testing.assert_allclose(anchor.predict_shift(doubles).to_numpy(), additive.predict_shift(doubles).to_numpy())
+
+
+def test_unseen_singles_are_shrunk_mean_shift_and_partials_add_it(singles_fit):
+    _, held, anchor, additive, mean_shift = singles_fit
+    assert anchor.n_lambda_ == 8  # 8 measured + 2 unmeasured genes perturbed, 2 held out
+    assert 0.0 <= anchor.lambda_ <= 1.0
+    assert [anchor.kind(p) for p in held] == ["unseen", "unseen"]
+    expected = anchor.lambda_ * mean_shift.predict_shift(held).to_numpy()
+    np.testing.assert_allclose(anchor.predict_shift(held).to_numpy(), expected)
+    # A double with one trained and one unseen single: the trained shift plus the shrunk mean.
+    assert anchor.kind("G000+G002") == "partial"
+    expected = additive.predict_shift("G000").to_numpy() + anchor.lambda_ * mean_shift.predict_shift("G002").to_numpy()
+    np.testing.assert_allclose(anchor.predict_shift("G000+G002").to_numpy(), expected)
+    assert anchor.kind("G002+G005") == "unseen"
+    twice = 2 * anchor.lambda_ * mean_shift.mean_shift_.loc["0"].to_numpy()
+    np.testing.assert_allclose(anchor.predict_shift("G002+G005").to_numpy()[0], twice)
+
+
+def test_lambda_formula_by_hand(singles_fit):
+    """lambda = clip(sum_i <s_i, m_-i> / sum_i ||m_-i||^2, 0, 1) over training singles, as documented."""
+    _, _, anchor, _, _ = singles_fit
+    S = anchor.shifts_.to_numpy()
+    loo = (S.sum(axis=0) - S) / (len(S) - 1)  # training has singles only
+    assert anchor.lambda_ == pytest.approx(np.clip(np.sum(S * loo) / np.sum(loo**2), 0, 1))
+
+
+# ---------------------------------------------------------------------- lambda's known values
+def test_lambda_is_zero_for_unrelated_zero_mean_shifts():
+    rng = np.random.default_rng(1)
+    S = rng.normal(size=(12, 50))
+    S -= S.mean(axis=0)  # zero mean: the mean of the others is -s_i / 11, anti-correlated with s_i
+    adata = exact_adata({"T": np.full(50, 3.0)}, {(f"P{i}", "T"): s for i, s in enumerate(S)})
+    anchor = Anchor().fit(adata, cell_type_key="cell_type")
+    assert anchor.lambda_ == 0.0 and anchor.n_lambda_ == 12
+    np.testing.assert_allclose(anchor.predict_shift("NEW").to_numpy(), 0.0)  # no change
+
+
+def test_lambda_is_one_for_a_shared_shift():
+    rng = np.random.default_rng(2)
+    common = rng.normal(size=50)
+    shifts = {(f"P{i}", "T"): common + rng.normal(0.0, 0.05, 50) for i in range(12)}
+    anchor = Anchor().fit(exact_adata({"T": np.full(50, 3.0)}, shifts), cell_type_key="cell_type")
+    assert anchor.lambda_ > 0.99
+    np.testing.assert_allclose(anchor.predict_shift("NEW").to_numpy()[0], common, atol=0.05)
+
+
+def test_lambda_defaults_to_one_without_singles():
+    shifts = {("A+B", "T"): np.ones(5), ("C+D", "T"): -np.ones(5)}
+    anchor = Anchor().fit(exact_adata({"T": np.full(5, 3.0)}, shifts))
+    assert anchor.lambda_ == 1.0 and anchor.n_lambda_ == 0
+
+
+# ---------------------------------------------------------------------- gamma and the transfer
+def _cell_type_data(shift_of, n_keys=10, n_types=3, n_genes=200, seed=0):
+    """Keys measured in ``n_types`` cell types plus cell type ``"new"`` with controls only."""
+    rng = np.random.default_rng(seed)
+    controls = {f"T{j}": rng.uniform(2.0, 6.0, n_genes) for j in range(n_types)}
+    controls["new"] = rng.uniform(2.0, 6.0, n_genes)
+    shifts = {(f"P{i}", f"T{j}"): shift_of(i, j, controls) for i in range(n_keys) for j in range(n_types)}
+    return exact_adata(controls, shifts, seed), controls
+
+
+def test_gamma_is_one_for_shifts_shared_across_cell_types():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(10, 200))
+    adata, _ = _cell_type_data(lambda i, j, c: base[i])
+    anchor = Anchor().fit(adata, cell_type_key="cell_type")
+    assert anchor.gamma_ == pytest.approx(1.0) and anchor.n_gamma_ == 30
+    assert anchor.transfer_ == "mean"  # nothing left for the per-gene refinement to explain
+    assert np.all(anchor.beta_ == 0.0) and anchor.ridge_ is None
+    assert anchor.kind("P3", "new") == "new_cell_type" and anchor.kind("P3", "T0") == "seen"
+    pred = anchor.predict_shift(["P3", "P1+P2", "NEW"], cell_type="new").to_numpy()
+    np.testing.assert_allclose(pred[0], base[3], atol=1e-10)
+    np.testing.assert_allclose(pred[1], base[1] + base[2], atol=1e-10)  # components transferred, additively
+    overall = anchor.overall_shift_.to_numpy()
+    np.testing.assert_allclose(pred[2], anchor.lambda_ * anchor.gamma_ * overall, atol=1e-10)
+
+
+def test_gamma_is_zero_for_cell_type_specific_shifts():
+    rng = np.random.default_rng(4)
+    specific = rng.normal(size=(10, 3, 200))
+    adata, _ = _cell_type_data(lambda i, j, c: specific[i, j])
+    anchor = Anchor().fit(adata, cell_type_key="cell_type")
+    assert anchor.gamma_ < 0.05 and anchor.n_gamma_ == 30
+    assert anchor.transfer_ == "mean"  # control levels say nothing about independent responses
+    assert np.abs(anchor.predict_shift("P3", cell_type="new").to_numpy()).max() < 0.2  # ~ no change
+
+
+def test_gamma_defaults_with_one_perturbed_cell_type():
+    controls = {"A": np.full(5, 3.0), "B": np.full(5, 4.0)}
+    adata = exact_adata(controls, {("P", "A"): np.arange(5.0), ("Q", "A"): -np.ones(5)})
+    for default in [1.0, 0.0]:
+        anchor = Anchor(default_gamma=default).fit(adata, cell_type_key="cell_type")
+        assert anchor.gamma_ == default and anchor.n_gamma_ == 0 and anchor.transfer_ == "mean"
+        np.testing.assert_allclose(anchor.predict_shift("P", cell_type="B").to_numpy()[0], default * np.arange(5.0))
+
+
+def test_per_gene_transfer_recovers_a_planted_beta():
+    rng = np.random.default_rng(5)
+    n_genes, n_types = 100, 6
+    base = rng.normal(0.0, 1.0, size=(8, n_genes))
+    beta = rng.normal(0.0, 0.5, n_genes)
+
+    def shift_of(i, j, controls):
+        mean_control = np.mean([controls[f"T{k}"] for k in range(n_types)], axis=0)
+        return base[i] + beta * (controls[f"T{j}"] - mean_control)
+
+    adata, controls = _cell_type_data(shift_of, n_keys=8, n_types=n_types, n_genes=n_genes, seed=5)
+    anchor = Anchor().fit(adata, cell_type_key="cell_type")
+    assert anchor.transfer_ == "per_gene" and anchor.ridge_ > 0
+    assert anchor.transfer_errors_["per_gene"] < 0.1 * anchor.transfer_errors_["mean"]
+    assert anchor.n_transfer_ == 8 * n_types
+    assert np.corrcoef(anchor.beta_.to_numpy(), beta)[0, 1] > 0.99
+    np.testing.assert_allclose(anchor.beta_.to_numpy(), beta, atol=0.1)
+    # The new cell type: its own controls say how each gene's response differs there.
+    mean_control = np.mean([controls[f"T{k}"] for k in range(n_types)], axis=0)
+    truth = base[2] + beta * (controls["new"] - mean_control)
+    pred = anchor.predict_shift("P2", cell_type="new").to_numpy()[0]
+    plain = anchor.gamma_ * base[2]
+    assert np.sum((pred - truth) ** 2) < 0.2 * np.sum((plain - truth) ** 2)
+
+
+# ---------------------------------------------------------------------- kinds, state, validation
+def test_kind_answers_each_case():
+    controls = {"A": np.full(4, 3.0), "B": np.full(4, 3.0)}
+    shifts = {("X", "A"): np.ones(4), ("Y", "A"): -np.ones(4), ("X+Y", "A"): np.zeros(4)}
+    anchor = Anchor().fit(exact_adata(controls, shifts), cell_type_key="cell_type")
+    cases = {"X": "seen", "Y+X": "seen", "X+Y+control": "seen", "X+Z": "partial", "Z": "unseen", "Z+W": "unseen"}
+    assert {p: anchor.kind(p, "A") for p in cases} == cases
+    assert {anchor.kind(p, "B") for p in cases} == {"new_cell_type"}
+    single = Anchor().fit(exact_adata({"A": np.full(4, 3.0)}, {("X", "A"): np.ones(4), ("Y", "A"): -np.ones(4)}))
+    assert single.kind("X+Y") == "combination"
+    with pytest.raises(ValueError, match="Name the cell type"):
+        anchor.kind("X")
+    with pytest.raises(ValueError, match="not seen in training"):
+        anchor.kind("X", "C")
+    with pytest.raises(ValueError, match="control labels"):
+        anchor.kind("control", "A")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(isinstance(v, str | float | int) for v in value)
+    return value is None or isinstance(value, str | bool | int | float | np.ndarray)
+
+
+def test_state_round_trip_gives_identical_predictions():
+    rng = np.random.default_rng(6)
+    base, beta = rng.normal(size=(6, 30)), rng.normal(0.0, 0.5, 30)
+
+    def shift_of(i, j, controls):
+        return base[i] + beta * (controls[f"T{j}"] - np.mean([controls[f"T{k}"] for k in range(4)], axis=0))
+
+    adata, _ = _cell_type_data(shift_of, n_keys=6, n_types=4, n_genes=30, seed=6)
+    adata = _subset(adata, ~((adata.obs["perturbation"] == "P5") & (adata.obs["cell_type"] == "T0")).to_numpy())
+    anchor = Anchor().fit(adata, cell_type_key="cell_type")
+    assert anchor.transfer_ == "per_gene"
+    state = anchor.state()
+    assert _plain(state)
+    labels = ["P0", "P1+P2", "P5", "P0+NEW", "NEW"]
+    kinds = {anchor.kind(p, t) for p in labels for t in anchor.cell_types_}
+    assert kinds == {"seen", "combination", "partial", "unseen", "new_cell_type"}
+
+    restored = Anchor.from_state(state)
+    pd.testing.assert_frame_equal(restored.predict_shift(labels), anchor.predict_shift(labels), check_exact=True)
+    assert [restored.kind(p, "T0") for p in labels] == [anchor.kind(p, "T0") for p in labels]
+    assert (restored.lambda_, restored.gamma_, restored.transfer_) == (anchor.lambda_, anchor.gamma_, "per_gene")
+    with pytest.raises(ValueError, match="restored without its training data"):
+        restored.predict("P0")
+    # With the training data, cells too: the same control draw, the same shift.
+    attached = Anchor.from_state({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in state.items()}, adata)
+    a, b = anchor.predict(labels, n_cells=7, seed=3), attached.predict(labels, n_cells=7, seed=3)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert a.obs.equals(b.obs)
+    with pytest.raises(ValueError, match="not an Anchor state"):
+        Anchor.from_state({"format": "something else"})
+
+
+def test_fit_needs_perturbed_conditions():
+    controls_only = exact_adata({"T": np.full(3, 1.0)}, {})
+    with pytest.raises(ValueError, match="at least one perturbed"):
+        Anchor().fit(controls_only)
+    with pytest.raises(ValueError, match="default_gamma"):
+        Anchor(default_gamma=2.0)
+    assert repr(Anchor()) == "Anchor(clip=True, default_gamma=1.0) [not fitted]"
+
+
+# ---------------------------------------------------------------------- honest held-out comparison
+def test_unseen_singles_error_is_no_worse_than_mean_shift_or_no_change():
+    """Held-out singles of synthetic data: mean squared shift error over all held-out conditions of
+    six random splits (the same splits and truths for every baseline)."""
+    errors = {"Anchor": [], "MeanShift": [], "NoChange": []}
+    for seed in range(6):
+        adata = sd.datasets.synthetic_perturbations(n_genes=60, n_perturbed_genes=24, n_doubles=0, seed=seed)
+        singles = [p for p in adata.obs["perturbation"].cat.categories if p != "control"]
+        held = list(np.random.default_rng(seed).choice(singles, size=len(singles) // 3, replace=False))
+        train = _subset(adata, ~adata.obs["perturbation"].isin(held))
+        truth = real_shifts(adata, held)
+        for model in [Anchor, MeanShift, NoChange]:
+            pred = model().fit(train).predict_shift(held).to_numpy()
+            errors[model.__name__] += list(((pred - truth) ** 2).sum(axis=1))
+    mean = {name: float(np.mean(e)) for name, e in errors.items()}
+    assert mean["Anchor"] <= mean["MeanShift"] and mean["Anchor"] <= mean["NoChange"], mean
+
+
+def test_new_cell_type_error_is_no_worse_than_mean_shift_or_no_change():
+    """Synthetic responses are shared by cell types: transferring them to a cell type seen only as
+    controls beats both simple answers (gamma is calibrated on the two perturbed cell types)."""
+    for seed in range(2):
+        adata = sd.datasets.synthetic_perturbations(n_cell_types=3, n_doubles=2, seed=seed)
+        is_new = (adata.obs["cell_type"] == "ct2") & (adata.obs["perturbation"] != "control")
+        train = _subset(adata, ~is_new.to_numpy())
+        labels = [p for p in adata.obs["perturbation"].cat.categories if p != "control"]
+        truth = real_shifts(adata, labels, "ct2")
+        errors = {}
+        for model in [Anchor, MeanShift, NoChange]:
+            fitted = model().fit(train, cell_type_key="cell_type")
+            errors[model.__name__] = float(
+                ((fitted.predict_shift(labels, cell_type="ct2").to_numpy() - truth) ** 2).sum(axis=1).mean()
+            )
+        anchor = Anchor().fit(train, cell_type_key="cell_type")
+        assert {anchor.kind(p, "ct2") for p in labels} == {"new_cell_type"}
+        assert 0.0 < anchor.gamma_ < 1.0 and anchor.n_gamma_ == 2 * len(labels)
+        assert errors["Anchor"] < min(errors["MeanShift"], errors["NoChange"]), errors
