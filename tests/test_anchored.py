@@ -42,8 +42,11 @@ def test_zero_gates_give_control_plus_anchor(anchored, held_out_doubles):
     expected = baseline.predict(held_out_doubles[:2], n_cells=15, seed=3)
     assert list(pred.obs["control_cell"]) == list(expected.obs["control_cell"])
     np.testing.assert_allclose(pred.X, expected.X, atol=1e-5)
-    # The paper's generated cells stay beside them.
+    # The paper's generated cells stay beside them, and the result says what anchored each condition.
     assert pred.layers["doloris_generated"].shape == pred.shape
+    anchoring = pred.uns["doloris_anchoring"]
+    assert len(anchoring["kind"]) == 4 and set(anchoring["kind"]) == {"combination"}
+    assert anchoring["gate"] == [0.0] * 4
 
 
 def test_gates_move_the_shift_towards_the_generated_cells(anchored, held_out_doubles):

@@ -687,21 +687,23 @@ class Doloris(BaseModelClass):
         return cached[1]
 
     def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray):
-        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the shifts applied."""
+        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each."""
         anchor = self._anchor()
         gates = self.__dict__.get("calibration_", {}).get("gates", {})
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
         group_of = np.array([groups[t] for t in types])
-        anchors, weights = {}, {}
+        anchors, weights, used = {}, {}, []
         for e, (label, dose) in enumerate(zip(request.perturbations, request.doses, strict=True)):
             name = self._anchor_label(label, dose)
             shift = anchor.predict_shift([name], cell_type=list(groups))
             for t, g in groups.items():
+                kind = anchor.kind(name, t)
                 anchors[(e, g)] = shift.loc[(name, t)].to_numpy()
-                weights[(e, g)] = float(gates.get(anchor.kind(name, t), 0.0))
-        cells, shifts = anchored_cells(source_x, generated, group_of, anchors, weights)
-        return cells.astype(np.float32), shifts
+                weights[(e, g)] = float(gates.get(kind, 0.0))
+                used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
+        cells, _ = anchored_cells(source_x, generated, group_of, anchors, weights)
+        return cells.astype(np.float32), pd.DataFrame(used)
 
     def _calibrate(self, fold: list[str], held_out: np.ndarray, seed: int) -> dict:
         """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them."""
@@ -851,6 +853,11 @@ class Doloris(BaseModelClass):
         ``layers["doloris_continuous"]`` (bridge output before the mask), ``layers["doloris_mask"]``,
         ``obsm["doloris_latent"]``, ``obsm["doloris_activation_prob"]``; ``obs`` with the
         perturbation, cell type, dose, source control cell (``control_cell``) and ``is_predicted``.
+        With ``preset="anchored"`` (the default) ``X`` is each source cell moved by the anchored shift
+        (see the ``preset`` parameter of :class:`Doloris`), ``layers["doloris_generated"]`` holds the
+        paper's generated cells (``mask * continuous``, Eq. 17), and ``uns["doloris_anchoring"]`` says
+        for each perturbation and cell type which estimate anchored it (``kind``) and the share of the
+        model's own shift taken (``gate``).
         """
         self._check_if_trained(warn=True)
         if inplace and adata is None:
@@ -865,9 +872,10 @@ class Doloris(BaseModelClass):
 
         sampling = (mask_strategy, mask_thresholds, mask_reference_conditions)
         arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar)
-        if self.preset == "anchored":
+        anchored = self.preset == "anchored"
+        if anchored:
             arrays["generated"] = arrays["prediction"]
-            arrays["prediction"], shifts = self._anchored(request, sources, arrays["source"], arrays["generated"])
+            arrays["prediction"], used = self._anchored(request, sources, arrays["source"], arrays["generated"])
         if inplace:
             keys = _inplace_keys(key_added, self.preset == "anchored")
             write_inplace(adata, request.names, keys, arrays, {"latent": latents})
@@ -875,8 +883,13 @@ class Doloris(BaseModelClass):
         layers = {"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]}
         if "generated" in arrays:
             layers["doloris_generated"] = arrays["generated"]
+        uns = {}
+        if anchored:
+            # Which estimate anchored each condition, and the share of the model's own shift taken.
+            uns["doloris_anchoring"] = {column: used[column].tolist() for column in used.columns}
         predicted = PredictedCells(
             arrays["prediction"],
+            uns=uns,
             layers=layers,
             obsm={
                 "doloris_latent": np.tile(latents, (len(request.perturbations), 1)),
