@@ -778,6 +778,7 @@ class Doloris(BaseModelClass):
     def predict_perturbation(
         self,
         perturbations: str | Sequence[str],
+        *,
         cell_type: str | Sequence[str] | None = None,
         n_cells: int = 100,
         adata: AnnData | None = None,
