@@ -10,6 +10,8 @@ import os
 # core when this variable is absent, leaves it alone: tests compare in-process runs with subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import scvi  # noqa: E402
 import torch  # noqa: E402
@@ -24,6 +26,15 @@ scvi.settings.seed = 0
 
 SMALL = {"n_hidden": 64, "n_hidden_mask": 64, "n_perturbation": 32}
 TRAIN_KWARGS = {"enable_progress_bar": False}
+
+
+def subset_cells(adata, keep):
+    """A copy of the cells where ``keep``, categorical ``obs`` columns without their unused levels."""
+    out = adata[np.asarray(keep)].copy()
+    for column in out.obs.columns:
+        if isinstance(out.obs[column].dtype, pd.CategoricalDtype):
+            out.obs[column] = out.obs[column].cat.remove_unused_categories()
+    return out
 
 
 def training_subset(adata, exclude=()):

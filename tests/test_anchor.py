@@ -9,17 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
+from conftest import subset_cells as _subset
 
 import scdoloris as sd
 from scdoloris.baselines import Additive, Anchor, MeanShift, NoChange
-
-
-def _subset(adata, keep):
-    out = adata[np.asarray(keep)].copy()
-    for column in out.obs.columns:
-        if isinstance(out.obs[column].dtype, pd.CategoricalDtype):
-            out.obs[column] = out.obs[column].cat.remove_unused_categories()
-    return out
 
 
 def exact_adata(controls, shifts, seed=0):

@@ -106,3 +106,15 @@ def test_paper_preset_generates_every_cell(synthetic_two_types):
     assert "doloris_generated" not in pred.layers
     with pytest.raises(ValueError, match="preset must be one of"):
         sd.Doloris(train, preset="papers")
+
+
+def test_continued_training_keeps_the_gates(synthetic_two_types):
+    """A second train() cannot hold perturbations out that the model has learned: the first gates stay."""
+    train = training_subset(synthetic_two_types)
+    model = sd.Doloris(train, gene_graph=None, **SMALL)
+    model.train(max_steps=20, seed=0, **TRAIN_KWARGS)
+    first = model.calibration_
+    assert first["held_out"]
+    model.calibration_ = {**first, "gates": {"unseen": 0.5}}  # a marker a recalibration would replace
+    model.train(max_steps=20, seed=1, **TRAIN_KWARGS)
+    assert model.calibration_["gates"] == {"unseen": 0.5}

@@ -5,20 +5,13 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import subset_cells as _subset
 from scipy import sparse
 
 import scdoloris as sd
 from scdoloris.baselines import Additive, Linear, MeanShift, NoChange
 
 ALL = [NoChange, MeanShift, Additive, Linear]
-
-
-def _subset(adata, keep):
-    out = adata[np.asarray(keep)].copy()
-    for column in out.obs.columns:
-        if isinstance(out.obs[column].dtype, pd.CategoricalDtype):
-            out.obs[column] = out.obs[column].cat.remove_unused_categories()
-    return out
 
 
 def _dense(X):

@@ -147,3 +147,11 @@ def test_precomputed_molecule_table(drug_data, tmp_path):
     loaded = sd.Doloris.load(str(tmp_path / "m"), adata)
     again = loaded.predict_perturbation(["mocetinostat"], dose=100.0, n_cells=4, n_steps=3, seed=0)
     np.testing.assert_array_equal(pred.X, again.X)
+
+
+def test_anchored_dose_zero_is_the_source_cells(drug_model):
+    """At dose 0 a drug is no perturbation: the anchored prediction returns the source control cells."""
+    pred = drug_model.predict_perturbation(["busulfan"], dose=0.0, n_cells=5, n_steps=3, seed=0)
+    assert pred.uns["doloris_anchoring"]["kind"] == ["control"]
+    sources = drug_model.adata[pred.obs["control_cell"].to_numpy()].X
+    np.testing.assert_allclose(pred.X, np.asarray(sources), atol=1e-6)

@@ -17,7 +17,9 @@ from scdoloris.perturbation._molecules import (
 
 torch.set_num_threads(1)
 
-SCIPLEX3_DRUGS = Path("/work/shared/data/sciplex3/sciplex3_drugs_smiles_chemCPA.csv")
+# ../shared beside the repository root, found from this file.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCIPLEX3_DRUGS = SHARED_DATA / "sciplex3" / "sciplex3_drugs_smiles_chemCPA.csv"
 
 SMALL = {
     "ethanol": "OCC",

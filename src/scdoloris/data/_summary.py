@@ -15,8 +15,8 @@ from ..perturbation import (
     split_perturbation,
     thaw_prior,
 )
-from ._rows import is_in_memory as is_in_memory  # moved to ._rows; re-exported for existing importers
-from ._rows import read_rows  # also still imported from here by model/_doloris.py (to switch to ..data)
+from ._rows import is_in_memory as is_in_memory  # tests/test_scale.py reads it from this module
+from ._rows import read_rows
 
 N_NODE_FEATURES = 32
 # Pseudo-count of nonzero values with which per-condition moments lean on their cell type's.

@@ -38,6 +38,7 @@ from ..baselines import Anchor
 from ..data import (
     TrainingSummary,
     expression_matrix,
+    is_in_memory,
     prepare_mudata,
     read_rows,
     registered_modality,
@@ -606,8 +607,10 @@ class Doloris(BaseModelClass):
         result = runner()
         if self.preset == "anchored":
             self.anchor_ = self._fit_anchor(np.ones(self.adata.n_obs, dtype=bool)).state()
-            empty = {"gates": {}, "n_conditions": {}, "held_out": []}
-            self.calibration_ = empty if calibration is None or calibration.result is None else calibration.result
+            if calibration is not None and calibration.result is not None:
+                self.calibration_ = calibration.result
+            elif "calibration_" not in self.__dict__:
+                self.calibration_ = {"gates": {}, "n_conditions": {}, "held_out": []}
         return result
 
     # ------------------------------------------------------------------ anchoring (preset="anchored")
@@ -625,8 +628,13 @@ class Doloris(BaseModelClass):
 
         ``None`` for the paper preset, too few perturbations or steps, and distributed runs (whose
         processes would each predict the fold); their gates stay 0, the prediction control + anchor.
+        A model trained before keeps its gates.
         """
         if self.preset != "anchored" or total_steps < 10:
+            return None
+        if self.is_trained_:
+            # Continued training: the model has learned every perturbation, so a fold held out now would
+            # not be unseen; the first run's gates stay.
             return None
         if world_size > 1:
             logger.warning("preset='anchored': a distributed run is not calibrated; predictions use the anchor alone.")
@@ -647,9 +655,14 @@ class Doloris(BaseModelClass):
         if doses is None:
             return np.where(is_control, control, labels).astype(object)
         doses = doses[rows]
-        out = np.empty(len(rows), dtype=object)
-        for i, (label, dose) in enumerate(zip(labels, doses, strict=True)):
-            out[i] = control if is_control[i] or dose == 0 else self._anchor_label(label, float(dose))
+        perturbed = ~is_control & (doses != 0)
+        # One name per distinct (label, dose), not per cell.
+        pairs, inverse = np.unique(
+            np.stack([labels[perturbed].astype(str), doses[perturbed].astype(str)]), axis=1, return_inverse=True
+        )
+        names = np.array([self._anchor_label(label, float(dose)) for label, dose in pairs.T], dtype=object)
+        out = np.full(len(rows), control, dtype=object)
+        out[perturbed] = names[inverse.ravel()]
         return out
 
     def _anchor_label(self, label: str, dose) -> str:
@@ -658,6 +671,8 @@ class Doloris(BaseModelClass):
             return label
         components = split_perturbation(label, self.control_values)
         per_component = np.atleast_1d(np.asarray(dose, dtype=np.float64))
+        if not per_component.any():  # dose 0: unperturbed, as in training
+            return self.control_values[0]
         if len(per_component) == 1:
             per_component = np.repeat(per_component, len(components))
         return "+".join(dosed_label(c, dose_text(d)) for c, d in zip(components, per_component, strict=True))
@@ -670,9 +685,12 @@ class Doloris(BaseModelClass):
         obs = pd.DataFrame(
             {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)}
         )
-        data = AnnData(X=X if len(rows) == self.adata.n_obs else read_rows(X, rows, np.float32), obs=obs)
+        if len(rows) < self.adata.n_obs:
+            # In memory a sparse subset stays sparse; a backed matrix is read (densely) once.
+            X = X[rows] if is_in_memory(X) else read_rows(X, rows, np.float32)
+        data = AnnData(X=X, obs=obs)
         return Anchor().fit(
-            data, perturbation_key="perturbation", control_value=self.control_values[0], cell_type_key="cell_type"
+            data, perturbation_key="perturbation", control_value=self.control_values, cell_type_key="cell_type"
         )
 
     def _anchor(self) -> Anchor:
@@ -696,10 +714,11 @@ class Doloris(BaseModelClass):
         anchors, weights, used = {}, {}, []
         for e, (label, dose) in enumerate(zip(request.perturbations, request.doses, strict=True)):
             name = self._anchor_label(label, dose)
-            shift = anchor.predict_shift([name], cell_type=list(groups))
+            control = name in self.control_values  # at dose 0: no shift, the source cells themselves
+            shift = None if control else anchor.predict_shift([name], cell_type=list(groups))
             for t, g in groups.items():
-                kind = anchor.kind(name, t)
-                anchors[(e, g)] = shift.loc[(name, t)].to_numpy()
+                kind = "control" if control else anchor.kind(name, t)
+                anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
         cells, _ = anchored_cells(source_x, generated, group_of, anchors, weights)
@@ -717,7 +736,7 @@ class Doloris(BaseModelClass):
         rng = np.random.default_rng(seed)
         conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
         conditions["dose"] = 0.0 if doses is None else doses
-        held = conditions[held_out]
+        held = conditions[held_out & ~np.isin(names, self.control_values)]  # fold cells at dose 0 are controls
         for (name, cell_type), rows in held.groupby(["name", "type"], sort=True).groups.items():
             if len(rows) < CALIBRATION_MIN_CELLS:
                 continue
@@ -868,17 +887,17 @@ class Doloris(BaseModelClass):
         request = resolve_request(perturbations, self.control_values, dose=dose)
         inputs = self._perturbation_inputs(request, smiles)
         sources = self._sources(adata, cell_type, n_cells, rng)
+        anchored = self.preset == "anchored"
+        keys = _inplace_keys(key_added, anchored)
         if inplace:
-            check_keys_free(adata, request.names, _inplace_keys(key_added, self.preset == "anchored"), overwrite)
+            check_keys_free(adata, request.names, keys, overwrite)
 
         sampling = (mask_strategy, mask_thresholds, mask_reference_conditions)
         arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar)
-        anchored = self.preset == "anchored"
         if anchored:
             arrays["generated"] = arrays["prediction"]
             arrays["prediction"], used = self._anchored(request, sources, arrays["source"], arrays["generated"])
         if inplace:
-            keys = _inplace_keys(key_added, self.preset == "anchored")
             write_inplace(adata, request.names, keys, arrays, {"latent": latents})
             return None
         layers = {"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]}
