@@ -197,6 +197,33 @@ def test_per_gene_transfer_recovers_a_planted_beta():
     assert np.sum((pred - truth) ** 2) < 0.2 * np.sum((plain - truth) ** 2)
 
 
+def test_similar_cell_types_weigh_more_in_the_transfer():
+    """Two lineages with distinct control profiles respond in opposite ways: a new cell type whose
+    controls sit in lineage A gets A's response, not the (near zero) average of both lineages."""
+    rng = np.random.default_rng(7)
+    n_genes, n_keys = 60, 6
+    profile = {"A": rng.uniform(2.0, 6.0, n_genes), "B": rng.uniform(2.0, 6.0, n_genes)}
+    response = rng.normal(size=(n_keys, n_genes))
+    controls = {f"{g}{j}": profile[g] + rng.normal(0.0, 0.1, n_genes) for g in "AB" for j in range(3)}
+    controls["newA"] = profile["A"] + rng.normal(0.0, 0.1, n_genes)
+    sign = {"A": 1.0, "B": -1.0}
+    shifts = {(f"P{i}", t): sign[t[0]] * response[i] for i in range(n_keys) for t in controls if t != "newA"}
+    anchor = Anchor().fit(exact_adata(controls, shifts, 7), cell_type_key="cell_type")
+    assert anchor.bandwidth_ is not None and anchor.gamma_ > 0.95
+    assert anchor.bandwidth_errors_[anchor.bandwidth_] < 0.05 * anchor.bandwidth_errors_[None]
+    pred = anchor.predict_shift(["P2", "NEW"], cell_type="newA").to_numpy()
+    np.testing.assert_allclose(pred[0], response[2], atol=0.05)
+    # A component measured nowhere: the average shift of the lineage, not of all cell types.
+    lineage = np.mean(response, axis=0)
+    np.testing.assert_allclose(pred[1], anchor.lambda_ * anchor.gamma_ * lineage, atol=0.05)
+    restored = Anchor.from_state(anchor.state())
+    assert restored.bandwidth_ == anchor.bandwidth_
+    np.testing.assert_array_equal(restored.predict_shift(["P2", "NEW"], cell_type="newA").to_numpy(), pred)
+    # States written before the weighting existed (no "bandwidth") transfer plain averages.
+    old = {k: v for k, v in anchor.state().items() if k != "bandwidth"}
+    assert Anchor.from_state(old).bandwidth_ is None
+
+
 # ---------------------------------------------------------------------- kinds, state, validation
 def test_kind_answers_each_case():
     controls = {"A": np.full(4, 3.0), "B": np.full(4, 3.0)}

@@ -18,6 +18,9 @@ KINDS = ("seen", "combination", "partial", "unseen", "new_cell_type")
 _RIDGE_GRID = 10.0 ** np.arange(-4.0, 4.5, 0.5)
 # Relative drop of the leave-one-cell-type-out error the per-gene refinement must achieve to be kept.
 _MIN_GAIN = 0.01
+# Bandwidths of the cell-type similarity weighting, relative to the median squared distance between
+# the perturbed cell types' control means; the leave-one-cell-type-out error picks one (or none).
+_BANDWIDTH_GRID = 2.0 ** np.arange(-4.0, 4.5, 1.0)
 _STATE_FORMAT = "scdoloris.baselines.Anchor"
 _STATE_VERSION = 1
 
@@ -32,6 +35,30 @@ def _shrinkage(num: float, den: float, default: float) -> float:
 def _loo_means(x: np.ndarray) -> np.ndarray:
     """Row ``i``: the mean of the other rows of ``x`` (needs at least two rows)."""
     return (x.sum(axis=0, keepdims=True) - x) / (len(x) - 1)
+
+
+def _similarity_weights(target: np.ndarray, controls: np.ndarray, bandwidth: float | None) -> np.ndarray:
+    """Weights (summing to 1) of cell types with control means ``controls`` for a cell type with ``target``.
+
+    ``exp(-||target - control||^2 / bandwidth)``; equal weights when ``bandwidth`` is ``None``.
+    """
+    if bandwidth is None:
+        return np.full(len(controls), 1.0 / len(controls))
+    distances = np.sum((controls - target) ** 2, axis=1)
+    weights = np.exp(-(distances - distances.min()) / bandwidth)
+    return weights / weights.sum()
+
+
+def _kernel_loo(S: np.ndarray, C: np.ndarray, bandwidth: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``i``: the similarity-weighted mean of the other rows of ``S`` and of ``C`` (weights from ``C``)."""
+    if bandwidth is None:
+        return _loo_means(S), _loo_means(C)
+    P, Q = np.empty_like(S), np.empty_like(C)
+    for i in range(len(S)):
+        rest = np.arange(len(S)) != i
+        w = _similarity_weights(C[i], C[rest], bandwidth)
+        P[i], Q[i] = w @ S[rest], w @ C[rest]
+    return P, Q
 
 
 class Anchor(Baseline):
@@ -49,11 +76,14 @@ class Anchor(Baseline):
        component, where ``m_t`` is :class:`MeanShift`'s average shift in ``t``.
     4. ``"new_cell_type"``: ``t`` has controls but no perturbed training cells. ``p`` (or else each
        component, additively) is transferred from the cell types where it was measured:
-       ``gamma_ * (average of its shifts there)``; a part never measured anywhere gets
-       ``lambda_ * gamma_ * (average shift of all training conditions)``. When it lowered the
-       leave-one-cell-type-out error at fit time (:attr:`transfer_` is ``"per_gene"``), each
-       transferred part also gets ``beta_ * (ctrl_t - average control of the cell types it was
-       measured in)``: genes whose response follows their baseline expression across cell types.
+       ``gamma_ * (weighted average of its shifts there)``, each cell type ``t'`` weighted by
+       ``exp(-||ctrl_t - ctrl_t'||^2 / bandwidth_)`` (control means: cell types that look alike
+       respond alike; equal weights when :attr:`bandwidth_` is ``None``); a part never measured
+       anywhere gets ``lambda_ * gamma_ * (the same weighted average of the cell types' mean
+       shifts)``. When it lowered the leave-one-cell-type-out error at fit time (:attr:`transfer_`
+       is ``"per_gene"``), each transferred part also gets ``beta_ * (ctrl_t - weighted average
+       control of the cell types it was measured in)``: genes whose response follows their
+       baseline expression across cell types.
 
     Calibration, done by :meth:`~Baseline.fit`:
 
@@ -63,14 +93,17 @@ class Anchor(Baseline):
       It is near 0 when perturbations move cells in unrelated directions (the average shift is then
       noise: no change is the better answer) and near 1 when they share a common response. Without
       any single to hold out it is 1 (:class:`MeanShift`'s answer).
-    - ``gamma_``: every training condition ``(key, t')`` measured in at least two cell types is
-      predicted by the average of its shifts in the other cell types ``a_{-t'}``;
-      ``gamma_ = clip(sum <s_{key,t'}, a_{-t'}> / sum ||a_{-t'}||^2, 0, 1)``. Near 1 when responses
-      are shared across cell types, near 0 when they are cell-type specific. Without any such
-      condition the data cannot tell, and ``default_gamma`` is used.
+    - ``bandwidth_`` and ``gamma_``: every training condition ``(key, t')`` measured in at least
+      two cell types is predicted by the weighted average of its shifts in the other cell types
+      ``a_{-t'}``; ``gamma_ = clip(sum <s_{key,t'}, a_{-t'}> / sum ||a_{-t'}||^2, 0, 1)``, near 1
+      when responses are shared across cell types, near 0 when they are cell-type specific. The
+      bandwidth (a grid relative to the median squared distance between control means, or equal
+      weights) with the least error after its own ``gamma`` is kept when it lowers the error of
+      equal weights by more than 1%. Without any such condition the data cannot tell, and
+      ``default_gamma`` is used.
     - The per-gene refinement ``beta_g`` is a ridge regression (towards 0), pooled over the same
       ``(key, t')`` conditions, of the residual ``s_{key,t'} - gamma_ * a_{-t'}`` on the control
-      difference ``ctrl_{t'} - (average control of the other cell types)``, gene by gene. Its ridge
+      difference ``ctrl_{t'} - (weighted average control of the other cell types)``, gene by gene. Its ridge
       strength is chosen, and the refinement kept at all, by leave-one-cell-type-out: every
       perturbed cell type is held out in turn, ``beta`` is fitted on the others (each of their keys
       needs two further cell types) and its error on the held-out cell type's shifts compared with
@@ -98,6 +131,10 @@ class Anchor(Baseline):
         Shrinkage of a response transferred from other cell types.
     n_gamma_
         Number of held-out training conditions (key, cell type) ``gamma_`` was calibrated on.
+    bandwidth_
+        Bandwidth of the cell-type similarity weights of a transfer (``None``: equal weights).
+    bandwidth_errors_
+        Leave-one-cell-type-out squared error of each bandwidth tried (``None``: equal weights).
     transfer_
         ``"per_gene"`` when the per-gene refinement of the transfer was kept, else ``"mean"``.
     beta_
@@ -205,28 +242,20 @@ class Anchor(Baseline):
 
     def _calibrate_transfer(self) -> None:
         n_genes = self._S.shape[1]
-        num = den = 0.0
-        n = 0
-        for _, _, S, _ in self._key_blocks():
-            loo = _loo_means(S)
-            num += float(np.sum(S * loo))
-            den += float(np.sum(loo**2))
-            n += len(S)
-        self.gamma_ = _shrinkage(num, den, self.default_gamma) if n else self.default_gamma
-        self.n_gamma_ = n
-        gamma = self.gamma_
+        self._choose_bandwidth()
+        gamma, bandwidth = self.gamma_, self.bandwidth_
 
         # Leave one cell type out: per held-out cell type T, the outer error terms of its conditions
-        # (e: residual of the mean transfer, d: control difference) and the inner ridge sums (A, B)
-        # of beta fitted on the other cell types only.
+        # (e: residual of the transfer, d: control difference) and the inner ridge sums (A, B) of beta
+        # fitted on the other cell types only.
         outer: dict[str, list[np.ndarray]] = {}
         inner: dict[str, list[np.ndarray]] = {}
         A_all, B_all = np.zeros(n_genes), np.zeros(n_genes)
         size = 0.0  # total squared shift of the held-out conditions: the scale of a meaningful improvement
         for _, types, S, C in self._key_blocks():
             size += float(np.sum(S**2))
-            r = S - gamma * _loo_means(S)
-            d = C - _loo_means(C)
+            P, Q = _kernel_loo(S, C, bandwidth)
+            r, d = S - gamma * P, C - Q
             A_all += np.sum(r * d, axis=0)
             B_all += np.sum(d**2, axis=0)
             for j, T in enumerate(types):
@@ -237,8 +266,8 @@ class Anchor(Baseline):
                 dd += d[j] ** 2
                 rest = [i for i in range(len(types)) if i != j]
                 if len(rest) >= 2:
-                    ri = S[rest] - gamma * _loo_means(S[rest])
-                    di = C[rest] - _loo_means(C[rest])
+                    Pi, Qi = _kernel_loo(S[rest], C[rest], bandwidth)
+                    ri, di = S[rest] - gamma * Pi, C[rest] - Qi
                     a, b = inner.setdefault(T, [np.zeros(n_genes), np.zeros(n_genes)])
                     a += np.sum(ri * di, axis=0)
                     b += np.sum(di**2, axis=0)
@@ -246,7 +275,6 @@ class Anchor(Baseline):
         self.beta_ = pd.Series(np.zeros(n_genes), index=self.genes_, name="beta")
         self.ridge_ = None
         self.transfer_ = "mean"
-        self.n_transfer_ = n
         base = float(sum(v[0][0] for v in outer.values())) if outer else np.nan
         best_error, best_ridge = np.nan, None
         scale = float(B_all.mean())
@@ -268,6 +296,41 @@ class Anchor(Baseline):
             self.transfer_ = "per_gene"
             self.ridge_ = best_ridge
             self.beta_[:] = A_all / (B_all + best_ridge)
+
+    def _choose_bandwidth(self) -> None:
+        """``bandwidth_`` and ``gamma_``: the leave-one-cell-type-out best weighting of the cell types.
+
+        Every training condition measured in at least two cell types is predicted from its other cell
+        types, weighted by ``exp(-||ctrl_t - ctrl_t'||^2 / h)``, and shrunk by the least-squares
+        ``gamma`` of that ``h``. ``h = inf`` (the plain average) is kept unless a finite ``h`` lowers
+        the summed squared error by more than ``_MIN_GAIN``.
+        """
+        blocks = list(self._key_blocks())
+        self.n_gamma_ = self.n_transfer_ = sum(len(S) for _, _, S, _ in blocks)
+        grid: list[float | None] = [None]
+        if any(len(S) >= 3 for _, _, S, _ in blocks):  # with two cell types the weights cannot matter
+            C = self._C[[self._type_row[t] for t in sorted(self._perturbed_types)]]
+            distances = np.sum((C[:, None, :] - C[None, :, :]) ** 2, axis=-1)
+            positive = distances[distances > 0]
+            if len(positive):
+                grid += [float(h) for h in np.median(positive) * _BANDWIDTH_GRID]
+        errors = {}
+        for h in grid:
+            num = den = error = 0.0
+            predictions = [(S, _kernel_loo(S, C, h)[0]) for _, _, S, C in blocks]
+            for S, P in predictions:
+                num += float(np.sum(S * P))
+                den += float(np.sum(P**2))
+            gamma = _shrinkage(num, den, self.default_gamma) if blocks else self.default_gamma
+            for S, P in predictions:
+                error += float(np.sum((S - gamma * P) ** 2))
+            errors[h] = (error, gamma)
+        best = min(grid, key=lambda h: errors[h][0])
+        if best is not None and not errors[best][0] < (1.0 - _MIN_GAIN) * errors[None][0]:
+            best = None
+        self.bandwidth_ = best
+        self.gamma_ = errors[best][1]
+        self.bandwidth_errors_ = {h: e for h, (e, _) in errors.items()}
 
     # ------------------------------------------------------------------ prediction
     def kind(self, perturbation: str, cell_type: str | None = None) -> str:
@@ -316,10 +379,12 @@ class Anchor(Baseline):
     def _transferred(self, key: str, cell_type: str) -> np.ndarray:
         """``gamma_ * (average shift of key where measured)``, plus the per-gene refinement."""
         types = self._types_of[key]
-        shift = self.gamma_ * self._S[[self._row[key, t] for t in types]].mean(axis=0)
+        target = self._C[self._type_row[cell_type]]
+        controls = self._C[[self._type_row[t] for t in types]]
+        weights = _similarity_weights(target, controls, self.bandwidth_)
+        shift = self.gamma_ * (weights @ self._S[[self._row[key, t] for t in types]])
         if self.transfer_ == "per_gene":
-            control = self._C[[self._type_row[t] for t in types]].mean(axis=0)
-            shift = shift + self.beta_.to_numpy(dtype=np.float64) * (self._C[self._type_row[cell_type]] - control)
+            shift = shift + self.beta_.to_numpy(dtype=np.float64) * (target - weights @ controls)
         return shift
 
     def _shift_one(self, components: list[str], cell_type: str) -> np.ndarray:
@@ -327,7 +392,7 @@ class Anchor(Baseline):
         if cell_type not in self._perturbed_types:
             if key in self._types_of:
                 return self._transferred(key, cell_type)
-            unknown = self.lambda_ * self.gamma_ * self._overall
+            unknown = self.lambda_ * self.gamma_ * self._average_shift_near(cell_type)
             return sum(
                 (self._transferred(c, cell_type) if c in self._types_of else unknown for c in components),
                 np.zeros(len(self.genes_)),
@@ -339,6 +404,15 @@ class Anchor(Baseline):
             (self._S[self._row[c, cell_type]] if (c, cell_type) in self._row else fallback for c in components),
             np.zeros(len(self.genes_)),
         )
+
+    def _average_shift_near(self, cell_type: str) -> np.ndarray:
+        """The average training shift, over the perturbed cell types weighted by similarity to ``cell_type``."""
+        if self.bandwidth_ is None:
+            return self._overall
+        types = sorted(self._perturbed_types)
+        controls = self._C[[self._type_row[t] for t in types]]
+        weights = _similarity_weights(self._C[self._type_row[cell_type]], controls, self.bandwidth_)
+        return weights @ np.stack([self._mean[t] for t in types])
 
     def _shift(self, components, labels, cell_type):
         return np.stack([self._shift_one(list(comps), cell_type) for comps in components])
@@ -403,6 +477,7 @@ class Anchor(Baseline):
             "ridge": None if self.ridge_ is None else float(self.ridge_),
             "transfer_errors": [float(self.transfer_errors_["mean"]), float(self.transfer_errors_["per_gene"])],
             "n_transfer": int(self.n_transfer_),
+            "bandwidth": None if self.bandwidth_ is None else float(self.bandwidth_),
         }
 
     @classmethod
@@ -461,6 +536,10 @@ class Anchor(Baseline):
         errors = [float(v) for v in state["transfer_errors"]]
         self.transfer_errors_ = {"mean": errors[0], "per_gene": errors[1]}
         self.n_transfer_ = int(state["n_transfer"])
+        # States written before the similarity weighting existed transferred plain averages.
+        bandwidth = state.get("bandwidth")
+        self.bandwidth_ = None if bandwidth is None else float(bandwidth)
+        self.bandwidth_errors_ = {}
         self.adata_ = None
         if adata is not None:
             self._attach(adata)
