@@ -104,6 +104,11 @@ def test_drug_errors(drug_model, drug_data):
         drug_model.predict_perturbation(["x"], dose=10.0, smiles={"x": "not_a_smiles"}, n_cells=2, n_steps=2)
     with pytest.raises(ValueError, match="entries"):
         drug_model.predict_perturbation(["entinostat"], dose=[1.0, 2.0], n_cells=2, n_steps=2)
+    # A trained molecule given again: the same structure (any spelling) is fine, another one is refused.
+    same = {"busulfan": "CS(=O)(=O)OCCCCOS(=O)(=O)C"}
+    assert drug_model.predict_perturbation(["busulfan"], dose=10.0, smiles=same, n_cells=2, n_steps=2).n_obs == 2
+    with pytest.raises(ValueError, match="different SMILES.*busulfan"):
+        drug_model.predict_perturbation(["busulfan"], dose=10.0, smiles={"busulfan": "CCO"}, n_cells=2, n_steps=2)
     bad = drug_data.copy()
     bad.obs["dose"] = bad.obs["dose"].astype(str)
     with pytest.raises(ValueError, match="numeric"):

@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,6 +103,18 @@ def _nothing(adata):
     pass
 
 
+def _both_orders(adata):
+    """Half of G000's cells labelled "G000+G001", the other half "G001+G000"."""
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    rows = np.flatnonzero(labels == "G000")
+    labels[rows[::2]], labels[rows[1::2]] = "G000+G001", "G001+G000"
+    adata.obs["perturbation"] = pd.Categorical(labels)
+
+
+def _one_gene(adata):
+    adata._inplace_subset_var(adata.var_names[:1])
+
+
 # (id, mutation of a valid AnnData, setup_anndata overrides, exception type, text the message must contain)
 SETUP_CASES = [
     ("missing perturbation_key", _nothing, {"perturbation_key": "pert_col"}, KeyError, "pert_col"),
@@ -128,6 +141,10 @@ SETUP_CASES = [
     ("duplicated genes", _duplicate_gene, {}, ValueError, "duplicated"),
     ("non-numeric doses", _dose(lambda n: np.array(["high"] * n)), {"dose_key": "dose"}, ValueError, "obs['dose']"),
     ("negative dose", _dose(lambda n: -np.ones(n)), {"dose_key": "dose"}, ValueError, "obs['dose']"),
+    # Issue 16: one combination under two labels, a repeated component, one gene.
+    ("A+B and B+A", _both_orders, {}, ValueError, "names one combination twice"),
+    ("repeated component A+A", lambda a: _relabel(a, "G000+G000"), {}, ValueError, "repeats a component"),
+    ("one gene", _one_gene, {}, ValueError, "at least 2 genes"),
 ]
 
 
@@ -258,6 +275,17 @@ PREDICT_CASES = [
     ("controls with NaN", {"adata": _nan_controls}, ValueError, "NaN"),
     ("controls of an unseen cell type", {"adata": _unseen_cell_type_controls}, ValueError, "ct9"),
     ("inplace without adata", {"inplace": True}, ValueError, "inplace"),
+    # Issue 16: arguments that mean nothing, or are not what they should be.
+    ("perturbations=None", {"perturbations": None}, ValueError, "perturbations must be a label"),
+    ("a number for perturbations", {"perturbations": 3}, ValueError, "perturbations must be a label"),
+    ("None inside perturbations", {"perturbations": ["G000", None]}, ValueError, "are not labels"),
+    ("cell_type=0 (no such cell type)", {"cell_type": 0}, ValueError, "known cell types"),
+    ("a dict for cell_type", {"cell_type": {"ct0": 1}}, ValueError, "cell_type must be a label"),
+    ("a dose for a model without doses", {"dose": 10.0}, ValueError, "without doses"),
+    ("controls: zero cells", {"adata": lambda m: _controls(m)[:0].copy()}, ValueError, "no cells"),
+    ("controls: not an AnnData", {"adata": lambda m: _controls(m).X}, ValueError, "must be an AnnData"),
+    ("key_added with '/'", {"adata": _controls, "inplace": True, "key_added": "a/b"}, ValueError, "without '/'"),
+    ("n_cells beyond memory", {"n_cells": 10**12}, ValueError, "n_cells"),
 ]
 
 
@@ -270,6 +298,99 @@ def test_prediction_rejects_bad_input(trained_model, arguments, error, text):
     with pytest.raises(error) as info:
         trained_model.predict_perturbation(**arguments)
     assert text in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------------------- stale or changed state
+def _tiny_model(adata=None, **setup):
+    adata = _small_adata() if adata is None else adata
+    _setup(adata, **setup)
+    model = sd.Doloris(adata, gene_graph=None, **TINY)
+    model.train(max_steps=2, seed=0, **TRAIN_KWARGS)
+    return model
+
+
+def test_a_second_setup_of_the_same_anndata_is_detected():
+    """A second setup_anndata rewrites the codes the model reads: refused until set up as before."""
+    model = _tiny_model()
+    adata = model.adata
+    sd.Doloris.setup_anndata(adata, perturbation_key="cell_type", control_value="ct0")
+    with pytest.raises(ValueError, match="set up again") as info:
+        model.predict_perturbation(["G000"], n_cells=3, n_steps=N_STEPS)
+    assert "perturbation_key" in str(info.value)  # says which arguments to set it up with
+    with pytest.raises(ValueError, match="set up again"):
+        model.train(max_steps=1, **TRAIN_KWARGS)
+    _setup(adata)  # the model's own arguments again: the same codes, usable again
+    assert model.predict_perturbation(["G000"], n_cells=3, n_steps=N_STEPS).n_obs == 3
+
+
+def test_prediction_rechecks_the_models_anndata():
+    model = _tiny_model()
+    model.adata.X = model.adata.X.copy()
+    model.adata.X[0, 0] = -1.0  # edited after set-up
+    with pytest.raises(ValueError, match="negative"):
+        model.predict_perturbation(["G000"], n_cells=3, n_steps=N_STEPS)
+
+
+def test_load_refuses_raw_counts(trained_model, tmp_path):
+    trained_model.save(tmp_path / "model")
+    counts = trained_model.adata.copy()
+    counts.X = np.round(np.expm1(counts.X) * 5)
+    with pytest.raises(ValueError, match="raw counts"):
+        sd.Doloris.load(tmp_path / "model", adata=counts)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "text"),
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"train_size": 0.0}, "train_size"),
+        ({"train_size": 1.5}, "train_size"),
+        ({"validation_size": 1.0}, "validation_size"),
+        ({"train_size": 0.8, "validation_size": 0.5}, "at most 1"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_training_on_nothing_is_refused_and_leaves_the_model_untrained(arguments, text):
+    adata = _small_adata()
+    _setup(adata)
+    model = sd.Doloris(adata, gene_graph=None, **TINY)
+    with pytest.raises(ValueError, match=text):
+        model.train(**{"max_steps": 2, **arguments}, **TRAIN_KWARGS)
+    assert not model.is_trained_
+
+
+def test_integer_coded_labels():
+    """Perturbations and cell types stored as integers, control_value=0: labels are their text."""
+    adata = _small_adata(n_cell_types=2)
+    codes = {"control": 0, "G000": 1, "G001": 2}
+    adata = adata[adata.obs["perturbation"].isin(list(codes)).to_numpy()].copy()
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str).map(codes).astype(int)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).map({"ct0": 7, "ct1": 8}).astype(int)
+    model = _tiny_model(adata, control_value=0)
+    assert model.control_values == ["0"] and model.cell_types == ["7", "8"]
+    pred = model.predict_perturbation(["1", "1+2"], cell_type=7, n_cells=3, n_steps=N_STEPS)
+    assert list(pred.obs["perturbation"].cat.categories) == ["1", "1+2"] and set(pred.obs["cell_type"]) == {"7"}
+
+
+def test_inplace_keys_are_h5ad_safe(tmp_path):
+    """A label with '/' is written '_' in in-place keys; the file reads back; uns maps entries to layers."""
+    adata = _small_adata()
+    _relabel(adata, "IFN/stim")
+    model = _tiny_model(adata)
+    controls = adata[adata.obs["perturbation"] == "control"].copy()
+    model.predict_perturbation(["IFN/stim", "G001"], adata=controls, inplace=True, n_steps=N_STEPS)
+    assert "doloris_IFN_stim" in controls.layers and "doloris_IFN_stim_mask" in controls.layers
+    assert controls.uns["doloris_keys"] == {
+        "entry": ["IFN/stim", "G001"],
+        "layer": ["doloris_IFN_stim", "doloris_G001"],
+    }
+    controls.write_h5ad(tmp_path / "controls.h5ad")
+    back = ad.read_h5ad(tmp_path / "controls.h5ad")
+    np.testing.assert_array_equal(back.layers["doloris_IFN_stim"], controls.layers["doloris_IFN_stim"])
+    with pytest.raises(ValueError, match="same in-place keys"):
+        _relabel(adata, "IFN_stim", which="G001")  # now both spellings are trained labels
+        _tiny_model(adata).predict_perturbation(["IFN/stim", "IFN_stim"], adata=controls, inplace=True, overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------- nothing lost
@@ -592,6 +713,12 @@ def _label_fault(label):
     return mutate
 
 
+def _two_spellings(adata):
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    labels[-2:] = ["G0+G2", "G2+G0"]
+    adata.obs["perturbation"] = pd.Categorical(labels)
+
+
 # Faults the generator may plant, with the text the error must name.
 FAULTS = {
     "nan": (_set_x(np.nan), "NaN"),
@@ -601,6 +728,8 @@ FAULTS = {
     "whitespace": (_label_fault("G1 "), "'G1 '"),
     "duplicated gene": (_duplicate_gene, "duplicated"),
     "no controls": (lambda a: _relabel(a, "G0", which="control"), "control_value 'control' does not occur"),
+    "two spellings": (_two_spellings, "names one combination twice"),
+    "repeated component": (_label_fault("G2+G2"), "repeats a component"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -122,6 +123,61 @@ def check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be {wanted}, got {value!r}.")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux and macOS), or ``None`` when the system does not say."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_output_size(n_rows: int, n_genes: int, n_arrays: int, *, hint: str) -> None:
+    """Raise a ValueError before a prediction of ``n_rows`` cells would exhaust memory.
+
+    ``n_arrays`` float32 arrays of ``(n_rows, n_genes)`` are held at once; more than the memory
+    available now is refused with ``hint`` (which argument to lower).
+    """
+    needed = int(n_rows) * int(n_genes) * 4 * int(n_arrays)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"This prediction would hold {n_rows:,} cells x {n_genes:,} genes in {n_arrays} arrays "
+            f"(~{needed / 2**30:.1f} GiB), more than the {available / 2**30:.1f} GiB of memory available; {hint}"
+        )
+
+
+def label_list(value, name: str, *, numbers: bool = False) -> list[str]:
+    """``value`` (one label, or a list, tuple, array or Index of labels) as a list of str.
+
+    A bare string is one label. With ``numbers``, integers count as labels too (cell types read from
+    an integer-coded column); otherwise a label must be a str.
+
+    Raises
+    ------
+    ValueError
+        ``None``, a mapping, a set, or an item that is not a label, naming ``name``.
+
+    Examples
+    --------
+    >>> from scdoloris._validation import label_list
+    >>> label_list("KLF1", "perturbations"), label_list(("A", "B+C"), "perturbations")
+    (['KLF1'], ['A', 'B+C'])
+    >>> label_list(0, "cell_type", numbers=True)
+    ['0']
+    """
+    allowed = (str, np.str_) + ((int, np.integer) if numbers else ())
+    kinds = "a label (str) or a list of labels" + (" (str or int)" if numbers else "")
+    if isinstance(value, allowed) and not isinstance(value, bool):
+        return [str(value)]
+    if value is None or isinstance(value, dict | set | frozenset) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be {kinds}, got {value!r}.")
+    items = list(value)
+    bad = [item for item in items if not isinstance(item, allowed) or isinstance(item, bool)]
+    if bad:
+        raise ValueError(f"{name} must be {kinds}; {bad[:5]!r} are not labels.")
+    return [str(item) for item in items]
+
+
 def check_labels_present(values: pd.Series, key: str) -> None:
     """An ``obs`` column of labels must have no missing values.
 
@@ -139,11 +195,13 @@ def check_labels_present(values: pd.Series, key: str) -> None:
 
 
 def check_perturbation_labels(values: pd.Series, key: str, control_values: Sequence[str]) -> None:
-    """Perturbation labels must parse: ``"A"`` or ``"A+B"``, no empty component, no stray whitespace.
+    """Perturbation labels must parse, and name each combination once.
 
-    ``"A++B"``, ``"+A"``, ``"A+"``, ``" A"`` or ``"A +B"`` would otherwise be read silently as some
-    other perturbation. Components equal to a control label are allowed (GEARS writes ``"A+ctrl"``),
-    but a label made only of control components must be a control label itself.
+    ``"A"`` or ``"A+B"``: no empty component, no stray whitespace, no repeated component, and one
+    label per combination (not both ``"A+B"`` and ``"B+A"``). ``"A++B"``, ``"+A"``, ``"A+"``,
+    ``" A"`` or ``"A +B"`` would otherwise be read silently as some other perturbation. Components
+    equal to a control label are allowed (GEARS writes ``"A+ctrl"``), but a label made only of
+    control components must be a control label itself.
 
     Parameters
     ----------
@@ -160,11 +218,22 @@ def check_perturbation_labels(values: pd.Series, key: str, control_values: Seque
         Naming the first bad labels and what to do.
     """
     check_labels_present(values, key)
+    spellings: dict[tuple[str, ...], str] = {}
     for label in pd.unique(values.astype(str)):
         problem = perturbation_label_problem(label, control_values)
         if problem is not None:
             raise ValueError(
                 f"adata.obs[{key!r}] has label {label!r}, which {problem}. Fix these labels (or drop their cells)."
+            )
+        if label in control_values:
+            continue
+        # One combination, one label: "A+B" and "B+A" (or "A+ctrl") would be two silent conditions.
+        combination = tuple(sorted(part for part in label.split(COMBINATION_SEPARATOR) if part not in control_values))
+        other = spellings.setdefault(combination, label)
+        if other != label:
+            raise ValueError(
+                f"adata.obs[{key!r}] names one combination twice, {other!r} and {label!r}; relabel its cells with "
+                "one of them (e.g. components in sorted order)."
             )
 
 
@@ -185,6 +254,9 @@ def perturbation_label_problem(label: str, control_values: Sequence[str]) -> str
         return "has leading or trailing whitespace in a component (strip it, e.g. with .str.strip())"
     if all(part in controls for part in components):
         return f"has only control components (a control, labelled {sorted(controls)[0]!r}, not a perturbation)"
+    perturbed = [part for part in components if part not in controls]
+    if len(set(perturbed)) < len(perturbed):
+        return "repeats a component (a combination names each perturbed gene or molecule once)"
     return None
 
 
@@ -254,6 +326,11 @@ def check_setup(
         raise ValueError("adata is a view of another AnnData; run adata = adata.copy() and set that up.")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); pass cells and genes.")
+    if training and adata.n_vars < 2:
+        raise ValueError(
+            f"adata has {adata.n_vars} gene; Doloris models expression profiles and needs at least 2 genes "
+            "(typically the 2,000-5,000 most variable ones)."
+        )
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers)}); pass an existing one.")
     check_unique_genes(adata)

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._validation import label_list
 from ..perturbation import split_perturbation
 
 # Name of the cell-type column of a split's tables when the data set has no cell types.
@@ -235,6 +236,7 @@ def unseen_cell_type(
     seen_elsewhere = set(labels[perturbed & ~in_type])
     candidates = set(labels[perturbed & in_type]) & seen_elsewhere
     if perturbations is not None:
+        perturbations = label_list(perturbations, "perturbations")
         unknown = sorted(set(perturbations) - candidates)
         if unknown:
             raise ValueError(f"{unknown} are not perturbations of {cell_type!r} that another cell type also has.")
@@ -290,7 +292,7 @@ def unseen_molecules(
         n_test = min(max(1, round(fraction * len(drugs))), len(drugs) - 1)
         held_out = sorted(np.random.default_rng(seed).choice(drugs, n_test, replace=False).tolist())
     else:
-        held_out = sorted(molecules)
+        held_out = sorted(label_list(molecules, "molecules"))
         unknown = sorted(set(held_out) - set(drugs))
         if unknown:
             raise ValueError(f"Molecules {unknown} are not treated cells' labels in adata.obs[{perturbation_key!r}].")

@@ -13,6 +13,8 @@ import pandas as pd
 from rdkit import Chem, rdBase
 from rdkit.Chem import Crippen, rdFingerprintGenerator
 
+from .._validation import label_list
+
 #: The sci-Plex3 drugs (name, SMILES, pathway; no header line) as distributed by chemCPA (MIT).
 DRUGS_FILE = "sciplex3_drugs_smiles_chemCPA.csv"
 
@@ -292,7 +294,7 @@ def synthetic_drug_perturbations(
         picked = np.sort(np.random.default_rng(pick_ss).choice(len(table), size=n_drugs, replace=False))
         names = list(table.index[picked])
     else:
-        names = [str(d) for d in drugs]
+        names = label_list(drugs, "drugs")
         unknown = [d for d in names if d not in table.index]
         if unknown:
             raise ValueError(f"Unknown sci-Plex3 drug(s) {unknown[:5]}; see `drug_similarity()` for the names.")

@@ -30,9 +30,11 @@ from .._validation import (
     check_doses,
     check_expression,
     check_model_args,
+    check_output_size,
     check_same_genes,
     check_setup,
     drop_unused_categories,
+    label_list,
 )
 from ..baselines import Anchor
 from ..data import (
@@ -52,6 +54,7 @@ from ..prediction import (
     Request,
     Sources,
     check_keys_free,
+    check_source_cells,
     dose_text,
     draw_controls,
     given_cells,
@@ -78,7 +81,8 @@ logger = logging.getLogger(__name__)
 
 
 def _as_list(labels: str | Sequence[str]) -> list[str]:
-    return [labels] if isinstance(labels, str) else list(labels)
+    """Control labels as str (an integer-coded column's ``0`` is the label ``"0"``)."""
+    return label_list(labels, "control_value", numbers=True)
 
 
 def _resolve_seed(seed: int | None) -> int:
@@ -349,7 +353,7 @@ class Doloris(BaseModelClass):
         if training:
             # Declared levels without cells would become perturbations or cell types without cells.
             drop_unused_categories(adata, [perturbation_key, cell_type_key])
-            check_expression(adata, layer)
+        check_expression(adata, layer)  # also when load() re-registers data: raw counts are refused there too
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.PERTURBATION_KEY, perturbation_key),
@@ -470,8 +474,8 @@ class Doloris(BaseModelClass):
             manager.get_from_registry(REGISTRY_KEYS.X_KEY),
             self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
             self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
-            list(manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping),
-            list(manager.get_state_registry(REGISTRY_KEYS.CELL_TYPE_KEY).categorical_mapping),
+            [str(v) for v in manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping],
+            [str(v) for v in manager.get_state_registry(REGISTRY_KEYS.CELL_TYPE_KEY).categorical_mapping],
             _as_list(self._setup_args["control_value"]),
             list(self.adata.var_names),
             gene_graph=gene_graph,
@@ -537,6 +541,8 @@ class Doloris(BaseModelClass):
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning).
         """
+        self._check_registration()
+        self._check_train_args(max_epochs, max_steps, batch_size, train_size, validation_size)
         checkpoint, resume_from = (None, None)
         if checkpoint_dir is not None:
             checkpoint, resume_from = checkpointing(checkpoint_dir, checkpoint_every_n_steps)
@@ -613,6 +619,52 @@ class Doloris(BaseModelClass):
             elif "calibration_" not in self.__dict__:
                 self.calibration_ = {"gates": {}, "n_conditions": {}, "held_out": []}
         return result
+
+    def _check_registration(self) -> None:
+        """Refuse to read ``self.adata`` after another ``setup_anndata`` re-registered it differently.
+
+        scvi-tools keeps the codes it reads in ``adata.obs``; a second ``setup_anndata`` with another
+        column (or relabelled cells) rewrites them, and the model would read perturbed cells as controls.
+        """
+        latest = type(self)._get_most_recent_anndata_manager(self.adata)
+        if latest is None or latest is self.adata_manager:
+            return
+        mine, theirs = self.adata_manager, latest
+        changed = [
+            name
+            for name, a, b in [
+                ("setup arguments", mine.registry["setup_args"], theirs.registry["setup_args"]),
+                *(
+                    (key, mine.get_state_registry(key).to_dict(), theirs.get_state_registry(key).to_dict())
+                    for key in (REGISTRY_KEYS.PERTURBATION_KEY, REGISTRY_KEYS.CELL_TYPE_KEY)
+                ),
+            ]
+            if repr(a) != repr(b)
+        ]
+        if changed:
+            raise ValueError(
+                f"This model's AnnData was set up again (setup_anndata) after the model was built, and its "
+                f"{', '.join(changed)} changed; the model would read the new registration as its own. Call "
+                f"Doloris.setup_anndata(adata, **{mine.registry['setup_args']!r}) again before using this model, "
+                "or set up a copy (adata.copy()) for the other use."
+            )
+
+    def _check_train_args(self, max_epochs, max_steps, batch_size, train_size, validation_size) -> None:
+        """Refuse a run that would train on nothing (and so must not mark the model trained)."""
+        for name, value in {"max_epochs": max_epochs, "max_steps": max_steps}.items():
+            if value is not None:
+                check_count(name, value)
+        check_count("batch_size", batch_size)
+        if isinstance(train_size, bool) or not isinstance(train_size, int | float) or not 0.0 < train_size <= 1.0:
+            raise ValueError(f"train_size must be a number in (0, 1], got {train_size!r}.")
+        if validation_size is not None and (
+            isinstance(validation_size, bool)
+            or not isinstance(validation_size, int | float)
+            or not 0.0 <= validation_size < 1.0
+        ):
+            raise ValueError(f"validation_size must be a number in [0, 1) or None, got {validation_size!r}.")
+        if validation_size is not None and train_size + validation_size > 1.0 + 1e-9:
+            raise ValueError(f"train_size + validation_size must be at most 1, got {train_size} + {validation_size}.")
 
     # ------------------------------------------------------------------ anchoring (preset="anchored")
     @property
@@ -836,8 +888,10 @@ class Doloris(BaseModelClass):
         inplace
             With ``adata``: write the counterfactuals into ``adata`` (``layers[f"{key_added}_{p}"]``,
             ``layers[f"{key_added}_{p}_continuous"]``, ``layers[f"{key_added}_{p}_mask"]``,
-            ``obsm[f"{key_added}_{p}_activation_prob"]`` and ``obsm[f"{key_added}_latent"]``) and
-            return ``None``.
+            ``obsm[f"{key_added}_{p}_activation_prob"]`` and ``obsm[f"{key_added}_latent"]``; anchored,
+            also the paper's cells in ``layers[f"{key_added}_{p}_generated"]``) and return ``None``.
+            ``p`` is the perturbation label, with ``_dose`` when dosed and any ``/`` written ``_`` (an
+            h5ad file reads ``/`` as a folder); ``uns[f"{key_added}_keys"]`` lists each entry and its layer.
         key_added
             Prefix of the keys written in place.
         overwrite
@@ -882,14 +936,27 @@ class Doloris(BaseModelClass):
         model's own shift taken (``gate``).
         """
         self._check_if_trained(warn=True)
+        self._check_registration()
         if inplace and adata is None:
             raise ValueError("inplace=True writes into the `adata` of control cells you pass; none was given.")
-        self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles)
+        self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
         rng = np.random.default_rng(_resolve_seed(seed))
         request = resolve_request(perturbations, self.control_values, dose=dose)
         inputs = self._perturbation_inputs(request, smiles)
-        sources = self._sources(adata, cell_type, n_cells, rng)
         anchored = self.preset == "anchored"
+        # Before any cell is drawn: prediction, continuous, mask, probabilities and sources (and the
+        # paper's cells, anchored), plus the output AnnData's copies.
+        if adata is None:
+            n_sources, lower = n_cells * len(resolve_cell_types(cell_type, self.cell_types)), "pass a smaller n_cells"
+        else:
+            n_sources, lower = adata.n_obs, "pass fewer control cells in adata"
+        check_output_size(
+            n_sources * len(request.perturbations),
+            self.adata.n_vars,
+            10 if anchored else 8,
+            hint=f"{lower}, or predict fewer perturbations per call.",
+        )
+        sources = self._sources(adata, cell_type, n_cells, rng)
         keys = _inplace_keys(key_added, anchored)
         if inplace:
             check_keys_free(adata, request.names, keys, overwrite)
@@ -958,7 +1025,7 @@ class Doloris(BaseModelClass):
         return arrays, cells.latent.cpu().numpy().astype(np.float32)
 
     def _check_prediction_args(
-        self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles
+        self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose
     ) -> None:
         """Checks of ``predict_perturbation``'s arguments, before any network call."""
         counts = {"n_steps": n_steps, "batch_size": batch_size}
@@ -971,11 +1038,18 @@ class Doloris(BaseModelClass):
         low, high = mask_thresholds
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
+        if dose is not None and self._setup_args.get("dose_key") is None:
+            raise ValueError(
+                "dose= was given, but this model was trained without doses; set it up with "
+                "setup_anndata(..., dose_key=...) to predict doses."
+            )
         if smiles is not None and not isinstance(smiles, dict):
             raise ValueError(f"smiles= must be a dict {{molecule name: SMILES}}, got {type(smiles).__name__}.")
         if adata is not None:
+            check_source_cells(adata)
             check_same_genes(adata, self.adata.var_names)
-            check_expression(adata, self._setup_args.get("layer"))
+        # The model's own AnnData too: it may have been edited since it was set up.
+        check_expression(self.adata if adata is None else adata, self._setup_args.get("layer"))
 
     # ------------------------------------------------------------------ persistence
     def save(

@@ -96,7 +96,8 @@ def perturbation_inputs(
                 "smiles= was given, but this model was trained without molecules; set it up with "
                 "setup_anndata(..., smiles_key=...) to predict molecules from their structure."
             )
-        molecules = molecules.extended({name: value for name, value in smiles.items() if name not in molecules})
+        # A trained molecule given again must be the same structure (extended() refuses another one).
+        molecules = molecules.extended(smiles)
     if molecules is not None and molecules.table is not None:
         # Table features: molecules named in the table need no SMILES.
         in_table = {str(name) for name in molecules.table.index}

@@ -7,6 +7,7 @@ import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .._validation import label_list
 from ._utils import expression, finish, labels, new_axes, pick_perturbation, side_by_side
 
 SOURCE_COLOURS = {"control": "#9e9e9e", "real": "#1f77b4", "predicted": "#ff7f0e"}
@@ -84,7 +85,7 @@ def de_gene_violins(
         if control is None:
             raise ValueError("Pass control= (to choose DE genes) or genes=[...].")
         genes = top_de_genes(true, control, n_genes, layer)
-    genes = list(genes)
+    genes = label_list(genes, "genes")
     if not genes:
         raise ValueError("No genes to show: genes= is empty.")
     missing = [g for g in genes if g not in predicted.var_names or g not in true.var_names]

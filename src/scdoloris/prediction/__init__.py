@@ -9,7 +9,7 @@ diffusion bridge for Doloris.
 
 from ._output import InplaceKeys, PredictedCells, check_keys_free, predicted_anndata, write_inplace
 from ._request import Request, dose_text, resolve_cell_types, resolve_request
-from ._sources import Sources, draw_controls, given_cells
+from ._sources import Sources, check_source_cells, draw_controls, given_cells
 
 __all__ = [
     "InplaceKeys",
@@ -17,6 +17,7 @@ __all__ = [
     "Request",
     "Sources",
     "check_keys_free",
+    "check_source_cells",
     "dose_text",
     "draw_controls",
     "given_cells",

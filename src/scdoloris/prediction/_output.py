@@ -121,9 +121,16 @@ class InplaceKeys:
     obsm: Mapping[str, str] = field(default_factory=dict)
     shared_obsm: Sequence[str] = ()
 
+    def __post_init__(self):
+        if not isinstance(self.key_added, str) or not self.key_added or "/" in self.key_added:
+            raise ValueError(
+                "key_added must be a non-empty str without '/' (h5ad files read '/' as a folder), "
+                f"got {self.key_added!r}."
+            )
+
     def of_entry(self, name: str) -> dict[str, tuple[str, str]]:
-        """``{array: (slot, key)}`` of one entry."""
-        base = f"{self.key_added}_{name}"
+        """``{array: (slot, key)}`` of one entry (``/`` in its name written ``_``: an h5ad key cannot hold one)."""
+        base = f"{self.key_added}_{entry_key(name)}"
         keys = {array: ("layers", base + suffix) for array, suffix in self.layers.items()}
         keys.update({array: ("obsm", base + suffix) for array, suffix in self.obsm.items()})
         return keys
@@ -133,8 +140,28 @@ class InplaceKeys:
         return {name: ("obsm", f"{self.key_added}_{name}") for name in self.shared_obsm}
 
 
+def entry_key(name: str) -> str:
+    """An entry's name as written in in-place keys: ``/`` (an h5ad path separator) becomes ``_``.
+
+    Examples
+    --------
+    >>> from scdoloris.prediction._output import entry_key
+    >>> entry_key("IFN/stim"), entry_key("KLF1+MAP2K6")
+    ('IFN_stim', 'KLF1+MAP2K6')
+    """
+    return name.replace("/", "_")
+
+
 def check_keys_free(adata: AnnData, names: Sequence[str], keys: InplaceKeys, overwrite: bool) -> None:
-    """Refuse to replace existing keys of ``adata`` unless ``overwrite``."""
+    """Refuse keys two entries would share, and to replace existing keys of ``adata`` unless ``overwrite``."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(entry_key(name), name)
+        if other != name:
+            raise ValueError(
+                f"Perturbations {other!r} and {name!r} would write the same in-place keys ({keys.key_added}_"
+                f"{entry_key(name)}...: '/' is written '_'); predict them in separate calls or with inplace=False."
+            )
     if overwrite:
         return
     taken = [
@@ -151,7 +178,10 @@ def check_keys_free(adata: AnnData, names: Sequence[str], keys: InplaceKeys, ove
 def write_inplace(
     adata: AnnData, names: Sequence[str], keys: InplaceKeys, per_entry: Mapping[str, np.ndarray], shared: Mapping
 ) -> None:
-    """Write each entry's rows of ``per_entry`` arrays (entries outermost) and the ``shared`` arrays into ``adata``."""
+    """Write each entry's rows of ``per_entry`` arrays (entries outermost) and the ``shared`` arrays into ``adata``.
+
+    ``uns[f"{key_added}_keys"]`` then lists each entry and the layer of its first array.
+    """
     n = adata.n_obs
     for i, name in enumerate(names):
         rows = slice(i * n, (i + 1) * n)
@@ -159,3 +189,8 @@ def write_inplace(
             getattr(adata, slot)[key] = per_entry[array][rows].astype(np.float32)
     for array, (slot, key) in keys.shared().items():
         getattr(adata, slot)[key] = np.asarray(shared[array]).astype(np.float32)
+    # Which layer holds which entry (the keys write '/' as '_').
+    adata.uns[f"{keys.key_added}_keys"] = {
+        "entry": [str(name) for name in names],
+        "layer": [keys.of_entry(name)[next(iter(keys.layers))][1] for name in names],
+    }

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validation import perturbation_label_problem
+from .._validation import label_list, perturbation_label_problem
 from ..perturbation import split_perturbation
 
 
@@ -97,9 +97,7 @@ def resolve_request(perturbations: str | Sequence[str], controls: Sequence[str],
     >>> resolve_request("C", ["control"], dose=100).names
     ['C_100']
     """
-    if isinstance(perturbations, str):
-        perturbations = [perturbations]
-    perturbations = [str(p) for p in perturbations]
+    perturbations = label_list(perturbations, "perturbations")
     for label in perturbations:
         problem = perturbation_label_problem(label, list(controls))
         if problem is not None:
@@ -130,7 +128,7 @@ def resolve_cell_types(cell_type: str | Sequence[str] | None, known: Sequence[st
     known = list(known)
     if cell_type is None:
         return known
-    asked = [cell_type] if isinstance(cell_type, str) else [str(c) for c in cell_type]
+    asked = label_list(cell_type, "cell_type", numbers=True)
     unknown = [c for c in asked if c not in known]
     if unknown:
         raise ValueError(f"Cell type(s) {unknown} were not seen in training; known cell types: {known}.")

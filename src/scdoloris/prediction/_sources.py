@@ -81,6 +81,14 @@ def draw_controls(
     return Sources(rows, list(adata.obs_names[rows]), types, adata)
 
 
+def check_source_cells(adata) -> None:
+    """Raise a ValueError unless ``adata`` is an AnnData with at least one cell (the user's sources)."""
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
+    if adata.n_obs == 0:
+        raise ValueError("adata has no cells: pass the control cells to predict from (or adata=None to draw them).")
+
+
 def given_cells(
     adata: AnnData, cell_type_key: str | None, cell_type: str | Sequence[str] | None, known: Sequence[str]
 ) -> Sources:
@@ -100,10 +108,10 @@ def given_cells(
     Raises
     ------
     ValueError
-        A cell type not in ``known``; no column and no ``cell_type`` with several known cell types.
+        No cells; a cell type not in ``known``; no column and no ``cell_type`` with several known
+        cell types.
     """
-    if not isinstance(adata, AnnData):
-        raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
+    check_source_cells(adata)
     if cell_type_key is not None and cell_type_key in adata.obs:
         types = adata.obs[cell_type_key].astype(str).to_numpy()
         resolve_cell_types(sorted(set(types)), known)
