@@ -9,9 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import pandas as pd
-
+from . import __version__
 from ._constants import MASK_STRATEGIES
 
 DEMO_STEPS = 4000
@@ -19,6 +17,7 @@ DEMO_STEPS = 4000
 
 def _demo(args: argparse.Namespace) -> int:
     import matplotlib
+    import pandas as pd
 
     matplotlib.use("Agg")
     import scvi
@@ -243,6 +242,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scdoloris`` command."""
     parser = argparse.ArgumentParser(prog="scdoloris", description="Doloris single-cell perturbation prediction.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -283,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--control-value", help="Label of control cells (for an .h5ad).")
     bench.add_argument("--cell-type-key", help="obs column of cell types, or 'none' (for an .h5ad).")
     args = parser.parse_args(argv)
+    import numpy as np  # after parsing: --help and --version need nothing heavy
+
     np.set_printoptions(precision=3)
     if args.command == "demo":
         return _demo(args)

@@ -1,0 +1,36 @@
+"""The command line and the package import stay light until something heavy is used."""
+
+import subprocess
+import sys
+
+import pytest
+
+import scdoloris
+from scdoloris.cli import main
+
+HEAVY = ("torch", "scvi", "scanpy", "lightning")
+
+
+def _imported_after(code: str) -> set[str]:
+    """Heavy libraries imported by a fresh interpreter that runs ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return set(out.splitlines()[-1].split()) if out.strip() else set()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"scdoloris {scdoloris.__version__}"
+
+
+def test_help_and_import_load_nothing_heavy():
+    assert _imported_after("import scdoloris") == set()
+    help_run = "from scdoloris.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    assert _imported_after(help_run) == set()
+    # A name is loaded on first use, and the package lists its public names.
+    assert "torch" in _imported_after("import scdoloris as sd\nsd.Doloris")
+    assert set(scdoloris.__all__) <= set(dir(scdoloris))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        scdoloris.nope  # noqa: B018
