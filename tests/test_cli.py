@@ -34,3 +34,24 @@ def test_help_and_import_load_nothing_heavy():
     assert set(scdoloris.__all__) <= set(dir(scdoloris))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         scdoloris.nope  # noqa: B018
+
+
+def test_training_shows_no_lightning_noise(capfd):
+    """No accelerator banners, logger advertisement or warnings about Lightning internals."""
+    import logging
+    import warnings
+
+    adata = scdoloris.datasets.synthetic_perturbations(
+        n_genes=10, n_perturbed_genes=2, n_cells_per_condition=5, n_control_cells=10, n_doubles=0, seed=0
+    )
+    scdoloris.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
+    model = scdoloris.Doloris(adata, gene_graph=None, n_hidden=16, n_hidden_mask=16, n_perturbation=8, n_blocks=1)
+    level = logging.getLogger("lightning.pytorch").level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(max_steps=2, enable_progress_bar=False)
+    out, err = capfd.readouterr()
+    for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "logging interval", "stepping batches"):
+        assert noise not in out + err, noise
+    assert not [w for w in caught if "lightning" in str(w.filename)], [str(w.message) for w in caught]
+    assert logging.getLogger("lightning.pytorch").level == level  # restored after training

@@ -243,6 +243,18 @@ def test_failed_downloads_leave_nothing(server, gears_zip, tmp_path):
     assert _cache_files(cache) == []
 
 
+def test_offline_download_names_path(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(ConnectionError, match=r"Could not download .*name resolution.*path="):
+        sd.datasets.norman2019(cache_dir=tmp_path / "cache")
+    assert _cache_files(tmp_path / "cache") == []
+
+
 def test_download_false_without_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"download=True.*path="):
         sd.datasets.norman2019(cache_dir=tmp_path / "empty", download=False)

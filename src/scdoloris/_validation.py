@@ -71,7 +71,8 @@ def check_expression(adata: AnnData, layer: str | None = None) -> None:
         raise ValueError(
             f"{where} looks like raw counts (max {nonzero.max():.3g}, whole numbers: "
             f"{bool(np.all(nonzero == np.round(nonzero)))}). Doloris needs log1p-normalised expression: "
-            "run `sd.pp.log_normalize(adata)` (normalize_total + log1p) or point `layer` at such a layer."
+            "run `sd.pp.log_normalize(adata)` (normalize_total + log1p; it writes adata.layers['log1p'] and keeps "
+            "the counts), then pass `layer='log1p'` to setup_anndata; or point `layer` at another such layer."
         )
 
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -189,7 +190,13 @@ def fetch(
         )
     directory.mkdir(parents=True, exist_ok=True)
     with _temporary_file(directory, name) as raw:
-        actual = _download_to(url, raw, description)
+        try:
+            actual = _download_to(url, raw, description)
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise ConnectionError(
+                f"Could not download {description} from {url} ({error}); nothing was stored. Check the network "
+                "connection and try again, or download the file yourself and pass path= to the local copy."
+            ) from error
         if sha256 is not None and actual != sha256.lower():
             raise ChecksumError(
                 f"The download of {description} from {url} has SHA-256 {actual}, expected {sha256}; nothing was "

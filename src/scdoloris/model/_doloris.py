@@ -63,7 +63,14 @@ from ..prediction import (
     resolve_request,
     write_inplace,
 )
-from ..train import DistributedSamplerSeed, DolorisTrainingPlan, ResumableDataSplitter, checkpointing, world_size_of
+from ..train import (
+    DistributedSamplerSeed,
+    DolorisTrainingPlan,
+    ResumableDataSplitter,
+    checkpointing,
+    quiet_lightning,
+    world_size_of,
+)
 from ._anchoring import (
     CALIBRATION_CELLS,
     CALIBRATION_MIN_CELLS,
@@ -600,18 +607,19 @@ class Doloris(BaseModelClass):
             seed=seed,
             **datasplitter_kwargs,
         )
-        runner = self._train_runner_cls(
-            self,
-            training_plan=training_plan,
-            data_splitter=data_splitter,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            max_steps=max_steps,
-            early_stopping=early_stopping,
-            **trainer_kwargs,
-        )
-        result = runner()
+        with quiet_lightning():  # Lightning's banners and advertisement come with the Trainer
+            runner = self._train_runner_cls(
+                self,
+                training_plan=training_plan,
+                data_splitter=data_splitter,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                max_steps=max_steps,
+                early_stopping=early_stopping,
+                **trainer_kwargs,
+            )
+            result = runner()
         if self.preset == "anchored":
             self.anchor_ = self._fit_anchor(np.ones(self.adata.n_obs, dtype=bool)).state()
             if calibration is not None and calibration.result is not None:
@@ -736,7 +744,8 @@ class Doloris(BaseModelClass):
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows]]
         obs = pd.DataFrame(
-            {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)}
+            {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)},
+            index=self.adata.obs_names[rows],
         )
         if len(rows) < self.adata.n_obs:
             # In memory a sparse subset stays sparse; a backed matrix is read (densely) once.
