@@ -512,3 +512,17 @@ def test_quality_doubles_follow_true_shift(quality_run):
     table, _ = quality_run
     doubles = table[table["kind"] == "double"]
     assert doubles["shift_r"].mean() > 0.5 and (doubles["shift_r"] > 0.2).all()
+
+
+def test_latent_representation_is_the_bridges_starting_point(trained_model):
+    """get_latent_representation gives the latents prediction inverts to, for given rows or cells."""
+    controls = trained_model.adata[trained_model.adata.obs["perturbation"] == "control"].copy()[:7]
+    latent = trained_model.get_latent_representation(controls, n_steps=5)
+    assert latent.shape == (7, trained_model.adata.n_vars) and latent.dtype == np.float32
+    pred = trained_model.predict_perturbation(["G000"], adata=controls, n_steps=5, seed=0)
+    np.testing.assert_allclose(pred.obsm["doloris_latent"], latent, rtol=1e-5, atol=1e-5)
+    rows = trained_model.get_latent_representation(indices=[3, 0], n_steps=5)
+    full = trained_model.get_latent_representation(trained_model.adata[[3, 0]].copy(), n_steps=5)
+    np.testing.assert_allclose(rows, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="n_steps"):
+        trained_model.get_latent_representation(n_steps=0)
