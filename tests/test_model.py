@@ -526,3 +526,22 @@ def test_latent_representation_is_the_bridges_starting_point(trained_model):
     np.testing.assert_allclose(rows, full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="n_steps"):
         trained_model.get_latent_representation(n_steps=0)
+
+
+def test_predictions_with_their_sources(trained_model):
+    """include_sources: one AnnData, sources first as controls, ready for one scanpy plot."""
+    kwargs = {"n_cells": 6, "n_steps": 5, "seed": 0, "cell_type": "ct0"}
+    alone = trained_model.predict_perturbation(["G000", "G001"], **kwargs)
+    both = trained_model.predict_perturbation(["G000", "G001"], include_sources=True, **kwargs)
+    assert both.n_obs == 18 and both.obs_names.is_unique
+    assert list(both.obs["perturbation"].cat.categories) == ["control", "G000", "G001"]
+    assert both.obs["is_predicted"].tolist() == [False] * 6 + [True] * 12
+    np.testing.assert_array_equal(both.X[6:], alone.X)
+    sources = trained_model.adata[both.obs["control_cell"][:6].to_numpy()].X
+    np.testing.assert_allclose(both.X[:6], np.asarray(sources.todense() if hasattr(sources, "todense") else sources))
+    assert (both.obs["control_cell"][6:12].to_numpy() == both.obs["control_cell"][:6].to_numpy()).all()
+    shifted = sd.baselines.MeanShift().fit(trained_model.adata, cell_type_key="cell_type")
+    pred = shifted.predict(["G000"], include_sources=True, **{k: v for k, v in kwargs.items() if k != "n_steps"})
+    assert pred.obs["is_predicted"].sum() == 6 and pred.n_obs == 12
+    with pytest.raises(ValueError, match="include_sources"):
+        trained_model.predict_perturbation(["G000"], adata=alone, inplace=True, include_sources=True)

@@ -417,7 +417,9 @@ class Anchor(Baseline):
     def _shift(self, components, labels, cell_type):
         return np.stack([self._shift_one(list(comps), cell_type) for comps in components])
 
-    def predict(self, perturbations, *, cell_type=None, n_cells=100, seed=0, adata=None) -> AnnData:
+    def predict(
+        self, perturbations, *, cell_type=None, n_cells=100, seed=0, adata=None, include_sources=False
+    ) -> AnnData:
         """Predict cells: real control cells shifted by the predicted mean shift (see :meth:`Baseline.predict`).
 
         An Anchor restored by :meth:`from_state` needs the training AnnData (``from_state(state, adata)``)
@@ -429,7 +431,9 @@ class Anchor(Baseline):
                 "This Anchor was restored without its training data; predict_shift works, but predict needs "
                 "Anchor.from_state(state, adata) with the training AnnData to draw and shift control cells."
             )
-        return super().predict(perturbations, cell_type=cell_type, n_cells=n_cells, seed=seed, adata=adata)
+        return super().predict(
+            perturbations, cell_type=cell_type, n_cells=n_cells, seed=seed, adata=adata, include_sources=include_sources
+        )
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:

@@ -269,6 +269,7 @@ class Baseline(ABC):
         n_cells: int = 100,
         seed: int = 0,
         adata: AnnData | None = None,
+        include_sources: bool = False,
     ) -> AnnData:
         """Predict cells: real control cells shifted by the predicted mean shift.
 
@@ -287,6 +288,9 @@ class Baseline(ABC):
         adata
             Control cells to shift instead (one prediction per cell and perturbation); their cell type
             comes from the fitted cell-type column when present, else from ``cell_type``.
+        include_sources
+            Put the source control cells first in the result (their control label, ``is_predicted``
+            ``False``), as :meth:`scdoloris.Doloris.predict_perturbation` does.
 
         Returns
         -------
@@ -320,7 +324,15 @@ class Baseline(ABC):
             blocks.append((np.clip(block, 0.0, None) if self.clip else block).astype(np.float32))
         cells = PredictedCells(np.concatenate(blocks), uns={"baseline": {"name": self.name}})
         obs_keys = {"perturbation": self.perturbation_key_, "cell_type": self.cell_type_key_}
-        return predicted_anndata(cells, request, sources, self.adata_.var, obs_keys=obs_keys)
+        return predicted_anndata(
+            cells,
+            request,
+            sources,
+            self.adata_.var,
+            obs_keys=obs_keys,
+            source_x=x if include_sources else None,
+            control_label=self.control_values_[0],
+        )
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())

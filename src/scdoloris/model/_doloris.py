@@ -876,6 +876,7 @@ class Doloris(BaseModelClass):
         mask_thresholds: tuple[float, float] = (0.05, 0.95),
         mask_reference_conditions: int = 1,
         progress_bar: bool | None = None,
+        include_sources: bool = False,
     ) -> AnnData | None:
         """Predict cells under perturbations, including ones never measured.
 
@@ -931,6 +932,10 @@ class Doloris(BaseModelClass):
         progress_bar
             Show progress bars of the inversion and the generation; ``None``: only for long calls
             (more than 200,000 cell-steps, i.e. cells x perturbations x ``n_steps``).
+        include_sources
+            Put the source control cells first in the result (their control label, ``is_predicted``
+            ``False``; ``X`` and ``obs`` only), so that one plot shows both:
+            ``sc.pl.umap(pred, color="perturbation")``. Not with ``inplace``.
 
         Returns
         -------
@@ -948,6 +953,10 @@ class Doloris(BaseModelClass):
         self._check_registration()
         if inplace and adata is None:
             raise ValueError("inplace=True writes into the `adata` of control cells you pass; none was given.")
+        if inplace and include_sources:
+            raise ValueError(
+                "include_sources=True returns the sources with the predictions; inplace=True returns None."
+            )
         self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
         rng = np.random.default_rng(_resolve_seed(seed))
         request = resolve_request(perturbations, self.control_values, dose=dose)
@@ -1000,7 +1009,15 @@ class Doloris(BaseModelClass):
             "cell_type": setup.get("cell_type_key"),
             "dose": setup.get("dose_key"),
         }
-        return predicted_anndata(predicted, request, sources, self.adata.var, obs_keys=obs_keys)
+        return predicted_anndata(
+            predicted,
+            request,
+            sources,
+            self.adata.var,
+            obs_keys=obs_keys,
+            source_x=arrays["source"] if include_sources else None,
+            control_label=self.control_values[0],
+        )
 
     @torch.no_grad()
     def get_latent_representation(

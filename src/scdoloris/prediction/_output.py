@@ -47,6 +47,8 @@ def predicted_anndata(
     var: pd.DataFrame,
     *,
     obs_keys: Mapping[str, str | None] | None = None,
+    source_x: np.ndarray | None = None,
+    control_label: str = "control",
 ) -> AnnData:
     """Assemble predicted cells as an AnnData, ready to concatenate with the user's data.
 
@@ -63,13 +65,19 @@ def predicted_anndata(
     obs_keys
         The user's own ``obs`` column names for ``"perturbation"``, ``"cell_type"`` and ``"dose"``:
         the result has these columns too, so that it concatenates with the training data.
+    source_x
+        ``(sources, genes)`` expression of the source cells: when given, they come first in the
+        result, as ``control_label`` cells with ``is_predicted`` ``False`` (``X`` and ``obs`` only: the
+        layers and obsm of predicted cells have no counterpart for them and are left out).
+    control_label
+        Perturbation label of the source cells.
 
     Returns
     -------
     anndata.AnnData
         ``X`` and the given layers and obsm; ``obs`` with ``perturbation``, ``cell_type``, ``dose``,
         ``control_cell`` (the source cell's name) and ``is_predicted``; names
-        ``f"{entry}_{cell_type}_{i}"``.
+        ``f"{entry}_{cell_type}_{i}"`` (sources: ``f"source_{cell_type}_{i}"``).
     """
     n_sources, n_entries = len(sources), len(request.perturbations)
     perturbations = request.perturbations
@@ -91,12 +99,42 @@ def predicted_anndata(
             obs[user_key] = obs[column]
     counter = pd.Series(name_column).groupby([name_column, type_column]).cumcount().to_numpy()
     obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(name_column, type_column, counter, strict=True)]
+    if source_x is not None:
+        predicted = AnnData(X=cells.X, obs=obs, var=var.copy())
+        return _with_sources(predicted, sources, source_x, control_label, cells.uns, obs_keys)
     result = AnnData(X=cells.X, obs=obs, var=var.copy())
     for key, value in cells.layers.items():
         result.layers[key] = value
     for key, value in cells.obsm.items():
         result.obsm[key] = value
     result.uns.update(cells.uns)
+    return result
+
+
+def _with_sources(
+    predicted: AnnData, sources: Sources, source_x: np.ndarray, control_label: str, uns: Mapping, obs_keys
+) -> AnnData:
+    """The source cells (as ``control_label``, ``is_predicted`` False) followed by the predicted cells."""
+    obs = predicted.obs.iloc[: len(sources)].copy()
+    obs["perturbation"] = control_label
+    obs["dose"] = np.nan if obs["dose"].dtype.kind == "f" else ""
+    obs["control_cell"] = np.asarray(sources.names, dtype=object)
+    obs["is_predicted"] = False
+    for column, user_key in (obs_keys or {}).items():
+        if user_key is not None and user_key in obs and user_key != column:
+            obs[user_key] = obs[column]
+    counter = pd.Series(sources.cell_types).groupby(sources.cell_types).cumcount().to_numpy()
+    obs.index = [f"source_{t}_{i}" for t, i in zip(sources.cell_types, counter, strict=True)]
+    X = np.concatenate([np.asarray(source_x, dtype=np.float32), np.asarray(predicted.X, dtype=np.float32)])
+    obs = pd.concat([obs, predicted.obs])
+    labels = [control_label, *predicted.obs["perturbation"].cat.categories]
+    obs["perturbation"] = pd.Categorical(obs["perturbation"].astype(str), categories=labels)
+    obs["cell_type"] = pd.Categorical(obs["cell_type"].astype(str))
+    for column in obs.columns:
+        if column not in ("perturbation", "cell_type") and obs[column].dtype == object:
+            obs[column] = obs[column].astype(str)
+    result = AnnData(X=X, obs=obs, var=predicted.var.copy())
+    result.uns.update(uns)
     return result
 
 
