@@ -619,14 +619,14 @@ def auto_graph(components: Sequence[str], gene_names: Sequence[str]):
     >>> auto_graph(["G001"], ["G001", "G002"]), auto_graph(["drugA"], ["G001"]), auto_graph([], ["G001"])
     ('coexpression', None, None)
     """
-    from ..perturbation import go_edges
+    from ..perturbation import go_edges, symbol_candidates
 
     if not components:
         return None
     go = go_edges()
     go_genes = set(go["source"]) | set(go["target"])
-    if any(c in go_genes for c in components):
-        return "go"
+    if any(c in go_genes or any(s in go_genes for s in symbol_candidates(c)) for c in components):
+        return "go"  # also when the screen names genes by old symbols (MARCH1 for MARCHF1)
     if any(c in set(gene_names) for c in components):
         return "coexpression"
     return None

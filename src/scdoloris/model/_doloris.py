@@ -310,6 +310,11 @@ class Doloris(BaseModelClass):
             f"({n_unmeasured} unmeasured perturbed genes, {n_bridges} bridge genes) and {graph.edges.shape[1]} edges; "
             f"{len(summary.categories)} learned categories; T={n_timesteps}, n_hidden={n_hidden}."
         )
+        if graph.aliases:
+            # Genes named by an old or alternative symbol, read with the prior's current one.
+            shown = ", ".join(f"{name} -> {symbol}" for name, symbol in list(graph.aliases.items())[:10])
+            more = f" and {len(graph.aliases) - 10} more" if len(graph.aliases) > 10 else ""
+            self._model_summary_string += f" Gene symbols read as their current ones: {shown}{more}."
         self.init_params_ = init_params
 
     # ------------------------------------------------------------------ data registration
@@ -766,16 +771,19 @@ class Doloris(BaseModelClass):
             self._anchor_cache = cached = (state, anchor)
         return cached[1]
 
-    def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray):
-        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each."""
+    def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray, renamed: dict):
+        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
+
+        ``renamed`` maps genes asked by another symbol to the model's name for them.
+        """
         anchor = self._anchor()
         gates = self.__dict__.get("calibration_", {}).get("gates", {})
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
         group_of = np.array([groups[t] for t in types])
         anchors, weights, used = {}, {}, []
-        for e, (label, dose) in enumerate(zip(request.perturbations, request.doses, strict=True)):
-            name = self._anchor_label(label, dose)
+        for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
+            name = self._anchor_label("+".join(renamed.get(c, c) for c in components), dose)
             control = name in self.control_values  # at dose 0: no shift, the source cells themselves
             shift = None if control else anchor.predict_shift([name], cell_type=list(groups))
             for t, g in groups.items():
@@ -983,7 +991,9 @@ class Doloris(BaseModelClass):
         arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar)
         if anchored:
             arrays["generated"] = arrays["prediction"]
-            arrays["prediction"], used = self._anchored(request, sources, arrays["source"], arrays["generated"])
+            arrays["prediction"], used = self._anchored(
+                request, sources, arrays["source"], arrays["generated"], inputs.renamed
+            )
         if inplace:
             write_inplace(adata, request.names, keys, arrays, {"latent": latents})
             return None
@@ -991,6 +1001,9 @@ class Doloris(BaseModelClass):
         if "generated" in arrays:
             layers["doloris_generated"] = arrays["generated"]
         uns = {}
+        if inputs.aliases:
+            # Genes asked by an old or alternative symbol, and the symbol they were read as.
+            uns["doloris_gene_aliases"] = dict(inputs.aliases)
         if anchored:
             # Which estimate anchored each condition, and the share of the model's own shift taken.
             uns["doloris_anchoring"] = {column: used[column].tolist() for column in used.columns}

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..data import TrainingSummary
 from ..module import GraphTensors, ModuleInputs
-from ..perturbation import GeneGraph
+from ..perturbation import GeneGraph, resolve_names, symbol_candidates, thaw_prior
 from ..prediction import Request
 
 
@@ -67,11 +67,39 @@ class PerturbationInputs:
     molecules: torch.Tensor | None = None
     molecule_doses: torch.Tensor | None = None
     molecule_features: torch.Tensor | None = None
+    # Asked gene names read under another symbol: {asked: node or prior symbol}; ``renamed`` holds
+    # those that are the model's own nodes under another name ({asked: node}).
+    aliases: dict = field(default_factory=dict)
+    renamed: dict = field(default_factory=dict)
 
     def to(self, device) -> tuple:
         """The arguments of :meth:`~scdoloris.module.DolorisModule.embed`, on ``device``."""
         tensors = (self.recipes, self.graph, self.molecules, self.molecule_doses, self.molecule_features)
         return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def _unknown_components(unknown: list[str], graph, molecules) -> ValueError:
+    """The error for components the model cannot embed, naming ambiguous old symbols apart."""
+    prior = thaw_prior(graph.prior)
+    in_prior = set() if prior is None else set(prior["source"]) | set(prior["target"])
+    ambiguous = {
+        name: [s for s in symbol_candidates(name) if s in in_prior]
+        for name in unknown
+        if len([s for s in symbol_candidates(name) if s in in_prior]) > 1
+    }
+    unknown = [name for name in unknown if name not in ambiguous]
+    parts = []
+    if ambiguous:
+        choices = "; ".join(f"{name!r} could be {symbols}" for name, symbols in ambiguous.items())
+        parts.append(f"Ambiguous gene symbol(s): {choices}. Ask for the current symbol you mean.")
+    if unknown:
+        hint = " Molecules never seen in training need their SMILES: smiles={name: SMILES}." if molecules else ""
+        parts.append(
+            f"Unknown perturbation component(s) {unknown}: not a perturbation seen in training, and not a gene "
+            f"(nor an old symbol of one) that the model's gene-graph prior links to its {graph.n_measured} "
+            "measured genes within two steps." + hint
+        )
+    return ValueError(" ".join(parts))
 
 
 def perturbation_inputs(
@@ -111,18 +139,21 @@ def perturbation_inputs(
 
     graph = summary.gene_graph
     known = set(graph.nodes) | set(summary.categories)
+    # A gene asked by another symbol than the model's node for it ("MARCHF1" for a "MARCH1" node).
+    renamed = resolve_names(
+        sorted({c for comps in gene_parts for c in comps if c not in known}), graph.nodes, graph.aliases
+    )
+    gene_parts = [[renamed.get(c, c) for c in comps] for comps in gene_parts]
     new_genes = sorted({c for comps in gene_parts for c in comps if c not in known})
     try:
-        graph = graph.extended(new_genes)
+        extended = graph.extended(new_genes)
     except KeyError as error:
-        unknown = error.args[0]
-        hint = " Molecules never seen in training need their SMILES: smiles={name: SMILES}." if molecules else ""
-        raise ValueError(
-            f"Unknown perturbation component(s) {unknown}: not a perturbation seen in training, and not a gene "
-            f"that the model's gene-graph prior links to its {graph.n_measured} measured genes within two steps." + hint
-        ) from None
-    recipes = summary.vocabulary(graph).recipes(gene_parts)
-    inputs = PerturbationInputs(torch.as_tensor(recipes), graph_tensors(summary, graph))
+        raise _unknown_components(error.args[0], graph, molecules) from None
+    aliases = {**renamed, **{g: extended.aliases[g] for g in new_genes if g in extended.aliases}}
+    recipes = summary.vocabulary(extended).recipes(gene_parts)
+    inputs = PerturbationInputs(
+        torch.as_tensor(recipes), graph_tensors(summary, extended), aliases=aliases, renamed=renamed
+    )
     if molecules is not None:
         # Without a dose column every molecule acts at dose 1 (the scale's unit).
         rows, molecule_doses = molecules.recipes(molecule_parts, [1.0 if d is None else d for d in doses])

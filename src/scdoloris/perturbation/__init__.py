@@ -5,6 +5,7 @@ from here (``PerturbationEncoder``, ``MoleculeEncoder``, ``dose_scale``), loaded
 importing this package does not import torch.
 """
 
+from ._aliases import align_prior, resolve_names, symbol_candidates
 from ._gene_graph import GeneGraph, coexpression_edges, freeze_prior, go_edges, resolve_gene_graph, thaw_prior
 from ._molecules import MoleculeFeatures, morgan_fingerprints
 from ._vocabulary import COMBINATION_SEPARATOR as COMBINATION_SEPARATOR  # used by sibling packages
@@ -24,6 +25,9 @@ __all__ = [
     "freeze_prior",
     "thaw_prior",
     "split_perturbation",
+    "symbol_candidates",
+    "align_prior",
+    "resolve_names",
 ]
 
 

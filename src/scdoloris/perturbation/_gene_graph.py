@@ -8,6 +8,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from ._aliases import align_prior
+
 GO_GRAPH_FILE = "go_jaccard_top20_thr0.1_human_orgHsEgDb_3.16.csv.gz"
 EDGE_COLUMNS = ["source", "target", "weight"]
 
@@ -260,6 +262,9 @@ class GeneGraph:
         Edge weights.
     prior
         The prior as :func:`freeze_prior` returns it, to link genes added later.
+    aliases
+        Genes named in the data by an old or alternative symbol, mapped to the prior's symbol whose
+        edges they took (:func:`~scdoloris.perturbation.align_prior`): ``{"MARCH1": "MARCHF1"}``.
 
     Examples
     --------
@@ -294,6 +299,7 @@ class GeneGraph:
     edges: np.ndarray
     weights: np.ndarray
     prior: list = field(default_factory=list)
+    aliases: dict = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -318,12 +324,13 @@ class GeneGraph:
             return cls(measured, len(measured), np.zeros((2, 0), np.int64), np.zeros(0, np.float32))
         if frozen is None:
             frozen = [{c: prior[c].to_numpy() for c in EDGE_COLUMNS}]
+        prior, aliases, _ = align_prior(prior, [*measured, *perturbed])
         index = pd.Series(np.arange(len(measured)), index=measured)
         inner = prior[prior["source"].isin(index.index) & prior["target"].isin(index.index)]
         # Messages flow both ways: the GO prior lists each gene's top sources, not a symmetric graph.
         inner = _symmetric(inner)
         edges = np.stack([index[inner["source"]].to_numpy(), index[inner["target"]].to_numpy()]).astype(np.int64)
-        graph = cls(measured, len(measured), edges, inner["weight"].to_numpy(np.float32), frozen)
+        graph = cls(measured, len(measured), edges, inner["weight"].to_numpy(np.float32), frozen, aliases)
         known = set(prior["source"]) | set(prior["target"])
         return graph._added([g for g in perturbed if g in known], prior)[0]
 
@@ -347,9 +354,12 @@ class GeneGraph:
         prior = thaw_prior(self.prior)
         if prior is None:
             raise KeyError(sorted(new))
+        # The training renames first, then the new genes' own old symbols.
+        prior, aliases, _ = align_prior(prior, [*self.nodes, *new], self.aliases)
         graph, unlinked = self._added(new, prior)
         if unlinked:
             raise KeyError(sorted(unlinked))
+        graph.aliases = aliases
         return graph
 
     def _added(self, genes: Sequence[str], prior: pd.DataFrame) -> tuple[GeneGraph, list[str]]:
@@ -378,6 +388,7 @@ class GeneGraph:
             np.concatenate([self.edges, edges], axis=1),
             np.concatenate([self.weights, links["weight"].to_numpy(np.float32)]),
             self.prior,
+            dict(self.aliases),
         )
         return graph, unlinked
 
@@ -389,6 +400,8 @@ class GeneGraph:
             "edges": self.edges,
             "weights": self.weights,
             "prior": list(self.prior),
+            "alias_names": list(self.aliases),
+            "alias_symbols": list(self.aliases.values()),
         }
 
     @classmethod
@@ -400,6 +413,7 @@ class GeneGraph:
             np.asarray(state["edges"], dtype=np.int64),
             np.asarray(state["weights"], dtype=np.float32),
             list(state.get("prior", [])),
+            dict(zip(state.get("alias_names", []), state.get("alias_symbols", []), strict=True)),
         )
 
 
