@@ -5,7 +5,7 @@ import pytest
 from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
-from scdoloris.model._anchoring import anchored_cells, calibration_fold, fit_gates, gate_of
+from scdoloris.model._anchoring import anchored_cells, calibration_fold, fit_gates
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -75,25 +75,6 @@ def test_zero_residual_returns_control_plus_anchor():
         cells, shifts = anchored_cells(sources, generated, groups, anchors, {(0, 0): gate, (1, 0): gate})
         np.testing.assert_allclose(cells, np.clip(np.tile(sources, (2, 1)) + anchor, 0, None))
         np.testing.assert_allclose(shifts[(0, 0)], anchor)
-
-
-def test_gates_per_dose_stratum():
-    """A model that is right at high doses and noise at low ones gets gate 1 and 0 there, and the
-    pooled gate of its kind in between (used for doses without a stratum)."""
-    rng = np.random.default_rng(0)
-    s = np.concatenate([rng.normal(0.0, 0.1, (3, 50)), rng.normal(0.0, 2.0, (3, 50))])
-    model = s.copy()
-    model[:3] = rng.normal(0.0, 0.3, (3, 50))  # low dose: unrelated to the truth
-    a = np.zeros_like(s)
-    gates, counts = fit_gates(s, a, model, ["unseen"] * 6, ["10"] * 3 + ["10000"] * 3)
-    assert gates["unseen@10000"] == pytest.approx(1.0) and gates["unseen@10"] < 0.1
-    assert 0.5 < gates["unseen"] < 1.0 and counts == {"unseen": 6, "unseen@10": 3, "unseen@10000": 3}
-    assert gate_of(gates, "unseen", "10000") == gates["unseen@10000"]
-    assert gate_of(gates, "unseen", "500") == gates["unseen"] and gate_of(gates, "unseen") == gates["unseen"]
-    assert gate_of(gates, "combination", "10") == 0.0
-    # A stratum with a single condition is not fitted on its own.
-    gates, _ = fit_gates(s[:4], a[:4], model[:4], ["unseen"] * 4, ["10"] * 3 + ["10000"])
-    assert "unseen@10000" not in gates
 
 
 def test_gates_are_least_squares_clipped():

@@ -57,38 +57,19 @@ def calibration_fold(labels: Sequence[str], seed: int) -> list[str]:
     return sorted(labels[i] for i in chosen)
 
 
-def gate_of(gates: Mapping[str, float], kind: str, dose: str = "") -> float:
-    """The gate of a condition of ``kind`` at dose ``dose`` (text): its dose stratum's, else its kind's, else 0."""
-    if dose and stratum(kind, dose) in gates:
-        return float(gates[stratum(kind, dose)])
-    return float(gates.get(kind, 0.0))
-
-
-def stratum(kind: str, dose: str) -> str:
-    """The name of a dose stratum of a kind: ``"unseen@1000"``."""
-    return f"{kind}@{dose}"
-
-
 def fit_gates(
-    true_shifts: np.ndarray,
-    anchors: np.ndarray,
-    model_shifts: np.ndarray,
-    kinds: Sequence[str],
-    doses: Sequence[str] | None = None,
+    true_shifts: np.ndarray, anchors: np.ndarray, model_shifts: np.ndarray, kinds: Sequence[str]
 ) -> tuple[dict[str, float], dict[str, int]]:
     """Per kind, the least-squares share of the model's residual over the anchor, clipped to ``[0, 1]``.
 
     ``g = sum_i <s_i - a_i, r_i> / sum_i ||r_i||^2`` with ``r_i = d_i - a_i`` over the held-out
     conditions ``i`` of that kind (``s`` the real shift, ``a`` the anchor, ``d`` the model's shift).
-    With ``doses`` (text per condition, ``""`` for none), each dose stratum of a kind with at least
-    ``MIN_GATE_CONDITIONS`` conditions also gets its own gate, keyed ``"kind@dose"`` (:func:`stratum`):
-    how much the model adds over the anchor depends on how strongly a dose moves cells.
 
     Returns
     -------
     gates, counts
-        The gate of each kind (and dose stratum) and the number of held-out conditions it rests on;
-        kinds with fewer than ``MIN_GATE_CONDITIONS`` conditions get 0.
+        The gate of each kind and the number of held-out conditions it rests on; kinds with fewer
+        than ``MIN_GATE_CONDITIONS`` conditions get 0.
 
     Examples
     --------
@@ -102,15 +83,9 @@ def fit_gates(
     {'unseen': 0.5}
     """
     kinds = np.asarray(kinds, dtype=object)
-    groups = {kind: kinds == kind for kind in sorted(set(kinds))}
-    if doses is not None:
-        doses = np.asarray(doses, dtype=object)
-        for kind, dose in sorted(set(zip(kinds, doses, strict=True))):
-            rows = (kinds == kind) & (doses == dose)
-            if dose and rows.sum() >= MIN_GATE_CONDITIONS:
-                groups[stratum(kind, dose)] = rows
     gates, counts = {}, {}
-    for kind, rows in groups.items():
+    for kind in sorted(set(kinds)):
+        rows = kinds == kind
         residual = model_shifts[rows] - anchors[rows]
         target = true_shifts[rows] - anchors[rows]
         counts[kind] = int(rows.sum())

@@ -79,7 +79,6 @@ from ._anchoring import (
     calibration_fold,
     dosed_label,
     fit_gates,
-    gate_of,
 )
 from ._inputs import PerturbationInputs, module_inputs, perturbation_inputs
 from ._persistence import read_model, write_model
@@ -789,7 +788,7 @@ class Doloris(BaseModelClass):
             for t, g in groups.items():
                 kind = "control" if control else anchor.kind(name, t)
                 anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
-                weights[(e, g)] = gate_of(gates, kind, dose_text(dose) if np.ndim(dose) == 0 else "")
+                weights[(e, g)] = float(gates.get(kind, 0.0))
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
         cells, _ = anchored_cells(source_x, generated, group_of, anchors, weights)
         return cells.astype(np.float32), pd.DataFrame(used)
@@ -802,7 +801,7 @@ class Doloris(BaseModelClass):
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         doses = self._doses()
         labels = self._registered_labels()
-        true, anchors, model, kinds, dose_texts = [], [], [], [], []
+        true, anchors, model, kinds = [], [], [], []
         rng = np.random.default_rng(seed)
         conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
         conditions["dose"] = 0.0 if doses is None else doses
@@ -821,10 +820,9 @@ class Doloris(BaseModelClass):
             model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))
             anchors.append(anchor.predict_shift([name], cell_type=cell_type).to_numpy()[0])
             kinds.append(anchor.kind(name, cell_type))
-            dose_texts.append("" if doses is None else dose_text(float(dose)))
         if not kinds:
             return {"gates": {}, "n_conditions": {}, "held_out": fold}
-        gates, counts = fit_gates(np.array(true), np.array(anchors), np.array(model), kinds, dose_texts)
+        gates, counts = fit_gates(np.array(true), np.array(anchors), np.array(model), kinds)
         logger.info("Calibrated on %d held-out conditions: gates %s", len(kinds), gates)
         return {"gates": gates, "n_conditions": counts, "held_out": fold}
 
