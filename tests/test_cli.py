@@ -55,3 +55,33 @@ def test_training_shows_no_lightning_noise(capfd):
         assert noise not in out + err, noise
     assert not [w for w in caught if "lightning" in str(w.filename)], [str(w.message) for w in caught]
     assert logging.getLogger("lightning.pytorch").level == level  # restored after training
+
+
+def test_threads_follow_the_environment_and_the_free_cores(monkeypatch):
+    from scdoloris.cli import _threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.getloadavg", lambda: (64.0, 0.0, 0.0))
+    assert _threads() == 1  # a machine busy with other work: one thread
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert 1 <= _threads() <= 4
+
+
+@pytest.mark.slow
+def test_demo_stopped_by_sigterm_exits_143(tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scdoloris.cli", "demo", "--max-steps", "2000", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(40)  # importing, loading the data and training a few steps
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "stopped by signal 15" in err
