@@ -937,7 +937,7 @@ class Doloris(BaseModelClass):
             Number of nearest training conditions forming the reference subset.
         progress_bar
             Show progress bars of the inversion and the generation; ``None``: only for long calls
-            (more than 200,000 cell-steps, i.e. cells x perturbations x ``n_steps``).
+            (more than 20,000 cell-steps, a few seconds on a CPU, i.e. cells x perturbations x ``n_steps``).
         include_sources
             Put the source control cells first in the result (their control label, ``is_predicted``
             ``False``; ``X`` and ``obs`` only), so that one plot shows both:
@@ -1114,7 +1114,7 @@ class Doloris(BaseModelClass):
                 probabilities, cell_type, reference, rng, mask_strategy, high, low, mask_reference_conditions, groups
             )
 
-        show = len(sources) * len(request.perturbations) * n_steps > 200_000 if progress_bar is None else progress_bar
+        show = len(sources) * len(request.perturbations) * n_steps > 20_000 if progress_bar is None else progress_bar
 
         def progress(iterable, description):
             return track(iterable, description=description, disable=not show, style="tqdm")
