@@ -368,3 +368,11 @@ def test_errors(train, doubles, linear):
 def test_no_change_function_still_works(train):
     pred = sd.baselines.no_change(train[train.obs["perturbation"] == "control"], ["G001"], n_cells=10)
     assert pred.n_obs == 10 and (pred.obs["perturbation"] == "G001").all()
+
+
+def test_additive_names_a_cell_type_without_perturbed_cells():
+    adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1, n_cell_types=2)
+    only_controls_in_ct1 = ~((adata.obs["cell_type"] == "ct1") & (adata.obs["perturbation"] != "control")).to_numpy()
+    additive = sd.baselines.Additive().fit(adata[only_controls_in_ct1].copy(), cell_type_key="cell_type")
+    with pytest.raises(ValueError, match="'ct1' had only controls"):
+        additive.predict_shift(["G001"], cell_type="ct1")

@@ -115,6 +115,11 @@ class Additive(Baseline):
     name = "additive"
 
     def _shift(self, components, labels, cell_type):
+        if cell_type not in set(self.shifts_.index.get_level_values("cell_type")):
+            raise ValueError(
+                f"Additive predicts from single perturbations measured in a cell type; cell type {cell_type!r} had "
+                "only controls in training. sd.baselines.Anchor transfers shifts from other cell types."
+            )
         known = set(self.shifts_.xs(cell_type, level="cell_type").index)
         unknown = sorted({c for comps in components for c in comps if c not in known})
         if unknown:
