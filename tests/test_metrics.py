@@ -547,3 +547,21 @@ def test_e_distance_split_half_matches_its_expectation():
         a, b = np.array_split(rng.permutation(40), 2)
         fresh.append(e_distance(cells[a], cells[b]))
     assert np.mean(fresh) == pytest.approx(_gaussian_delta(5) * (1 / 20 + 1 / 20), rel=0.03)
+
+
+def test_differential_expression_of_predictions_in_scanpys_format():
+    """Against the sources: the shifted genes come first; against real cells: nothing stands out."""
+    adata = sd.datasets.synthetic_perturbations(n_genes=30, n_perturbed_genes=4, n_doubles=0, seed=0)
+    shifted = sd.baselines.Additive().fit(adata)
+    pred = shifted.predict(["G001", "G002"], n_cells=80, include_sources=True, seed=0)
+    table = sd.metrics.differential_expression(pred)
+    assert list(table.columns) == ["group", "names", "scores", "logfoldchanges", "pvals", "pvals_adj"]
+    assert sorted(set(table["group"])) == ["G001", "G002"] and len(table) == 60
+    shift = shifted.predict_shift(["G001"]).iloc[0]
+    rows = table[table["group"] == "G001"].set_index("names").loc[shift.index]
+    assert np.corrcoef(np.sign(rows["scores"]), np.sign(shift))[0, 1] > 0.8  # the direction of each shifted gene
+    assert np.corrcoef(rows["logfoldchanges"], shift)[0, 1] > 0.8  # and its size
+    versus_real = sd.metrics.differential_expression(pred[pred.obs["is_predicted"].to_numpy()].copy(), adata)
+    assert set(versus_real["group"]) == {"G001", "G002"} and versus_real["pvals_adj"].min() > 1e-6
+    with pytest.raises(ValueError, match="include_sources=True"):
+        sd.metrics.differential_expression(pred[pred.obs["is_predicted"].to_numpy()].copy())

@@ -193,3 +193,90 @@ def de_genes(
         rankby_abs=rankby_abs,
     )
     return ranked[:n]
+
+
+def differential_expression(
+    predicted: AnnData,
+    real: AnnData | None = None,
+    *,
+    groupby: str = "perturbation",
+    reference: str = "control",
+    method: str = "wilcoxon",
+) -> pd.DataFrame:
+    """Differential expression of predicted cells, in scanpy's format (:func:`scanpy.get.rank_genes_groups_df`).
+
+    Without ``real``: each predicted perturbation against the ``reference`` cells of ``predicted``
+    (predict with ``include_sources=True`` to have the source controls there). With ``real``: each
+    predicted perturbation against the real cells of the same label, i.e. which genes the
+    prediction gets wrong. Runs :func:`scanpy.tl.rank_genes_groups` on copies: the inputs are not
+    modified.
+
+    Parameters
+    ----------
+    predicted
+        Predicted cells (log1p), e.g. from :meth:`scdoloris.Doloris.predict_perturbation`.
+    real
+        Real cells with the same genes, labelled in ``real.obs[groupby]``.
+    groupby
+        Column with the perturbation labels.
+    reference
+        Label of the control cells (without ``real``).
+    method
+        Test of :func:`scanpy.tl.rank_genes_groups`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``group`` (the perturbation), ``names``, ``scores``, ``logfoldchanges``, ``pvals``,
+        ``pvals_adj``; every gene of every group.
+
+    Examples
+    --------
+    >>> import scdoloris as sd
+    >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=0)
+    >>> pred = sd.baselines.MeanShift().fit(adata).predict(["G001"], n_cells=30, include_sources=True)
+    >>> table = sd.metrics.differential_expression(pred)
+    >>> list(table.columns)[:3], len(table)
+    (['group', 'names', 'scores'], 20)
+    """
+    import scanpy as sc
+    import torch
+
+    labels = _obs_column(predicted, groupby, "predicted").astype(str)
+    threads = torch.get_num_threads()  # scanpy's numba tests reset the OpenMP threads torch shares
+    try:
+        if real is None:
+            groups = [g for g in pd.unique(labels) if g != reference]
+            if reference not in set(labels) or not groups:
+                raise ValueError(
+                    f"predicted.obs[{groupby!r}] needs {reference!r} cells and predicted ones; predict with "
+                    "include_sources=True, or pass the real cells as real= to compare with them."
+                )
+            obs = pd.DataFrame({groupby: labels.to_numpy()}, index=predicted.obs_names)
+            data = AnnData(X=expression_matrix(predicted, None), obs=obs)
+            data.obs[groupby] = pd.Categorical(data.obs[groupby])
+            data.var_names = predicted.var_names
+            sc.tl.rank_genes_groups(data, groupby, groups=groups, reference=reference, method=method, use_raw=False)
+            table = sc.get.rank_genes_groups_df(data, group=groups)
+            if "group" not in table:  # scanpy leaves it out for a single group
+                table.insert(0, "group", groups[0])
+            return table.reset_index(drop=True)
+        if not real.var_names.equals(predicted.var_names):
+            raise ValueError("real and predicted must have the same genes (var_names) in the same order.")
+        real_labels = _obs_column(real, groupby, "real").astype(str)
+        tables = []
+        for group in [g for g in pd.unique(labels) if g in set(real_labels) and g != reference]:
+            mine, theirs = (labels == group).to_numpy(), (real_labels == group).to_numpy()
+            stack = sp.vstack if sp.issparse(real.X) and sp.issparse(predicted.X) else np.vstack
+            sets = pd.Categorical(["predicted"] * int(mine.sum()) + ["real"] * int(theirs.sum()))
+            obs = pd.DataFrame({"set": sets}, index=pd.RangeIndex(len(sets)).astype(str))
+            both = AnnData(X=stack([predicted.X[mine], real.X[theirs]]), obs=obs)
+            both.var_names = predicted.var_names
+            sc.tl.rank_genes_groups(both, "set", groups=["predicted"], reference="real", method=method, use_raw=False)
+            tables.append(sc.get.rank_genes_groups_df(both, group="predicted").assign(group=group))
+        if not tables:
+            raise ValueError(f"No label of predicted.obs[{groupby!r}] is also in real.obs[{groupby!r}].")
+        table = pd.concat(tables, ignore_index=True)
+        return table[["group", *[c for c in table.columns if c != "group"]]]
+    finally:
+        torch.set_num_threads(threads)
