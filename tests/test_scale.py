@@ -171,6 +171,7 @@ def peak_rss_kib():
 
 
 torch.set_num_threads(1)
+sd.Doloris, sd.baselines  # the package loads these on first use: import them before the baseline
 baseline = peak_rss_kib()  # after the imports
 adata = anndata.read_h5ad(sys.argv[1], backed="r")
 sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
