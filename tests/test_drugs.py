@@ -160,3 +160,10 @@ def test_anchored_dose_zero_is_the_source_cells(drug_model):
     assert pred.uns["doloris_anchoring"]["kind"] == ["control"]
     sources = drug_model.adata[pred.obs["control_cell"].to_numpy()].X
     np.testing.assert_allclose(pred.X, np.asarray(sources), atol=1e-6)
+
+
+def test_doses_as_text_are_refused(drug_model):
+    with pytest.raises(ValueError, match="Doses must be numbers"):
+        drug_model.predict_perturbation(["busulfan"], dose="100", n_cells=2, n_steps=2)
+    with pytest.raises(ValueError, match="Doses must be numbers"):
+        drug_model.predict_perturbation(["busulfan", "entinostat"], dose=[10.0, "1e3"], n_cells=2, n_steps=2)

@@ -286,6 +286,11 @@ PREDICT_CASES = [
     ("controls: not an AnnData", {"adata": lambda m: _controls(m).X}, ValueError, "must be an AnnData"),
     ("key_added with '/'", {"adata": _controls, "inplace": True, "key_added": "a/b"}, ValueError, "without '/'"),
     ("n_cells beyond memory", {"n_cells": 10**12}, ValueError, "n_cells"),
+    ("seed as text", {"seed": "a"}, ValueError, "seed must be"),
+    ("negative seed", {"seed": -1}, ValueError, "seed must be"),
+    ("mask_thresholds a number", {"mask_thresholds": 0.5}, ValueError, "mask_thresholds"),
+    ("overwrite as text", {"overwrite": "no"}, ValueError, "overwrite must be True or False"),
+    ("progress_bar as text", {"progress_bar": "yes"}, ValueError, "progress_bar must be"),
 ]
 
 

@@ -93,6 +93,8 @@ def _as_list(labels: str | Sequence[str]) -> list[str]:
 
 def _resolve_seed(seed: int | None) -> int:
     """An explicit seed, else ``scvi.settings.seed``, else 0: nothing runs unseeded."""
+    if seed is not None:
+        check_count("seed", seed, minimum=0)
     if seed is None:
         seed = scvi.settings.seed
     return 0 if seed is None else int(seed)
@@ -963,7 +965,20 @@ class Doloris(BaseModelClass):
             raise ValueError(
                 "include_sources=True returns the sources with the predictions; inplace=True returns None."
             )
-        self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
+        self._check_prediction_args(
+            adata,
+            n_cells,
+            n_steps,
+            batch_size,
+            mask_strategy,
+            mask_thresholds,
+            smiles,
+            dose,
+            inplace,
+            overwrite,
+            include_sources,
+            progress_bar,
+        )
         rng = np.random.default_rng(_resolve_seed(seed))
         request = resolve_request(perturbations, self.control_values, dose=dose)
         inputs = self._perturbation_inputs(request, smiles)
@@ -1131,7 +1146,19 @@ class Doloris(BaseModelClass):
         return arrays, cells.latent.cpu().numpy().astype(np.float32)
 
     def _check_prediction_args(
-        self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose
+        self,
+        adata,
+        n_cells,
+        n_steps,
+        batch_size,
+        mask_strategy,
+        mask_thresholds,
+        smiles,
+        dose,
+        inplace=False,
+        overwrite=False,
+        include_sources=False,
+        progress_bar=None,
     ) -> None:
         """Checks of ``predict_perturbation``'s arguments, before any network call."""
         counts = {"n_steps": n_steps, "batch_size": batch_size}
@@ -1141,9 +1168,16 @@ class Doloris(BaseModelClass):
             check_count(name, value)
         if mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
+        if np.ndim(mask_thresholds) != 1 or len(mask_thresholds) != 2:
+            raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
         low, high = mask_thresholds
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
+        for name, value in {"inplace": inplace, "overwrite": overwrite, "include_sources": include_sources}.items():
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        if progress_bar is not None and not isinstance(progress_bar, bool | np.bool_):
+            raise ValueError(f"progress_bar must be True, False or None, got {progress_bar!r}.")
         if dose is not None and self._setup_args.get("dose_key") is None:
             raise ValueError(
                 "dose= was given, but this model was trained without doses; set it up with "

@@ -59,6 +59,8 @@ def _per_entry_doses(dose, perturbations: list[str]) -> list:
                 "or one per perturbation (a list of numbers for a combination's components)."
             )
     for value in doses:
+        if isinstance(value, str) or any(isinstance(v, str) for v in np.atleast_1d(np.asarray(value, dtype=object))):
+            raise ValueError(f"Doses must be numbers, not text; got {value!r}.")
         values = np.atleast_1d(np.asarray(value if value is not None else 0.0, dtype=np.float64))
         if not np.isfinite(values).all() or (values < 0).any():
             raise ValueError(f"Doses must be finite and not negative; got {value!r}.")
