@@ -703,6 +703,8 @@ def valid_adatas(draw) -> AnnData:
             labels += [label] * n
             types += [f"type{cell_type}"] * n
     X = np.log1p(rng.gamma(1.5, 2.0, size=(len(labels), n_genes)) * (rng.random((len(labels), n_genes)) < 0.7))
+    if draw(st.booleans()):  # an integer-coded cell-type column, as some pipelines write it
+        types = [int(t.removeprefix("type")) + 10 for t in types]
     obs = pd.DataFrame({"perturbation": pd.Categorical(labels), "cell_type": pd.Categorical(types)})
     obs.index = [f"cell{i}" for i in range(len(labels))]
     var = pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])
@@ -746,6 +748,11 @@ def test_random_valid_setups_train(adata):
     model.train(max_steps=2, batch_size=16, seed=0, **TRAIN_KWARGS)
     assert model.is_trained_
     assert all(torch.isfinite(v).all() for v in model.module.state_dict().values() if v.is_floating_point())
+    # Every cell type (also integer-coded ones, by their text) predicts.
+    assert model.cell_types == sorted({str(t) for t in adata.obs["cell_type"]}, key=model.cell_types.index)
+    perturbed = [label for label in model._summary.perturbation_labels if label != "control"]
+    pred = model.predict_perturbation(perturbed[0], n_cells=2, n_steps=2, seed=0)
+    assert pred.n_obs == 2 * len(model.cell_types) and np.isfinite(pred.X).all()
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
@@ -757,3 +764,17 @@ def test_random_invalid_setups_fail_clearly(adata, fault):
         _setup(adata)
         sd.Doloris(adata, gene_graph=None, n_timesteps=20, **TINY)  # reached only if setup missed the fault
     assert text in str(info.value), str(info.value)
+
+
+def test_training_when_the_validation_share_rounds_to_no_cell():
+    """train_size=0.9 of 9 cells keeps all 9 for training: no validation, no error (found by Hypothesis)."""
+    rng = np.random.default_rng(0)
+    labels = ["control"] * 5 + ["G0"] * 4
+    adata = AnnData(
+        np.log1p(rng.poisson(2.0, (9, 4))).astype(np.float32),
+        obs=pd.DataFrame({"perturbation": pd.Categorical(labels)}, index=[f"c{i}" for i in range(9)]),
+    )
+    sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
+    model = sd.Doloris(adata, gene_graph=None, n_timesteps=20, **TINY)
+    model.train(max_steps=2, train_size=0.9, seed=0, **TRAIN_KWARGS)
+    assert model.is_trained_ and "validation_loss" not in model.history_

@@ -602,9 +602,11 @@ class Doloris(BaseModelClass):
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        if train_size < 1.0 or validation_size:
+        if len(splits[1]):
             # Validation loss about 20 times per run, not every epoch.
             trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, max_epochs // 20))
+        else:  # e.g. train_size=0.9 of 9 cells rounds to all 9: nothing to validate on
+            trainer_kwargs.setdefault("limit_val_batches", 0)
         # Batches indexed by (seed, step), not by the global random state: exact resumption.
         data_splitter = ResumableDataSplitter(
             self.adata_manager,
