@@ -269,3 +269,25 @@ def test_convert_trusted_model(tmp_path):
     model = sd.Doloris.load(tmp_path / "m", _legacy_adata())
     expected = np.load(LEGACY / "expected_prediction.npy")
     np.testing.assert_array_equal(model.predict_perturbation(["G001"], **PREDICT).X, expected)
+
+
+def test_load_onto_a_query_with_labels_never_trained(tmp_path):
+    """A saved model loads onto an AnnData holding perturbations it never saw: it predicts, it does not train."""
+    adata = sd.datasets.synthetic_perturbations(
+        n_genes=10, n_perturbed_genes=3, n_cells_per_condition=5, n_control_cells=10, n_doubles=0, seed=0
+    )
+    train = adata[(adata.obs["perturbation"] != "G002").to_numpy()].copy()
+    train.obs["perturbation"] = train.obs["perturbation"].cat.remove_unused_categories()
+    sd.Doloris.setup_anndata(train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
+    model = sd.Doloris(train, gene_graph=None, n_hidden=16, n_hidden_mask=16, n_perturbation=8, n_blocks=1)
+    model.train(max_steps=2, seed=0, enable_progress_bar=False)
+    model.save(tmp_path / "model")
+    query = adata.copy()  # also holds G002's cells
+    loaded = sd.Doloris.load(tmp_path / "model", adata=query)
+    kwargs = {"n_cells": 4, "n_steps": 3, "seed": 0}
+    np.testing.assert_array_equal(
+        loaded.predict_perturbation(["G000"], **kwargs).X, model.predict_perturbation(["G000"], **kwargs).X
+    )
+    assert loaded._cell_is_control().sum() == (query.obs["perturbation"] == "control").sum()
+    with pytest.raises(ValueError, match=r"never saw .*G002"):
+        loaded.train(max_steps=1, enable_progress_bar=False)

@@ -555,6 +555,12 @@ class Doloris(BaseModelClass):
             Passed to :class:`scvi.train.Trainer` (Lightning).
         """
         self._check_registration()
+        new = self._new_labels()
+        if new:
+            raise ValueError(
+                f"This model's AnnData holds labels its training never saw ({new}): it was loaded onto a query set, "
+                "which it can predict from but not train on. Build a new model to train on these labels."
+            )
         self._check_train_args(max_epochs, max_steps, batch_size, train_size, validation_size)
         checkpoint, resume_from = (None, None)
         if checkpoint_dir is not None:
@@ -689,8 +695,28 @@ class Doloris(BaseModelClass):
         return self.init_params_["non_kwargs"].get("preset", "paper")
 
     def _registered_labels(self) -> np.ndarray:
-        """Perturbation label of every cell of the model's AnnData."""
-        return np.asarray(self._summary.perturbation_labels, dtype=object)[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
+        """Perturbation label of every cell of the model's AnnData (a query's new labels included)."""
+        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping
+        return np.asarray([str(v) for v in mapping], dtype=object)[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
+
+    def _cell_is_control(self) -> np.ndarray:
+        """Whether each cell of the model's AnnData carries a control label (a query's new labels are not)."""
+        codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        known = self._summary.is_control
+        return np.where(codes < len(known), known[np.minimum(codes, len(known) - 1)], False)
+
+    def _new_labels(self) -> dict[str, list[str]]:
+        """Perturbations and cell types of the model's AnnData that training never saw (a query loaded onto it)."""
+        new = {}
+        for key, trained in [
+            (REGISTRY_KEYS.PERTURBATION_KEY, self._summary.perturbation_labels),
+            (REGISTRY_KEYS.CELL_TYPE_KEY, self._summary.cell_types),
+        ]:
+            mapping = [str(v) for v in self.adata_manager.get_state_registry(key).categorical_mapping]
+            extra = mapping[len(trained) :]
+            if extra:
+                new[key] = extra
+        return new
 
     def _calibration(self, seed: int, total_steps: int, world_size: int) -> _Calibration | None:
         """The calibration of an anchored run: a fold of perturbations and the step it is predicted at.
@@ -718,7 +744,7 @@ class Doloris(BaseModelClass):
     def _anchor_labels(self, rows: np.ndarray) -> np.ndarray:
         """The anchor's label of each cell in ``rows``: the control label, the label, or ``A@dose`` per component."""
         labels = self._registered_labels()[rows]
-        is_control = self._summary.is_control[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)[rows]]
+        is_control = self._cell_is_control()[rows]
         doses = self._doses()
         control = self.control_values[0]
         if doses is None:
@@ -847,7 +873,7 @@ class Doloris(BaseModelClass):
         if adata is not None:  # genes, layer and values checked by _check_prediction_args
             return given_cells(adata, self._setup_args.get("cell_type_key"), cell_type, self.cell_types)
         type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
-        is_control = self._summary.is_control[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
+        is_control = self._cell_is_control()
         control_rows = {name: np.flatnonzero(is_control & (type_codes == i)) for i, name in enumerate(self.cell_types)}
         return draw_controls(self.adata, control_rows, resolve_cell_types(cell_type, self.cell_types), n_cells, rng)
 
@@ -1274,7 +1300,9 @@ class Doloris(BaseModelClass):
         dir_path
             Directory written by :meth:`save`.
         adata
-            AnnData organised like the training data (``None``: the one saved with the model).
+            AnnData organised like the training data (``None``: the one saved with the model). It may
+            be a query set holding perturbations or cell types training never saw: the model
+            predicts from its control cells (and refuses to train on it).
         prefix
             File-name prefix used when saving.
         accelerator, device
@@ -1303,7 +1331,9 @@ class Doloris(BaseModelClass):
         check_same_genes(adata, var_names)
         registry = attr_dict.pop("registry_")
         # Registers adata as the model's was (same categories and codes), validated against that registry.
-        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        # extend_categories: a query set may hold perturbations or cell types training never saw (they get
+        # codes after the trained ones; prediction reads labels by name, training refuses them).
+        cls.setup_anndata(adata, source_registry=registry, extend_categories=True, **registry["setup_args"])
         init_params = attr_dict.pop("init_params_")
         # Models saved before presets existed were trained and predict as the paper's method.
         init_params["non_kwargs"].setdefault("preset", "paper")
