@@ -43,6 +43,7 @@ def test_public_api():
         "mean_rmse",
         "pearson_delta",
         "de_genes",
+        "differential_expression",
         "evaluate",
     }
     assert not hasattr(sd.metrics, "edistance")
