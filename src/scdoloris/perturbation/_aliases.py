@@ -100,6 +100,8 @@ def resolve_names(names: Sequence[str], nodes: Sequence[str], aliases: dict[str,
     {'MARCH1': 'MARCHF1'}
     """
     node_set = set(nodes)
+    if all(name in node_set for name in names):
+        return {}
     by_symbol = {symbol: node for node, symbol in aliases.items() if node in node_set}
     for node in nodes:
         for symbol in symbol_candidates(node):
