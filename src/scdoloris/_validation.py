@@ -117,6 +117,17 @@ def check_same_genes(adata: AnnData, genes: pd.Index) -> None:
     )
 
 
+def check_flags(*, allow_none: bool = False, **flags) -> None:
+    """Raise a ValueError unless each flag is ``True`` or ``False`` (or ``None`` with ``allow_none``).
+
+    A string such as ``overwrite="no"`` would otherwise count as true.
+    """
+    for name, value in flags.items():
+        if not (isinstance(value, bool | np.bool_) or (allow_none and value is None)):
+            wanted = "True, False or None" if allow_none else "True or False"
+            raise ValueError(f"{name} must be {wanted}, got {value!r}.")
+
+
 def check_count(name: str, value, minimum: int = 1) -> None:
     """Raise a ValueError unless ``value`` is an integer (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:

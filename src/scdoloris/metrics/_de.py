@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,22 @@ def _check_n(n: int, n_genes: int) -> int:
     return int(n)
 
 
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Restore torch's thread count after the block.
+
+    scanpy's Wilcoxon test (numba) resets the OpenMP thread count torch shares, to one per core: a
+    notebook that chose ``torch.set_num_threads(1)`` would silently get its training slowed or changed.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def rank_genes(
     group: Matrix,
     reference: Matrix,
@@ -41,7 +58,6 @@ def rank_genes(
     never modified. Gene names are handled by position, so duplicated names are fine.
     """
     import scanpy as sc
-    import torch
 
     if group.shape[0] < 2 or reference.shape[0] < 2:
         raise ValueError(
@@ -61,10 +77,7 @@ def rank_genes(
     if isinstance(layer_log1p, Mapping):
         # Only used by scanpy for the (unused here) log fold changes; avoids a spurious warning.
         tmp.uns["log1p"] = dict(layer_log1p)
-    # scanpy's Wilcoxon test (numba) resets the OpenMP thread count torch shares, to one per core:
-    # a notebook that chose torch.set_num_threads(1) would silently get its training slowed or changed.
-    threads = torch.get_num_threads()
-    try:
+    with _torch_threads_kept():
         sc.tl.rank_genes_groups(
             tmp,
             "_de_group",
@@ -76,8 +89,6 @@ def rank_genes(
             use_raw=False,
             pts=False,
         )
-    finally:
-        torch.set_num_threads(threads)
     positions = tmp.uns["rank_genes_groups"]["names"]["group"].astype(int)
     return list(var_names[positions])
 
@@ -240,11 +251,9 @@ def differential_expression(
     (['group', 'names', 'scores'], 20)
     """
     import scanpy as sc
-    import torch
 
     labels = _obs_column(predicted, groupby, "predicted").astype(str)
-    threads = torch.get_num_threads()  # scanpy's numba tests reset the OpenMP threads torch shares
-    try:
+    with _torch_threads_kept():
         if real is None:
             groups = [g for g in pd.unique(labels) if g != reference]
             if reference not in set(labels) or not groups:
@@ -278,5 +287,3 @@ def differential_expression(
             raise ValueError(f"No label of predicted.obs[{groupby!r}] is also in real.obs[{groupby!r}].")
         table = pd.concat(tables, ignore_index=True)
         return table[["group", *[c for c in table.columns if c != "group"]]]
-    finally:
-        torch.set_num_threads(threads)

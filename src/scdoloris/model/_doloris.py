@@ -29,6 +29,7 @@ from .._validation import (
     check_count,
     check_doses,
     check_expression,
+    check_flags,
     check_model_args,
     check_output_size,
     check_same_genes,
@@ -487,8 +488,8 @@ class Doloris(BaseModelClass):
             manager.get_from_registry(REGISTRY_KEYS.X_KEY),
             self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
             self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
-            [str(v) for v in manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping],
-            [str(v) for v in manager.get_state_registry(REGISTRY_KEYS.CELL_TYPE_KEY).categorical_mapping],
+            self._registered_categories(REGISTRY_KEYS.PERTURBATION_KEY),
+            self._registered_categories(REGISTRY_KEYS.CELL_TYPE_KEY),
             _as_list(self._setup_args["control_value"]),
             list(self.adata.var_names),
             gene_graph=gene_graph,
@@ -694,10 +695,14 @@ class Doloris(BaseModelClass):
         """``"anchored"`` (control + calibrated anchor, the default) or ``"paper"`` (the published method)."""
         return self.init_params_["non_kwargs"].get("preset", "paper")
 
+    def _registered_categories(self, key: str) -> list[str]:
+        """The registered labels of ``key``, as text, in code order (a query's new labels after the trained)."""
+        return [str(v) for v in self.adata_manager.get_state_registry(key).categorical_mapping]
+
     def _registered_labels(self) -> np.ndarray:
         """Perturbation label of every cell of the model's AnnData (a query's new labels included)."""
-        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY).categorical_mapping
-        return np.asarray([str(v) for v in mapping], dtype=object)[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
+        labels = np.asarray(self._registered_categories(REGISTRY_KEYS.PERTURBATION_KEY), dtype=object)
+        return labels[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
 
     def _cell_is_control(self) -> np.ndarray:
         """Whether each cell of the model's AnnData carries a control label (a query's new labels are not)."""
@@ -712,8 +717,7 @@ class Doloris(BaseModelClass):
             (REGISTRY_KEYS.PERTURBATION_KEY, self._summary.perturbation_labels),
             (REGISTRY_KEYS.CELL_TYPE_KEY, self._summary.cell_types),
         ]:
-            mapping = [str(v) for v in self.adata_manager.get_state_registry(key).categorical_mapping]
-            extra = mapping[len(trained) :]
+            extra = self._registered_categories(key)[len(trained) :]
             if extra:
                 new[key] = extra
         return new
@@ -993,20 +997,9 @@ class Doloris(BaseModelClass):
             raise ValueError(
                 "include_sources=True returns the sources with the predictions; inplace=True returns None."
             )
-        self._check_prediction_args(
-            adata,
-            n_cells,
-            n_steps,
-            batch_size,
-            mask_strategy,
-            mask_thresholds,
-            smiles,
-            dose,
-            inplace,
-            overwrite,
-            include_sources,
-            progress_bar,
-        )
+        check_flags(inplace=inplace, overwrite=overwrite, include_sources=include_sources)
+        check_flags(progress_bar=progress_bar, allow_none=True)
+        self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
         rng = np.random.default_rng(_resolve_seed(seed))
         request = resolve_request(perturbations, self.control_values, dose=dose)
         inputs = self._perturbation_inputs(request, smiles)
@@ -1174,19 +1167,7 @@ class Doloris(BaseModelClass):
         return arrays, cells.latent.cpu().numpy().astype(np.float32)
 
     def _check_prediction_args(
-        self,
-        adata,
-        n_cells,
-        n_steps,
-        batch_size,
-        mask_strategy,
-        mask_thresholds,
-        smiles,
-        dose,
-        inplace=False,
-        overwrite=False,
-        include_sources=False,
-        progress_bar=None,
+        self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose
     ) -> None:
         """Checks of ``predict_perturbation``'s arguments, before any network call."""
         counts = {"n_steps": n_steps, "batch_size": batch_size}
@@ -1201,11 +1182,6 @@ class Doloris(BaseModelClass):
         low, high = mask_thresholds
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
-        for name, value in {"inplace": inplace, "overwrite": overwrite, "include_sources": include_sources}.items():
-            if not isinstance(value, bool | np.bool_):
-                raise ValueError(f"{name} must be True or False, got {value!r}.")
-        if progress_bar is not None and not isinstance(progress_bar, bool | np.bool_):
-            raise ValueError(f"progress_bar must be True, False or None, got {progress_bar!r}.")
         if dose is not None and self._setup_args.get("dose_key") is None:
             raise ValueError(
                 "dose= was given, but this model was trained without doses; set it up with "

@@ -82,11 +82,8 @@ def _unknown_components(unknown: list[str], graph, molecules) -> ValueError:
     """The error for components the model cannot embed, naming ambiguous old symbols apart."""
     prior = thaw_prior(graph.prior)
     in_prior = set() if prior is None else set(prior["source"]) | set(prior["target"])
-    ambiguous = {
-        name: [s for s in symbol_candidates(name) if s in in_prior]
-        for name in unknown
-        if len([s for s in symbol_candidates(name) if s in in_prior]) > 1
-    }
+    candidates = {name: [s for s in symbol_candidates(name) if s in in_prior] for name in unknown}
+    ambiguous = {name: symbols for name, symbols in candidates.items() if len(symbols) > 1}
     unknown = [name for name in unknown if name not in ambiguous]
     parts = []
     if ambiguous:

@@ -80,18 +80,23 @@ def predicted_anndata(
         ``f"{entry}_{cell_type}_{i}"`` (sources: ``f"source_{cell_type}_{i}"``).
     """
     n_sources, n_entries = len(sources), len(request.perturbations)
-    perturbations = request.perturbations
-    name_column = np.repeat(request.names, n_sources)
+    labels, names, doses = list(request.perturbations), list(request.names), _dose_column(request.doses)
+    X, is_predicted = cells.X, np.ones(n_entries * n_sources, dtype=bool)
+    if source_x is not None:  # the sources as one more entry, first: the control label, no dose
+        labels, names = [control_label, *labels], ["source", *names]
+        doses = np.concatenate([[np.nan if doses.dtype.kind == "f" else ""], doses])
+        X = np.concatenate([np.asarray(source_x, dtype=np.float32), np.asarray(cells.X, dtype=np.float32)])
+        is_predicted = np.concatenate([np.zeros(n_sources, dtype=bool), is_predicted])
+        n_entries += 1
+    name_column = np.repeat(names, n_sources)
     type_column = np.tile(sources.cell_types, n_entries)
     obs = pd.DataFrame(
         {
-            "perturbation": pd.Categorical(
-                np.repeat(perturbations, n_sources), categories=list(dict.fromkeys(perturbations))
-            ),
+            "perturbation": pd.Categorical(np.repeat(labels, n_sources), categories=list(dict.fromkeys(labels))),
             "cell_type": pd.Categorical(type_column),
-            "dose": np.repeat(_dose_column(request.doses), n_sources),
+            "dose": np.repeat(doses, n_sources),
             "control_cell": np.tile(np.asarray(sources.names, dtype=object), n_entries),
-            "is_predicted": True,
+            "is_predicted": is_predicted,
         }
     )
     for column, user_key in (obs_keys or {}).items():
@@ -99,42 +104,13 @@ def predicted_anndata(
             obs[user_key] = obs[column]
     counter = pd.Series(name_column).groupby([name_column, type_column]).cumcount().to_numpy()
     obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(name_column, type_column, counter, strict=True)]
-    if source_x is not None:
-        predicted = AnnData(X=cells.X, obs=obs, var=var.copy())
-        return _with_sources(predicted, sources, source_x, control_label, cells.uns, obs_keys)
-    result = AnnData(X=cells.X, obs=obs, var=var.copy())
-    for key, value in cells.layers.items():
-        result.layers[key] = value
-    for key, value in cells.obsm.items():
-        result.obsm[key] = value
+    result = AnnData(X=X, obs=obs, var=var.copy())
+    if source_x is None:  # the sources have no counterpart of the predicted cells' layers and obsm
+        for key, value in cells.layers.items():
+            result.layers[key] = value
+        for key, value in cells.obsm.items():
+            result.obsm[key] = value
     result.uns.update(cells.uns)
-    return result
-
-
-def _with_sources(
-    predicted: AnnData, sources: Sources, source_x: np.ndarray, control_label: str, uns: Mapping, obs_keys
-) -> AnnData:
-    """The source cells (as ``control_label``, ``is_predicted`` False) followed by the predicted cells."""
-    obs = predicted.obs.iloc[: len(sources)].copy()
-    obs["perturbation"] = control_label
-    obs["dose"] = np.nan if obs["dose"].dtype.kind == "f" else ""
-    obs["control_cell"] = np.asarray(sources.names, dtype=object)
-    obs["is_predicted"] = False
-    for column, user_key in (obs_keys or {}).items():
-        if user_key is not None and user_key in obs and user_key != column:
-            obs[user_key] = obs[column]
-    counter = pd.Series(sources.cell_types).groupby(sources.cell_types).cumcount().to_numpy()
-    obs.index = [f"source_{t}_{i}" for t, i in zip(sources.cell_types, counter, strict=True)]
-    X = np.concatenate([np.asarray(source_x, dtype=np.float32), np.asarray(predicted.X, dtype=np.float32)])
-    obs = pd.concat([obs, predicted.obs])
-    labels = [control_label, *predicted.obs["perturbation"].cat.categories]
-    obs["perturbation"] = pd.Categorical(obs["perturbation"].astype(str), categories=labels)
-    obs["cell_type"] = pd.Categorical(obs["cell_type"].astype(str))
-    for column in obs.columns:
-        if column not in ("perturbation", "cell_type") and obs[column].dtype == object:
-            obs[column] = obs[column].astype(str)
-    result = AnnData(X=X, obs=obs, var=predicted.var.copy())
-    result.uns.update(uns)
     return result
 
 

@@ -19,15 +19,11 @@ _WARNINGS = (
 
 
 @contextmanager
-def quiet_lightning(quiet: bool = True) -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Within the block, Lightning logs warnings and errors only and the warnings above are not shown.
 
     Lightning sets its loggers to INFO itself; their levels are restored when the block ends.
-    ``quiet=False`` changes nothing.
     """
-    if not quiet:
-        yield
-        return
     loggers = [logging.getLogger(name) for name in _LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
