@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Self
 
 import numpy as np
@@ -10,9 +11,10 @@ from anndata import AnnData
 
 from ..prediction import resolve_cell_types, resolve_request
 from ._base import Baseline, canonical
+from ._dose import FEATURES, DoseEstimates, pattern_name, split_dose
 
 #: What :meth:`Anchor.kind` answers, from the most to the least measured.
-KINDS = ("seen", "combination", "partial", "unseen", "new_cell_type")
+KINDS = ("seen", "combination", "related", "partial", "unseen", "new_cell_type")
 # Ridge strengths of the per-gene transfer refinement, relative to the mean (over genes) of the sum
 # of squared control differences it is fitted on; the leave-one-cell-type-out error picks one.
 _RIDGE_GRID = 10.0 ** np.arange(-4.0, 4.5, 0.5)
@@ -195,6 +197,13 @@ class Anchor(Baseline):
         self._index_shifts()
         self._calibrate_lambda()
         self._calibrate_transfer()
+        self._set_dose_weights(self._doses.fit(_MIN_GAIN) if self._doses else {})
+
+    def _set_dose_weights(self, fitted: dict[str, tuple[np.ndarray, int]]) -> None:
+        self.dose_weights_ = pd.DataFrame(
+            [w for w, _ in fitted.values()], index=pd.Index(list(fitted), name="pattern"), columns=list(FEATURES)
+        )
+        self.n_dose_ = pd.Series([n for _, n in fitted.values()], index=self.dose_weights_.index, dtype=np.int64)
 
     def _index_shifts(self) -> None:
         """Lookup tables and averages derived from ``shifts_`` and ``control_means_`` (fit and restore)."""
@@ -212,9 +221,10 @@ class Anchor(Baseline):
         self._perturbed_types = set(types)
         self._mean = {t: self.mean_shift_.loc[t].to_numpy(dtype=np.float64) for t in self._perturbed_types}
         self._overall = self.overall_shift_.to_numpy(dtype=np.float64)
+        self._doses = DoseEstimates(keys, types, self._S, self._elsewhere)
 
     def _calibrate_lambda(self) -> None:
-        num = den = 0.0
+        num = den = size = 0.0
         n = 0
         for t in self._perturbed_types:
             keys = self._keys_in(t)
@@ -225,8 +235,13 @@ class Anchor(Baseline):
             single = np.array(["+" not in k for k in keys])
             num += float(np.sum(S[single] * loo[single]))
             den += float(np.sum(loo[single] ** 2))
+            size += float(np.sum(S[single] ** 2))
             n += int(single.sum())
-        self.lambda_ = _shrinkage(num, den, 1.0) if n else 1.0
+        lam = _shrinkage(num, den, 1.0) if n else 1.0
+        # Shrinking the average shift is kept only when it lowers the held-out error of lambda = 1 (MeanShift's
+        # answer) clearly: a gain within _MIN_GAIN rests on the noise of the average, not on evidence.
+        error = size - 2.0 * lam * num + lam**2 * den
+        self.lambda_ = lam if error < (1.0 - _MIN_GAIN) * (size - 2.0 * num + den) else 1.0
         self.n_lambda_ = n
 
     def _keys_in(self, cell_type: str) -> list[str]:
@@ -374,7 +389,47 @@ class Anchor(Baseline):
         known = sum((c, cell_type) in self._row for c in set(components))
         if known == len(set(components)):
             return "combination"
-        return "partial" if known else "unseen"
+        related = sum(
+            (c, cell_type) not in self._row and self._dose_pattern(c, cell_type)[0] is not None for c in set(components)
+        )
+        if known + related == len(set(components)):
+            return "related"
+        return "partial" if known + related else "unseen"
+
+    def _elsewhere(self, key: str, cell_type: str) -> np.ndarray | None:
+        """The similarity-weighted average shift of ``key`` in the cell types other than ``cell_type``."""
+        types = [t for t in self._types_of.get(key, ()) if t != cell_type]
+        if not types:
+            return None
+        controls = self._C[[self._type_row[t] for t in types]]
+        weights = _similarity_weights(self._C[self._type_row[cell_type]], controls, self.bandwidth_)
+        return weights @ self._S[[self._row[key, t] for t in types]]
+
+    def _dose_pattern(self, component: str, cell_type: str) -> tuple[str | None, dict[str, np.ndarray]]:
+        """The fitted pattern answering a dosed ``component`` in ``cell_type``, and its estimates.
+
+        ``None`` when the component has no dose or no fitted pattern uses the drug's own measurements.
+        """
+        name, dose = split_dose(component)
+        if dose is None or not len(getattr(self, "dose_weights_", ())):
+            return None, {}
+        found = self._doses.features(name, dose, cell_type)
+        # The most informed fitted pattern among the estimates that exist (every one has "average").
+        for size in range(len(found), 0, -1):
+            for subset in itertools.combinations(list(found), size):
+                if (pattern := pattern_name(subset)) in self.dose_weights_.index:
+                    return pattern, found
+        return None, {}
+
+    def _component_shift(self, component: str, cell_type: str) -> np.ndarray:
+        """A component's shift in perturbed ``cell_type``: measured, dose-estimated, or ``lambda_ * m_t``."""
+        if (component, cell_type) in self._row:
+            return self._S[self._row[component, cell_type]]
+        pattern, found = self._dose_pattern(component, cell_type)
+        if pattern is None:
+            return self.lambda_ * self._mean[cell_type]
+        weights = self.dose_weights_.loc[pattern]
+        return sum(weights[f] * v for f, v in found.items() if weights[f] != 0.0) + np.zeros(len(self.genes_))
 
     def _transferred(self, key: str, cell_type: str) -> np.ndarray:
         """``gamma_ * (average shift of key where measured)``, plus the per-gene refinement."""
@@ -399,11 +454,7 @@ class Anchor(Baseline):
             )
         if (key, cell_type) in self._row:
             return self._S[self._row[key, cell_type]]
-        fallback = self.lambda_ * self._mean[cell_type]
-        return sum(
-            (self._S[self._row[c, cell_type]] if (c, cell_type) in self._row else fallback for c in components),
-            np.zeros(len(self.genes_)),
-        )
+        return sum((self._component_shift(c, cell_type) for c in components), np.zeros(len(self.genes_)))
 
     def _average_shift_near(self, cell_type: str) -> np.ndarray:
         """The average training shift, over the perturbed cell types weighted by similarity to ``cell_type``."""
@@ -482,6 +533,9 @@ class Anchor(Baseline):
             "transfer_errors": [float(self.transfer_errors_["mean"]), float(self.transfer_errors_["per_gene"])],
             "n_transfer": int(self.n_transfer_),
             "bandwidth": None if self.bandwidth_ is None else float(self.bandwidth_),
+            "dose_patterns": [str(p) for p in self.dose_weights_.index],
+            "dose_weights": self.dose_weights_.to_numpy(dtype=np.float64).reshape(-1, len(FEATURES)).copy(),
+            "n_dose": self.n_dose_.to_numpy(dtype=np.int64).copy(),
         }
 
     @classmethod
@@ -544,6 +598,12 @@ class Anchor(Baseline):
         bandwidth = state.get("bandwidth")
         self.bandwidth_ = None if bandwidth is None else float(bandwidth)
         self.bandwidth_errors_ = {}
+        # States written before doses were estimated answered a dosed condition like any unseen one.
+        patterns = [str(p) for p in state.get("dose_patterns", [])]
+        weights = np.asarray(state.get("dose_weights", np.zeros((0, len(FEATURES)))), dtype=np.float64)
+        counts = np.asarray(state.get("n_dose", np.zeros(0)), dtype=np.int64)
+        rows = zip(patterns, weights.reshape(-1, len(FEATURES)), counts, strict=True)
+        self._set_dose_weights({p: (w, int(n)) for p, w, n in rows})
         self.adata_ = None
         if adata is not None:
             self._attach(adata)

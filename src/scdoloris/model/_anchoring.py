@@ -26,6 +26,10 @@ CALIBRATION_PHASE = 0.8
 # Share of the perturbation labels held out in that phase, and the fewest labels that make a fold.
 CALIBRATION_FRACTION = 0.2
 MIN_CALIBRATION_LABELS = 5
+# With doses: share of the other (drug, cell type, dose) conditions also held out, so that the gate of a
+# drug measured at other doses or in other cell types ("related") is fitted too; and the fewest that make one.
+CALIBRATION_CONDITION_FRACTION = 0.1
+MIN_CALIBRATION_CONDITIONS = 10
 # Conditions of one kind needed to fit its gate (fewer: the gate stays 0, the anchor alone).
 MIN_GATE_CONDITIONS = 2
 # Cells per held-out condition: conditions with fewer real cells are not used, and the cells predicted.
@@ -55,6 +59,30 @@ def calibration_fold(labels: Sequence[str], seed: int) -> list[str]:
     n = max(1, int(round(CALIBRATION_FRACTION * len(labels))))
     chosen = np.random.default_rng(seed).choice(len(labels), n, replace=False)
     return sorted(labels[i] for i in chosen)
+
+
+def calibration_conditions(conditions: np.ndarray, seed: int) -> np.ndarray:
+    """Rows of ``conditions`` (distinct ``(label code, cell type code, dose)``) held out of the first phase.
+
+    A seeded ``CALIBRATION_CONDITION_FRACTION`` of them; none when there are fewer than
+    ``MIN_CALIBRATION_CONDITIONS``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scdoloris.model._anchoring import calibration_conditions
+    >>> rows = np.array([[p, t, d] for p in range(5) for t in range(2) for d in (10.0, 100.0)])
+    >>> calibration_conditions(rows, seed=0).shape
+    (2, 3)
+    >>> calibration_conditions(rows[:5], seed=0).shape
+    (0, 3)
+    """
+    conditions = np.unique(np.asarray(conditions, dtype=np.float64).reshape(-1, 3), axis=0)
+    if len(conditions) < MIN_CALIBRATION_CONDITIONS:
+        return np.zeros((0, 3))
+    n = max(1, int(round(CALIBRATION_CONDITION_FRACTION * len(conditions))))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(conditions), n, replace=False))
+    return conditions[chosen]
 
 
 def fit_gates(

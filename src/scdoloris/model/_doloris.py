@@ -77,6 +77,7 @@ from ._anchoring import (
     CALIBRATION_MIN_CELLS,
     CALIBRATION_PHASE,
     anchored_cells,
+    calibration_conditions,
     calibration_fold,
     dosed_label,
     fit_gates,
@@ -116,18 +117,26 @@ def _inplace_keys(key_added: str, anchored: bool) -> InplaceKeys:
 class _Calibration(Callback):
     """Predicts the held-out fold at ``step`` and fits the gates (preset="anchored"; model/_anchoring.py).
 
-    Until ``step`` the training plan gives the fold's perturbations no weight, so at ``step`` the
+    Until ``step`` the training plan gives the fold's perturbations (and, with doses, its
+    ``conditions``: rows of perturbation code, cell type code and dose) no weight, so at ``step`` the
     model has never learned them; training then goes on with every perturbation. The result is kept
     in the run's checkpoints, so a resumed run ends with the gates of an uninterrupted one.
     """
 
-    def __init__(self, model: Doloris, fold: list[str], codes: list[int], step: int, seed: int):
-        self.model, self.fold, self.codes, self.step, self.seed = model, fold, codes, step, seed
+    def __init__(self, model: Doloris, fold: list[str], codes: list[int], conditions: np.ndarray, step: int, seed: int):
+        self.model, self.fold, self.codes, self.conditions = model, fold, codes, conditions
+        self.step, self.seed = step, seed
         self.result: dict | None = None
 
     def _run(self, pl_module) -> None:
-        held_out = np.isin(self.model._codes(REGISTRY_KEYS.PERTURBATION_KEY), self.codes)
+        codes = self.model._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        held_out = np.isin(codes, self.codes)
+        if len(self.conditions):
+            cells = np.stack([codes, self.model._codes(REGISTRY_KEYS.CELL_TYPE_KEY), self.model._doses()], axis=1)
+            for condition in self.conditions:
+                held_out |= np.all(np.isclose(cells, condition, rtol=1e-5, atol=0.0), axis=1)
         self.result = self.model._calibrate(self.fold, held_out, self.seed)
+        self.result["held_out_conditions"] = self.model._describe_conditions(self.conditions)
         pl_module.train()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
@@ -603,6 +612,7 @@ class Doloris(BaseModelClass):
         if calibration is not None:
             # The fold's perturbations count for nothing until the calibration step (see _Calibration).
             plan_kwargs["excluded_perturbations"] = calibration.codes
+            plan_kwargs["excluded_conditions"] = calibration.conditions
             plan_kwargs["exclude_until_step"] = calibration.step
             callbacks.append(calibration)
         plan_kwargs["callbacks"] = callbacks
@@ -743,7 +753,35 @@ class Doloris(BaseModelClass):
         if not fold:
             return None
         step = round(CALIBRATION_PHASE * total_steps)
-        return _Calibration(self, fold, [labels.index(label) for label in fold], step, seed)
+        codes = [labels.index(label) for label in fold]
+        return _Calibration(self, fold, codes, self._calibration_conditions(codes, seed), step, seed)
+
+    def _calibration_conditions(self, fold_codes: list[int], seed: int) -> np.ndarray:
+        """With doses, ``(perturbation code, cell type code, dose)`` rows also held out of the first phase.
+
+        Drawn (:func:`~scdoloris.model._anchoring.calibration_conditions`) among the single
+        perturbations outside the fold, at doses above 0.
+        """
+        doses = self._doses()
+        if doses is None:
+            return np.zeros((0, 3))
+        codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        labels, is_control = self._summary.perturbation_labels, self._summary.is_control
+        single = np.array(
+            [
+                not control and len(split_perturbation(label, self.control_values)) == 1
+                for label, control in zip(labels, is_control, strict=True)
+            ]
+        )
+        rows = (codes < len(single)) & single[np.minimum(codes, len(single) - 1)] & ~np.isin(codes, fold_codes)
+        rows &= doses > 0
+        cells = np.stack([codes[rows], self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows], doses[rows]], axis=1)
+        return calibration_conditions(cells, seed)
+
+    def _describe_conditions(self, conditions: np.ndarray) -> list[list]:
+        """``[label, cell type, dose]`` of each ``(perturbation code, cell type code, dose)`` row."""
+        labels, types = self._summary.perturbation_labels, self.cell_types
+        return [[labels[int(p)], str(types[int(t)]), float(d)] for p, t, d in conditions]
 
     def _anchor_labels(self, rows: np.ndarray) -> np.ndarray:
         """The anchor's label of each cell in ``rows``: the control label, the label, or ``A@dose`` per component."""

@@ -66,6 +66,9 @@ class DolorisTrainingPlan(pl.LightningModule):
         Registered perturbation codes whose cells get no weight in the training loss before step
         ``exclude_until_step`` (a calibration fold: the model must not have learned them when it is
         asked to predict them).
+    excluded_conditions
+        Rows ``(perturbation code, cell type code, dose)``: cells of these conditions also get no
+        weight before ``exclude_until_step`` (a drug's dose held out while its other doses train).
 
     Examples
     --------
@@ -116,6 +119,7 @@ class DolorisTrainingPlan(pl.LightningModule):
         callbacks: Sequence[Callback] = (),
         excluded_perturbations: Sequence[int] = (),
         exclude_until_step: int = 0,
+        excluded_conditions: np.ndarray | Sequence[Sequence[float]] = (),
     ):
         super().__init__()
         self.module = module
@@ -127,14 +131,14 @@ class DolorisTrainingPlan(pl.LightningModule):
         self.extra_callbacks = list(callbacks)
         self.excluded_perturbations = torch.as_tensor(list(excluded_perturbations), dtype=torch.long)
         self.exclude_until_step = int(exclude_until_step)
+        self.excluded_conditions = torch.as_tensor(np.asarray(excluded_conditions, dtype=np.float32).reshape(-1, 3))
 
     def _step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         x = batch[REGISTRY_KEYS.X_KEY]
         perturbation = batch[REGISTRY_KEYS.PERTURBATION_KEY].reshape(-1).long()
         weight = None
-        if prefix == "train" and len(self.excluded_perturbations) and self.global_step < self.exclude_until_step:
-            excluded = self.excluded_perturbations.to(perturbation.device)
-            weight = (~torch.isin(perturbation, excluded)).to(x.dtype)
+        if prefix == "train" and self.global_step < self.exclude_until_step:
+            weight = self._fold_weight(batch, perturbation)
         losses = self.module.loss(
             x,
             perturbation,
@@ -147,6 +151,23 @@ class DolorisTrainingPlan(pl.LightningModule):
                 f"{prefix}_{name}", value, on_step=False, on_epoch=True, prog_bar=name == "loss", batch_size=len(x)
             )
         return losses["loss"]
+
+    def _fold_weight(self, batch: dict[str, torch.Tensor], perturbation: torch.Tensor) -> torch.Tensor | None:
+        """0 for the cells of the calibration fold (perturbations and conditions), 1 for the others."""
+        if not len(self.excluded_perturbations) and not len(self.excluded_conditions):
+            return None
+        kept = ~torch.isin(perturbation, self.excluded_perturbations.to(perturbation.device))
+        if len(self.excluded_conditions):
+            excluded = self.excluded_conditions.to(perturbation.device)
+            cell_type = batch[REGISTRY_KEYS.CELL_TYPE_KEY].reshape(-1, 1).to(excluded.dtype)
+            dose = batch[REGISTRY_KEYS.DOSE_KEY].reshape(-1, 1).to(excluded.dtype)
+            same = (
+                (perturbation.reshape(-1, 1).to(excluded.dtype) == excluded[:, 0])
+                & (cell_type == excluded[:, 1])
+                & torch.isclose(dose, excluded[:, 2], rtol=1e-5, atol=0.0)
+            )
+            kept &= ~same.any(dim=1)
+        return kept.to(batch[REGISTRY_KEYS.X_KEY].dtype)
 
     def on_fit_start(self) -> None:
         """Train mode for the whole module, whatever mode it was left in.
