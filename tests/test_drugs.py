@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import SMALL, TRAIN_KWARGS
 
 import scdoloris as sd
@@ -167,3 +168,43 @@ def test_doses_as_text_are_refused(drug_model):
         drug_model.predict_perturbation(["busulfan"], dose="100", n_cells=2, n_steps=2)
     with pytest.raises(ValueError, match="Doses must be numbers"):
         drug_model.predict_perturbation(["busulfan", "entinostat"], dose=[10.0, "1e3"], n_cells=2, n_steps=2)
+
+
+def test_calibration_holds_out_doses_of_trained_drugs():
+    """With doses, the calibration fold also holds out (drug, cell type, dose) conditions whose drug
+    trains at other doses: their gate ("related") is fitted, and before the calibration step their
+    cells get no weight in the loss."""
+    from scdoloris.model._anchoring import CALIBRATION_CONDITION_FRACTION
+    from scdoloris.train import DolorisTrainingPlan
+
+    adata = sd.datasets.synthetic_drug_perturbations(
+        n_genes=30, n_drugs=8, n_cells_per_condition=12, n_control_cells=40, cell_types=("A", "B"), seed=0
+    )
+    sd.Doloris.setup_anndata(
+        adata, perturbation_key="perturbation", cell_type_key="cell_type", dose_key="dose", smiles_key="smiles"
+    )
+    model = sd.Doloris(adata, **SMALL)
+    model.train(max_steps=20, batch_size=64, seed=0, **TRAIN_KWARGS)
+    calibration = model.calibration_
+    fold, conditions = calibration["held_out"], calibration["held_out_conditions"]
+    n_outside = (8 - len(fold)) * 2 * 4  # drugs outside the fold x cell types x doses
+    assert len(conditions) == round(CALIBRATION_CONDITION_FRACTION * n_outside)
+    assert all(drug not in fold and cell_type in ("A", "B") and dose > 0 for drug, cell_type, dose in conditions)
+    assert calibration["n_conditions"]["related"] == len(conditions)
+    assert 0.0 <= calibration["gates"]["related"] <= 1.0
+
+    # The plan's weights: 0 for a held-out condition's cells, 1 for the same drug at another dose.
+    drug, cell_type, dose = conditions[0]
+    codes = {label: i for i, label in enumerate(model._registered_categories("perturbation"))}
+    types = {t: i for i, t in enumerate(model.cell_types)}
+    plan = DolorisTrainingPlan(
+        model.module, excluded_conditions=[[codes[drug], types[cell_type], dose]], exclude_until_step=5
+    )
+    batch = {
+        "X": torch.zeros(3, 30),
+        "perturbation": torch.tensor([[codes[drug]]] * 3),
+        "cell_type": torch.tensor([[types[cell_type]]] * 3),
+        "dose": torch.tensor([[dose], [dose * 10.0], [dose]]),
+    }
+    batch["cell_type"][2] = 1 - types[cell_type]
+    np.testing.assert_array_equal(plan._fold_weight(batch, batch["perturbation"].reshape(-1)).numpy(), [0.0, 1.0, 1.0])

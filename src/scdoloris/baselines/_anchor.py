@@ -73,10 +73,14 @@ class Anchor(Baseline):
     1. ``"seen"``: ``p`` was trained in ``t``; its own measured shift (mean minus control mean).
     2. ``"combination"``: every component was trained as a single in ``t``; the sum of their shifts
        (:class:`Additive`'s answer).
-    3. ``"partial"`` / ``"unseen"``: some (``"partial"``) or all (``"unseen"``) components lack a
+    3. ``"related"``: with doses (labels ``"drug@dose"``), components not trained at that dose in
+       ``t`` but measured at other doses in ``t`` or at that dose in other cell types; each is the
+       weighted sum of those estimates and of the averages (``baselines/_dose.py``; weights in
+       :attr:`dose_weights_`), the others' measured shifts added.
+    4. ``"partial"`` / ``"unseen"``: some (``"partial"``) or all (``"unseen"``) components lack a
        single shift in ``t``; the sum of the known singles' shifts plus ``lambda_ * m_t`` per unknown
        component, where ``m_t`` is :class:`MeanShift`'s average shift in ``t``.
-    4. ``"new_cell_type"``: ``t`` has controls but no perturbed training cells. ``p`` (or else each
+    5. ``"new_cell_type"``: ``t`` has controls but no perturbed training cells. ``p`` (or else each
        component, additively) is transferred from the cell types where it was measured:
        ``gamma_ * (weighted average of its shifts there)``, each cell type ``t'`` weighted by
        ``exp(-||ctrl_t - ctrl_t'||^2 / bandwidth_)`` (control means: cell types that look alike
@@ -93,8 +97,13 @@ class Anchor(Baseline):
       mean ``m_{-i}`` of the other training conditions' shifts in that cell type;
       ``lambda_ = clip(sum_i <s_i, m_{-i}> / sum_i ||m_{-i}||^2, 0, 1)``, the least-squares factor.
       It is near 0 when perturbations move cells in unrelated directions (the average shift is then
-      noise: no change is the better answer) and near 1 when they share a common response. Without
-      any single to hold out it is 1 (:class:`MeanShift`'s answer).
+      noise: no change is the better answer) and near 1 when they share a common response. It is
+      kept only when it lowers the held-out error of ``lambda = 1`` by more than 1% (a factor below 1
+      from the noise of the average alone is no evidence); otherwise, and without any single to hold
+      out, it is 1 (:class:`MeanShift`'s answer).
+    - ``dose_weights_``: per set of dose estimates (a *pattern*), non-negative least-squares weights
+      over every dosed training single predicted without itself; the plain average (weight 1 on
+      ``"average"``) unless they lower its error by more than 1%.
     - ``bandwidth_`` and ``gamma_``: every training condition ``(key, t')`` measured in at least
       two cell types is predicted by the weighted average of its shifts in the other cell types
       ``a_{-t'}``; ``gamma_ = clip(sum <s_{key,t'}, a_{-t'}> / sum ||a_{-t'}||^2, 0, 1)``, near 1
@@ -148,6 +157,11 @@ class Anchor(Baseline):
         refinement (``"per_gene"``); ``NaN`` where it could not be computed.
     n_transfer_
         Number of held-out conditions (key, cell type) the refinement was judged on.
+    dose_weights_
+        Weights of the dose estimates (patterns x ``dose``, ``lower_dose``, ``higher_dose``,
+        ``cell_type``, ``population``, ``average``; empty without doses).
+    n_dose_
+        Number of training conditions each pattern's weights rest on.
     mean_shift_
         The average shift per perturbed cell type (as :class:`MeanShift`).
     overall_shift_
@@ -361,8 +375,8 @@ class Anchor(Baseline):
         Returns
         -------
         str
-            ``"seen"``, ``"combination"``, ``"partial"``, ``"unseen"`` or ``"new_cell_type"`` (see the
-            class description).
+            ``"seen"``, ``"combination"``, ``"related"``, ``"partial"``, ``"unseen"`` or
+            ``"new_cell_type"`` (see the class description).
 
         Examples
         --------
