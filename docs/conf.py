@@ -3,8 +3,8 @@
 Build with ``sphinx-build -W --keep-going -b html docs docs/_build/html``. The build works offline:
 intersphinx links to other projects' docs are only made when their sites can be reached (or never,
 with ``SCDOLORIS_DOCS_OFFLINE=1``). Notebooks from ``tutorials/`` are copied into
-``docs/tutorials/`` at build time and rendered as they are stored (never executed here; the test
-suite executes them).
+``docs/tutorials/`` at build time and rendered as they are stored: executed at real settings by
+``python tutorials/execute.py`` (never executed here; the test suite runs their sources in fast mode).
 """
 
 from __future__ import annotations

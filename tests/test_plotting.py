@@ -50,6 +50,27 @@ def test_prediction_pca_conventions(cells, tmp_path):
     assert sd.pl.prediction_pca(predicted, real, ax=given, show=False) is given
 
 
+def test_prediction_pca_panels(cells):
+    """Small multiples: one panel per perturbation with the controls, its real and its predicted cells."""
+    predicted, real, control = cells
+    axes = sd.pl.prediction_pca(predicted, real, control=control, panels=True, title="held out", show=False)
+    assert axes.shape == (1, 2)
+    assert [ax.get_title() for ax in axes.flat] == ["A", "B"]
+    for ax, p in zip(axes.flat, ["A", "B"], strict=True):
+        sizes = [len(c.get_offsets()) for c in ax.collections]
+        assert sizes == [
+            control.n_obs,
+            (real.obs["perturbation"] == p).sum(),
+            (predicted.obs["perturbation"] == p).sum(),
+        ]
+    figure = axes[0, 0].figure
+    assert figure.get_suptitle() == "held out"
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["control", "real", "predicted"]
+    with pytest.raises(ValueError, match="panels=True"):
+        sd.pl.prediction_pca(predicted, real, panels=True, ax=axes[0, 0], show=False)
+    plt.close("all")
+
+
 def test_prediction_umap(cells):
     predicted, real, control = cells
     ax = sd.pl.prediction_pca(predicted, real, control=control, basis="umap", show=False)

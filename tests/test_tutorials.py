@@ -1,6 +1,10 @@
-"""Execute every tutorial notebook in fast mode (SCDOLORIS_TUTORIAL_FAST=1: tiny models, few steps)."""
+"""The tutorials: stored executed at real settings, matching their sources, and runnable (fast mode here).
 
-import importlib.util
+Sources are jupytext percent scripts (``tutorials/NN_*.py``); ``python tutorials/execute.py`` stores each
+one executed as ``tutorials/NN_*.ipynb``, which the docs render. The suite runs every source with
+``SCDOLORIS_TUTORIAL_FAST=1`` (tiny models, few steps).
+"""
+
 import os
 import time
 from pathlib import Path
@@ -9,38 +13,39 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+jupytext = pytest.importorskip("jupytext")
 pytest.importorskip("ipykernel")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+SOURCES = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 # Generous: each notebook takes about a minute on one thread of a quiet machine.
 TIMEOUT = int(os.environ.get("SCDOLORIS_TUTORIAL_TIMEOUT", "600"))
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_notebooks", TUTORIALS / "make_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_tutorials_are_stored_executed_at_real_settings_and_match_their_sources():
+    assert len(SOURCES) == 4
+    assert sorted(p.stem for p in TUTORIALS.glob("*.ipynb")) == [p.stem for p in SOURCES]
+    for source in SOURCES:
+        expected = jupytext.read(source)
+        stored = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+        assert [(c.cell_type, c.source) for c in stored.cells] == [(c.cell_type, c.source) for c in expected.cells], (
+            f"{source.name} changed after its notebook was executed: run python tutorials/execute.py {source.stem}"
+        )
+        run = stored.metadata["scdoloris"]
+        assert run["fast"] is False and run["commit"] and run["seconds"] > 0, source.name
+        code_cells = [c for c in stored.cells if c.cell_type == "code"]
+        assert all(c.execution_count is not None for c in code_cells), source.name
+        assert not [o for c in code_cells for o in c.outputs if o.output_type == "error"], source.name
+        images = [o for c in code_cells for o in c.outputs if "image/png" in o.get("data", {})]
+        assert images, f"{source.name} stored no figure"
 
 
-def test_tutorials_are_committed_without_outputs_and_match_the_generator():
-    generator = _generator()
-    assert sorted(p.name for p in NOTEBOOKS) == sorted(generator.NOTEBOOKS)
-    for path in NOTEBOOKS:
-        notebook = nbformat.read(path, as_version=4)
-        code_cells = [c for c in notebook.cells if c.cell_type == "code"]
-        assert all(not c.outputs and c.execution_count is None for c in code_cells), path.name
-        expected = [c["source"] for c in generator.NOTEBOOKS[path.name]]
-        assert [c.source for c in notebook.cells] == expected, f"{path.name}: re-run tutorials/make_notebooks.py"
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", SOURCES, ids=[p.stem for p in SOURCES])
 def test_tutorial_runs_in_fast_mode(path, monkeypatch, tmp_path):
     monkeypatch.setenv("SCDOLORIS_TUTORIAL_FAST", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    notebook = nbformat.read(path, as_version=4)
+    notebook = jupytext.read(path)
     client = nbclient.NotebookClient(
         notebook, timeout=TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )

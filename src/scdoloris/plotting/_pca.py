@@ -19,6 +19,8 @@ def prediction_pca(
     n_comps: int = 20,
     basis: str = "pca",
     layer: str | None = None,
+    panels: bool = False,
+    title: str | None = None,
     ax: plt.Axes | None = None,
     show: bool | None = None,
     save: str | os.PathLike | bool | None = None,
@@ -48,8 +50,13 @@ def prediction_pca(
         ``"pca"`` (first two components) or ``"umap"``.
     layer
         Layer of all three AnnData objects to embed; ``X`` by default.
+    panels
+        One panel per perturbation (small multiples on shared axes: its real cells, its predicted
+        cells and the controls), instead of every perturbation in one panel; clearer beyond a few.
+    title
+        Title of the plot (of the figure with ``panels=True``).
     ax
-        Axes to draw in; a new figure when ``None``.
+        Axes to draw in; a new figure when ``None`` (not with ``panels=True``).
     show
         Show the figure (default: when neither ``save`` nor ``return_fig``).
     save
@@ -59,7 +66,8 @@ def prediction_pca(
 
     Returns
     -------
-    The Figure with ``return_fig=True``; else the Axes when the plot is not shown; else ``None``.
+    The Figure with ``return_fig=True``; else the Axes (an array of them with ``panels=True``) when the
+    plot is not shown; else ``None``.
 
     Examples
     --------
@@ -68,6 +76,8 @@ def prediction_pca(
     """
     if basis not in ("pca", "umap"):
         raise ValueError(f"basis must be 'pca' or 'umap', got {basis!r}.")
+    if panels and ax is not None:
+        raise ValueError("panels=True draws its own figure (one panel per perturbation); leave ax=None.")
     fit = [expression(real, layer)] + ([expression(control, layer)] if control is not None else [])
     fit = np.vstack(fit).astype(np.float32)
     n_comps = min(n_comps, fit.shape[0] - 1, fit.shape[1] - 1)
@@ -97,6 +107,9 @@ def prediction_pca(
             (k, p, joint.obsm["X_umap"][a:b]) for (k, p, _), a, b in zip(groups, bounds[:-1], bounds[1:], strict=True)
         ]
 
+    names = ("PC1 (real cells)", "PC2 (real cells)") if basis == "pca" else ("UMAP1", "UMAP2")
+    if panels:
+        return _panels(groups, perturbations, names, title, show, save, return_fig, basis)
     fig, ax = new_axes(ax, (6, 5))
     colour_of = category_colours(len(perturbations))
     for kind, p, xy in groups:
@@ -106,8 +119,49 @@ def prediction_pca(
         colour = colour_of(perturbations.index(p))
         style = {"marker": "o", "s": 8, "alpha": 0.6} if kind == "real" else {"marker": "x", "s": 10, "alpha": 0.8}
         ax.scatter(xy[:, 0], xy[:, 1], color=colour, label=f"{p} ({kind})", **style)
-    names = ("PC1 (real cells)", "PC2 (real cells)") if basis == "pca" else ("UMAP1", "UMAP2")
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
+    if title:
+        ax.set_title(title)
     ax.legend(fontsize=6, markerscale=1.5, ncol=2 if len(perturbations) > 4 else 1, loc="best")
     return finish(fig, ax, show, save, return_fig, f"prediction_{basis}")
+
+
+# Panels per row of the small multiples.
+_PANEL_COLUMNS = 5
+
+
+def _panels(groups, perturbations, names, title, show, save, return_fig, basis):
+    """Small multiples: one panel per perturbation on shared axes, one legend for the figure."""
+    n_cols = min(_PANEL_COLUMNS, len(perturbations))
+    n_rows = -(-len(perturbations) // n_cols)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(2.3 * n_cols, 2.2 * n_rows + 0.6), sharex=True, sharey=True, squeeze=False
+    )
+    control = [xy for kind, _, xy in groups if kind == "control"]
+    style = {
+        "control": {"s": 4, "c": "lightgrey", "label": "control"},
+        "real": {"marker": "o", "s": 6, "alpha": 0.6, "color": "tab:blue", "label": "real"},
+        "predicted": {"marker": "x", "s": 8, "alpha": 0.7, "color": "tab:orange", "label": "predicted"},
+    }
+    for i, p in enumerate(perturbations):
+        ax = axes.flat[i]
+        for xy in control:
+            ax.scatter(xy[:, 0], xy[:, 1], **style["control"])
+        for kind, q, xy in groups:
+            if q == p:
+                ax.scatter(xy[:, 0], xy[:, 1], **style[kind])
+        ax.set_title(p, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(perturbations) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(names[0], fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(names[1], fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, markerscale=2, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return finish(fig, axes, show, save, return_fig, f"prediction_{basis}")
