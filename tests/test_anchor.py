@@ -428,3 +428,13 @@ def test_dose_weights_travel_in_the_state_and_old_states_load():
     np.testing.assert_allclose(
         before.predict_shift(["D2@1000"], cell_type="T1").to_numpy()[0], before.lambda_ * before.mean_shift_.loc["T1"]
     )
+
+
+def test_one_dosed_condition_per_cell_type_fits_without_dose_weights():
+    """Nothing to hold out against: no pattern is fitted, and the drug elsewhere is an unseen one."""
+    shifts = {("D0@10", "T0"): np.ones(5), ("D1@100", "T1"): -np.ones(5)}
+    anchor = Anchor().fit(
+        exact_adata({"T0": np.full(5, 3.0), "T1": np.full(5, 2.0)}, shifts), cell_type_key="cell_type"
+    )
+    assert anchor.dose_weights_.empty
+    assert anchor.kind("D0@100", "T0") == "unseen"

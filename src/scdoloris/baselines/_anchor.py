@@ -425,7 +425,7 @@ class Anchor(Baseline):
         ``None`` when the component has no dose or no fitted pattern uses the drug's own measurements.
         """
         name, dose = split_dose(component)
-        if dose is None or not len(getattr(self, "dose_weights_", ())):
+        if dose is None or self.dose_weights_.empty:
             return None, {}
         found = self._doses.features(name, dose, cell_type)
         # The most informed fitted pattern among the estimates that exist (every one has "average").

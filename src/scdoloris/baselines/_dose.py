@@ -27,6 +27,8 @@ import numpy as np
 
 #: The estimates, in the order of a pattern's weights.
 FEATURES = ("dose", "lower_dose", "higher_dose", "cell_type", "population", "average")
+# The estimates made of the drug's own measurements (the others are averages over other drugs).
+OWN = ("dose", "lower_dose", "higher_dose", "cell_type")
 # Training conditions a pattern's weights must rest on; fewer: the pattern's largest part that has them.
 MIN_CONDITIONS = 3
 
@@ -57,7 +59,7 @@ def pattern_name(features: Sequence[str]) -> str:
 
 def is_related(pattern: str | None) -> bool:
     """Whether a pattern uses the drug's own measurements (other doses or cell types), not only averages."""
-    return pattern is not None and any(f in pattern.split("+") for f in FEATURES[:4])
+    return pattern is not None and any(f in pattern.split("+") for f in OWN)
 
 
 class DoseEstimates:
@@ -146,14 +148,16 @@ class DoseEstimates:
         Only patterns with an estimate from the drug's own measurements (:func:`is_related`) are fitted:
         a drug measured nowhere near is answered as any unseen perturbation. Every dosed training single
         is predicted from the estimates that exist without it; a pattern is fitted on every condition for
-        which all of its estimates exist. Its weights are kept when they
-        lower the squared error of the plain average (weight 1 on ``"average"``) by more than the share
-        ``min_gain``; otherwise the pattern answers with the plain average.
+        which all of its estimates exist. Its weights are kept when they lower the squared error of the
+        plain average (weight 1 on ``"average"``) by more than the share ``min_gain``; otherwise the
+        pattern answers with the plain average.
         """
         gram: dict[tuple[str, ...], list] = {}
         for (name, t), doses in self.rows.items():
             for dose, row in doses.items():
                 found = self.features(name, dose, t)
+                if "average" not in found:  # the cell type's only condition: nothing to predict it from
+                    continue
                 F = np.stack([found[f] for f in FEATURES if f in found])
                 names = [f for f in FEATURES if f in found]
                 A, b, c = F @ F.T, F @ self._S[row], float(self._S[row] @ self._S[row])
@@ -188,7 +192,11 @@ class DoseEstimates:
 
 
 def _nonnegative_least_squares(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``argmin_{w >= 0} w'Aw - 2 b'w`` for a few weights: the best of the unconstrained fits on each support."""
+    """``argmin_{w >= 0} w'Aw - 2 b'w`` for a few weights: the best of the unconstrained fits on each support.
+
+    Exact for the at most six weights of a pattern, from the Gram sums alone (``scipy.optimize.nnls``
+    would need the stacked estimates of every condition, genes x conditions rows).
+    """
     best, best_loss = np.zeros(len(b)), 0.0
     for size in range(1, len(b) + 1):
         for support in itertools.combinations(range(len(b)), size):
