@@ -170,7 +170,7 @@ def test_doses_as_text_are_refused(drug_model):
         drug_model.predict_perturbation(["busulfan", "entinostat"], dose=[10.0, "1e3"], n_cells=2, n_steps=2)
 
 
-def test_calibration_holds_out_doses_of_trained_drugs():
+def test_calibration_holds_out_doses_of_trained_drugs(tmp_path):
     """With doses, the calibration fold also holds out (drug, cell type, dose) conditions whose drug
     trains at other doses: their gate ("related") is fitted, and before the calibration step their
     cells get no weight in the loss."""
@@ -192,6 +192,8 @@ def test_calibration_holds_out_doses_of_trained_drugs():
     assert all(drug not in fold and cell_type in ("A", "B") and dose > 0 for drug, cell_type, dose in conditions)
     assert calibration["n_conditions"]["related"] == len(conditions)
     assert 0.0 <= calibration["gates"]["related"] <= 1.0
+    model.save(tmp_path / "model")
+    assert sd.Doloris.load(tmp_path / "model", adata=adata).calibration_ == calibration  # doses stay numbers
 
     # The plan's weights: 0 for a held-out condition's cells, 1 for the same drug at another dose.
     drug, cell_type, dose = conditions[0]
