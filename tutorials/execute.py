@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +38,23 @@ def _commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+# Paths of this machine that outputs can carry: a kernel's cell files (in warnings) and installed packages.
+_MACHINE_PATHS = (
+    (re.compile(r"/\S*/ipykernel_\d+/\d+\.py"), "<cell>"),
+    (re.compile(r"/\S*/site-packages/"), ""),
+)
+
+
+def without_machine_paths(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The notebook with this machine's paths taken out of its text outputs (a stored notebook is read elsewhere)."""
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                for pattern, replacement in _MACHINE_PATHS:
+                    output["text"] = pattern.sub(replacement, output["text"])
+    return notebook
 
 
 def execute(source: Path) -> Path:
@@ -65,6 +83,7 @@ def execute(source: Path) -> Path:
         "seconds": round(time.perf_counter() - start),
     }
     notebook.metadata.pop("jupytext", None)
+    without_machine_paths(notebook)
     target = source.with_suffix(".ipynb")
     nbformat.write(notebook, target)
     return target

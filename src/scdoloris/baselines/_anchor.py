@@ -410,14 +410,19 @@ class Anchor(Baseline):
             return "related"
         return "partial" if known + related else "unseen"
 
-    def _elsewhere(self, key: str, cell_type: str) -> np.ndarray | None:
-        """The similarity-weighted average shift of ``key`` in the cell types other than ``cell_type``."""
+    def _weighted_elsewhere(self, key: str, cell_type: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The similarity-weighted average shift and control mean of ``key``'s cell types other than ``cell_type``."""
         types = [t for t in self._types_of.get(key, ()) if t != cell_type]
         if not types:
             return None
         controls = self._C[[self._type_row[t] for t in types]]
         weights = _similarity_weights(self._C[self._type_row[cell_type]], controls, self.bandwidth_)
-        return weights @ self._S[[self._row[key, t] for t in types]]
+        return weights @ self._S[[self._row[key, t] for t in types]], weights @ controls
+
+    def _elsewhere(self, key: str, cell_type: str) -> np.ndarray | None:
+        """The similarity-weighted average shift of ``key`` in the cell types other than ``cell_type``."""
+        found = self._weighted_elsewhere(key, cell_type)
+        return None if found is None else found[0]
 
     def _dose_pattern(self, component: str, cell_type: str) -> tuple[str | None, dict[str, np.ndarray]]:
         """The fitted pattern answering a dosed ``component`` in ``cell_type``, and its estimates.
@@ -447,13 +452,10 @@ class Anchor(Baseline):
 
     def _transferred(self, key: str, cell_type: str) -> np.ndarray:
         """``gamma_ * (average shift of key where measured)``, plus the per-gene refinement."""
-        types = self._types_of[key]
-        target = self._C[self._type_row[cell_type]]
-        controls = self._C[[self._type_row[t] for t in types]]
-        weights = _similarity_weights(target, controls, self.bandwidth_)
-        shift = self.gamma_ * (weights @ self._S[[self._row[key, t] for t in types]])
+        average, control = self._weighted_elsewhere(key, cell_type)  # cell_type itself has no shift of key
+        shift = self.gamma_ * average
         if self.transfer_ == "per_gene":
-            shift = shift + self.beta_.to_numpy(dtype=np.float64) * (target - weights @ controls)
+            shift = shift + self.beta_.to_numpy(dtype=np.float64) * (self._C[self._type_row[cell_type]] - control)
         return shift
 
     def _shift_one(self, components: list[str], cell_type: str) -> np.ndarray:
