@@ -25,6 +25,9 @@ from scdoloris.model._persistence import (
 LEGACY = Path(__file__).parent / "data" / "legacy_model"
 TINY = {"n_hidden": 16, "n_blocks": 1, "n_hidden_mask": 16, "n_blocks_mask": 1, "n_perturbation": 8, "n_timesteps": 20}
 PREDICT = {"n_cells": 5, "n_steps": 4, "seed": 0}
+# Floats computed on another machine (stored files, pinned values) differ in the last bits with the
+# CPU's vector instructions (seen: 4.8e-7 on an AVX-512 machine); exact equality only within one process.
+ACROSS_MACHINES = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _legacy_adata():
@@ -253,13 +256,14 @@ def test_legacy_model_loads_and_predicts_exactly(tmp_path):
     assert saved.legacy
     assert set(map(str, torch.serialization.get_safe_globals())) == before  # set aside while reading, restored
     model = sd.Doloris.load(LEGACY, _legacy_adata())
-    expected = np.load(LEGACY / "expected_prediction.npy")
-    np.testing.assert_array_equal(model.predict_perturbation(["G001"], **PREDICT).X, expected)
-    # Saved again, it is in the new format and predicts the same.
+    expected = np.load(LEGACY / "expected_prediction.npy")  # computed on another machine: a tolerance
+    first = model.predict_perturbation(["G001"], **PREDICT).X
+    np.testing.assert_allclose(first, expected, **ACROSS_MACHINES)
+    # Saved again, it is in the new format and predicts the same (this process computes both: exactly).
     model.save(tmp_path / "m")
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt") == []
     again = sd.Doloris.load(tmp_path / "m", _legacy_adata())
-    np.testing.assert_array_equal(again.predict_perturbation(["G001"], **PREDICT).X, expected)
+    np.testing.assert_array_equal(again.predict_perturbation(["G001"], **PREDICT).X, first)
 
 
 def test_convert_trusted_model(tmp_path):
@@ -268,7 +272,7 @@ def test_convert_trusted_model(tmp_path):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "m" / "model.pt") == []
     model = sd.Doloris.load(tmp_path / "m", _legacy_adata())
     expected = np.load(LEGACY / "expected_prediction.npy")
-    np.testing.assert_array_equal(model.predict_perturbation(["G001"], **PREDICT).X, expected)
+    np.testing.assert_allclose(model.predict_perturbation(["G001"], **PREDICT).X, expected, **ACROSS_MACHINES)
 
 
 def test_load_onto_a_query_with_labels_never_trained(tmp_path):

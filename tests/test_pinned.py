@@ -1,7 +1,10 @@
 """Predictions at a fixed seed, pinned: a refactor must not change what the user gets.
 
 The values were computed by the code before the prediction layer was shared (commit fe95dbd) and
-must stay the same to float32 precision (on this CPU they are bit-identical).
+must stay the same to float32 precision. They were computed on another machine: a model trained for
+100 steps differs in the last bits between CPUs (vector instructions, summation order), so they are
+compared with a tolerance far below any change a refactor would make, and a count of sampled mask
+entries may differ by a threshold flip or two.
 """
 
 import numpy as np
@@ -47,7 +50,7 @@ def test_doloris_prediction_is_pinned(paper_model, held_out_gene):
         ],
         rtol=1e-5,
     )
-    assert float(pred.layers["doloris_mask"].sum()) == 877.0
+    assert abs(float(pred.layers["doloris_mask"].sum()) - 877.0) <= 2
     assert list(pred.obs_names[:2]) == ["G000+G003_ct0_0", "G000+G003_ct0_1"]
     assert list(pred.obs["control_cell"][:3]) == ["cell00027", "cell00067", "cell00071"]
 
