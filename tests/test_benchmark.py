@@ -387,3 +387,60 @@ def test_doloris_variant_shares_the_trained_model(synthetic):
     shared = variant.predict([double], cell_type=None, n_cells=10, seed=0)
     np.testing.assert_array_equal(direct.X, shared.X)  # ... and the variant predicts from that model
     assert set(later.scores["method"]) == {"doloris", "doloris_bernoulli"} and len(later.failures) == 0
+
+
+# ------------------------------------------------------------------------------------ integrity
+class _Spy:
+    """A method that records every cell it is given and every request it gets, and predicts controls."""
+
+    name = "spy"
+
+    def __init__(self):
+        self.seen_cells: dict = {}  # per seed: a seeded split holds out other conditions at each seed
+        self.requests: list = []
+
+    def fit(self, train, split, *, seed):
+        self.seen_cells.setdefault(seed, set()).update(train.obs_names)
+        self.inner = sd.baselines.NoChange().fit(
+            train,
+            perturbation_key=split.perturbation_key,
+            control_value=split.control_value,
+            cell_type_key=split.cell_type_key,
+        )
+        return self
+
+    def predict(self, perturbations, *, cell_type, n_cells, seed, dose=None, smiles=None):
+        self.requests.append(list(perturbations))
+        return self.inner.predict(list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed)
+
+
+@pytest.mark.parametrize("make_split", ["doubles", "unseen", "cell_type"])
+def test_no_method_ever_sees_a_test_cell(synthetic, make_split):
+    """The runner hands methods the training cells and the held-out labels, never a held-out cell."""
+    two_types = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=6, n_cell_types=2, seed=3)
+    data, split = {
+        "doubles": (synthetic, lambda seed: sd.benchmark.singles_to_doubles(synthetic)),
+        "unseen": (synthetic, lambda seed: sd.benchmark.unseen_perturbations(synthetic, fraction=0.4, seed=seed)),
+        "cell_type": (two_types, lambda seed: sd.benchmark.unseen_cell_type(two_types, "ct1")),
+    }[make_split]
+    spy = _Spy()
+    sd.benchmark.run_benchmark(data, split, [spy], seeds=(0, 1), n_cells=5, progress=False)
+    for seed in (0, 1):
+        current = split(seed)
+        held_out = set()
+        for condition in current.test.to_dict("records"):
+            ct = None if condition["cell_type"] == "all" else condition["cell_type"]
+            held_out |= set(current.cells(data, condition["perturbation"], ct).obs_names)
+        assert held_out and not held_out & spy.seen_cells[seed]
+    assert spy.requests and all(isinstance(label, str) for request in spy.requests for label in request)
+
+
+def test_runner_records_the_gates_and_fit_time(result):
+    gates = result.gates
+    assert set(gates["method"]) == {"doloris"}  # the only anchored method
+    assert len(gates) == result.scores.query("method == 'doloris'")[["seed", "perturbation"]].drop_duplicates().shape[0]
+    assert gates["gate"].between(0, 1).all() and (gates["n_calibration"] >= 0).all()
+    timings = result.timings.set_index(["method", "seed"])
+    assert (timings["fit_seconds"] > 0).all() and (timings["predict_seconds"] > 0).all()
+    text = result.to_markdown()
+    assert "| doloris − anchor (paired, ± s.e.) |" in text

@@ -47,12 +47,13 @@ def _demo(args: argparse.Namespace) -> int:
     train_seconds = time.perf_counter() - start
 
     pred = model.predict_perturbation(doubles, cell_type="k562", n_cells=args.n_cells, seed=args.seed)
-    # The average-shift baseline from the same control cells (the same seeded draw).
-    shifted = (
-        sd.baselines.MeanShift()
-        .fit(train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
-        .predict(doubles, cell_type="k562", n_cells=args.n_cells, seed=args.seed)
-    )
+    # The baselines from the same control cells (the same seeded draw): the average shift, and the
+    # Anchor, the population estimate the default starts from and the bar it must clear.
+    keys = {"perturbation_key": "perturbation", "control_value": "control", "cell_type_key": "cell_type"}
+    draw = {"cell_type": "k562", "n_cells": args.n_cells, "seed": args.seed}
+    shifted = sd.baselines.MeanShift().fit(train, **keys).predict(doubles, **draw)
+    anchored = sd.baselines.Anchor().fit(train, **keys).predict(doubles, **draw)
+    gates = pd.DataFrame(pred.uns.get("doloris_anchoring", {}))
     control = adata[adata.obs["perturbation"] == "control"]
     rows = []
     for p in doubles:
@@ -63,19 +64,22 @@ def _demo(args: argparse.Namespace) -> int:
         # the E-distance of Eq. 20 depends on the number of cells compared.
         unchanged = adata[pred.obs["control_cell"][generated].to_numpy()].X
         mean_shift = shifted.X[(shifted.obs["perturbation"] == p).to_numpy()]
+        anchor = anchored.X[(anchored.obs["perturbation"] == p).to_numpy()]
         rows.append(
             {
                 "perturbation": p,
                 "n_real": real.shape[0],
                 "edistance_doloris": sd.metrics.e_distance(predicted, real),
+                "edistance_anchor": sd.metrics.e_distance(anchor, real),
                 "edistance_no_change": sd.metrics.e_distance(unchanged, real),
                 "edistance_mean_shift": sd.metrics.e_distance(mean_shift, real),
                 "edistance_floor": sd.metrics.e_distance_floor(real, n_predicted=predicted.shape[0]),
                 "emd_doloris": sd.metrics.emd(predicted, real),
-                "emd_no_change": sd.metrics.emd(unchanged, real),
+                "emd_anchor": sd.metrics.emd(anchor, real),
             }
         )
     table = pd.DataFrame(rows).set_index("perturbation")
+    table.insert(2, "doloris_minus_anchor", table["edistance_doloris"] - table["edistance_anchor"])
     summary = table.drop(columns="n_real").agg(["mean", "std", "median"])
     wins = int((table["edistance_doloris"] < table["edistance_no_change"]).sum())
 
@@ -100,23 +104,25 @@ def _demo(args: argparse.Namespace) -> int:
         print("\nOver the held-out doubles:")
         print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
     beats_shift = int((table["edistance_doloris"] < table["edistance_mean_shift"]).sum())
+    difference = table["doloris_minus_anchor"]
+    beats_anchor, loses_anchor = int((difference < -1e-3).sum()), int((difference > 1e-3).sum())
     print(
         f"\nDoloris has a lower E-distance than 'no change' on {wins} and than 'mean shift' on {beats_shift} of "
         f"{len(doubles)} doubles (edistance_floor: what a perfect generator of the real cells would score)."
     )
+    print(
+        f"Against the Anchor baseline (control + calibrated population shift, no diffusion model): lower on "
+        f"{beats_anchor}, higher on {loses_anchor}, within 0.001 on {len(doubles) - beats_anchor - loses_anchor}; "
+        f"mean difference {difference.mean():+.3f}."
+    )
+    if not gates.empty:
+        share = gates.groupby("kind")["gate"].first().to_dict()
+        print(f"Share of the diffusion model's own shift taken per kind of condition (gates): {share}.")
     print(f"Training took {train_seconds:.0f} s, everything {time.perf_counter() - start:.0f} s.")
     print(f"Wrote:\n  {pred_path}\n  {table_path}\n  {plot_path}")
     return 0
 
 
-DATASETS = {
-    "norman": "Norman 2019 K562 (bundled subset): CRISPRa singles and doubles",
-    "mcfaline": "McFaline-Figueroa 2023 (bundled subset): CRISPRi in 3 glioblastoma lines",
-    "kang": "Kang 2018 PBMCs (bundled subset): interferon-beta stimulation in 7 cell types",
-    "synthetic": "sd.datasets.synthetic_perturbations(seed=0), with its true gene graph",
-    "synthetic_strong": "the same with effect_size=2 (effects clearly above the noise)",
-    "synthetic_drugs": "sd.datasets.synthetic_drug_perturbations on 26 real sci-Plex3 drugs in structural families",
-}
 SPLITS = (
     "singles_to_doubles",
     "unseen_perturbations",
@@ -124,50 +130,6 @@ SPLITS = (
     "unseen_molecules",
     "unseen_drug_cell_dose",
 )
-# Structural families of sci-Plex3 drugs (Tanimoto >= 0.4 within a pair): the first of each pair is
-# trained, the second held out by `--split unseen_molecules` on the synthetic_drugs data set.
-DRUG_PAIRS = [
-    ("Entinostat", "Mocetinostat"),
-    ("Tacedinaline", "Tucidinostat"),
-    ("Dacinostat", "Panobinostat"),
-    ("Azacitidine", "Decitabine"),
-    ("Fedratinib", "TG101209"),
-    ("Alisertib", "MLN8054"),
-    ("Danusertib", "PHA-680632"),
-    ("Alvespimycin", "Tanespimycin"),
-    ("Epothilone", "Patupilone"),
-    ("Sorafenib", "Regorafenib"),
-    ("ABT-737", "Navitoclax"),
-    ("Lenalidomide", "Thalidomide"),
-    ("Prednisone", "Meprednisone"),
-]
-
-
-def _benchmark_data(name: str):
-    """AnnData, setup keys and gene graph of a named data set or an .h5ad path."""
-    import anndata as ad
-
-    import scdoloris as sd
-
-    keys = {"perturbation_key": "perturbation", "control_value": "control", "cell_type_key": "cell_type"}
-    if name == "norman":
-        return sd.datasets.norman2019_subset(k562_only=True), keys, "auto"
-    if name == "mcfaline":
-        adata = sd.datasets.norman2019_subset()
-        adata = adata[(adata.obs["dataset"] == "mcfaline23").to_numpy()].copy()
-        adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
-        return adata, keys, "auto"
-    if name == "kang":
-        return sd.datasets.kang2018_subset(), keys | {"perturbation_key": "condition"}, "auto"
-    if name == "synthetic_drugs":
-        drugs = [drug for pair in DRUG_PAIRS for drug in pair]
-        return sd.datasets.synthetic_drug_perturbations(drugs=drugs, seed=0), keys, "auto"
-    if name in ("synthetic", "synthetic_strong"):
-        adata = sd.datasets.synthetic_perturbations(seed=0, effect_size=2.0 if name == "synthetic_strong" else 1.0)
-        return adata, keys, adata.uns["synthetic"]["edges"]
-    if os.path.exists(name):
-        return ad.read_h5ad(name), keys, "auto"
-    raise SystemExit(f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)} or give an .h5ad path.")
 
 
 # Written under the tables of `scdoloris benchmark` when they have these columns (see docs/evaluation.md).
@@ -187,7 +149,17 @@ def _benchmark(args: argparse.Namespace) -> int:
     import scdoloris as sd
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    adata, keys, gene_graph = _benchmark_data(args.dataset)
+    if args.suite:
+        return _suite(args)
+    if not args.dataset or not args.split:
+        raise SystemExit("scdoloris benchmark needs --dataset and --split (or --suite).")
+    from .benchmark._datasets import DRUG_PAIRS, load_dataset
+
+    try:
+        data = load_dataset(args.dataset)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    adata, keys, gene_graph = data.adata, data.keys, data.gene_graph
     if args.perturbation_key:
         keys["perturbation_key"] = args.perturbation_key
     if args.control_value:
@@ -207,8 +179,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         if args.cell_type is None:
             raise SystemExit("--split unseen_cell_type needs --cell-type.")
         split = sd.benchmark.unseen_cell_type(adata, args.cell_type, **keys)
+    first = split(args.seeds[0]) if callable(split) else split
     methods = sd.benchmark.default_methods(
-        train_kwargs={"max_steps": args.max_steps, "batch_size": args.batch_size}, gene_graph=gene_graph
+        train_kwargs={"max_steps": args.max_steps, "batch_size": args.batch_size},
+        gene_graph=gene_graph,
+        doses=first.dose_key is not None,
     )
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
@@ -226,6 +201,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     )
     result.scores.to_csv(f"{stem}_scores.csv", index=False)
     result.summary().to_csv(f"{stem}_summary.csv", index=False)
+    result.gates.to_csv(f"{stem}_gates.csv", index=False)  # per seed and condition: kind, gate, calibration size
+    result.timings.to_csv(f"{stem}_timings.csv", index=False)
     command = "scdoloris " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("scdoloris") else "scdoloris benchmark ..."
     text = f"`{command}`\n\n{result.to_markdown()}\n"
     legend = [line for metric, line in _METRIC_LEGEND.items() if metric in set(result.scores.get("metric", ()))]
@@ -237,7 +214,33 @@ def _benchmark(args: argparse.Namespace) -> int:
     if "doloris" in set(result.scores["method"]):  # --methods may leave it out
         print("Doloris scores lower E-distance (all genes) than each method on this fraction of conditions x seeds:")
         print(result.wins().to_string(float_format=lambda v: f"{v:.2f}"))
-    print(f"Wrote:\n  {stem}.md\n  {stem}_scores.csv\n  {stem}_summary.csv")
+    print(f"Wrote:\n  {stem}.md\n  {stem}_scores.csv\n  {stem}_summary.csv\n  {stem}_gates.csv\n  {stem}_timings.csv")
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    """``scdoloris benchmark --suite``: named splits x seeds, then the summary tables of every finished run."""
+    from .benchmark import _suite as suite
+
+    names = list(suite.SUITE) if args.suite == ["all"] else args.suite
+    settings = suite.RunSettings(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        n_cells=args.n_cells,
+        methods=tuple(args.methods) if args.methods else None,
+    )
+    try:
+        suite.run_suite(names, args.seeds, args.out, settings, jobs=args.jobs)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(str(error)) from None
+    if args.no_summary:
+        return 0
+    try:
+        text = suite.summarize(args.out)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    print(text)
+    print(f"Wrote {os.path.join(os.path.abspath(args.out), 'summary.md')}")
     return 0
 
 
@@ -282,9 +285,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Fit Doloris and the baselines on a split; write markdown and CSV tables of the held-out scores.",
     )
     bench.add_argument(
-        "--dataset", required=True, help=f"One of {sorted(DATASETS)}, or a path to a log1p-normalised .h5ad."
+        "--dataset",
+        help="norman, mcfaline, kang, synthetic, synthetic_strong, synthetic_drugs, or a log1p-normalised .h5ad.",
     )
-    bench.add_argument("--split", required=True, choices=SPLITS, help="What is held out.")
+    bench.add_argument("--split", choices=SPLITS, help="What is held out.")
+    bench.add_argument(
+        "--suite",
+        nargs="+",
+        metavar="NAME",
+        help="Named splits of the suite (or 'all'), run at every --seeds, then the summary of every finished run "
+        "under --out (docs/evaluation.md); instead of --dataset/--split.",
+    )
+    bench.add_argument("--jobs", type=int, default=1, help="Suite runs at once, one thread each (default 1).")
+    bench.add_argument("--no-summary", action="store_true", help="Suite: run only, write no summary.")
     bench.add_argument("--cell-type", help="The held-out cell type (--split unseen_cell_type).")
     bench.add_argument("--fraction", type=float, default=0.3, help="Held-out share of singles (default 0.3).")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds (default: 0).")
@@ -295,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument(
         "--methods",
         nargs="+",
-        help="Only these methods (doloris doloris_paper anchor no_change mean_shift additive linear).",
+        help="Only these methods (doloris doloris_paper anchor no_change mean_shift additive linear nearest_dose).",
     )
     bench.add_argument(
         "--mask-variants",

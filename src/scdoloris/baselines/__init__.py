@@ -11,6 +11,8 @@ the predicted mean shift) and ``predict_shift(perturbations, *, cell_type)`` the
 - :class:`Anchor`: the best measured shift for each condition, with fallbacks calibrated on the
   training data (no change, the average shift, additive, or transfer from other cell types).
 - :class:`Linear`: the linear PCA-embedding model of Ahlmann-Eltze, Huber & Anders (2025).
+- :class:`NearestDose`: for dosed drug data, the same drug's measured shift at its nearest measured
+  dose in the cell type, else at that dose in the other cell types (``predict`` takes ``dose=``).
 - :func:`no_change`: the older functional form of the "no change" baseline.
 """
 
@@ -18,6 +20,7 @@ from ._anchor import Anchor
 from ._base import Baseline
 from ._linear import Linear
 from ._mean import Additive, MeanShift, NoChange
+from ._nearest_dose import NearestDose
 from ._no_change import no_change
 
-__all__ = ["Additive", "Anchor", "Baseline", "Linear", "MeanShift", "NoChange", "no_change"]
+__all__ = ["Additive", "Anchor", "Baseline", "Linear", "MeanShift", "NearestDose", "NoChange", "no_change"]

@@ -6,6 +6,7 @@ from ._runner import (
     DolorisMethod,
     SharedDolorisMethod,
     default_methods,
+    paired_difference,
     run_benchmark,
     score_condition,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "SharedDolorisMethod",
     "Split",
     "default_methods",
+    "paired_difference",
     "run_benchmark",
     "score_condition",
     "singles_to_doubles",

@@ -35,6 +35,12 @@ METRICS = {
     "pearson_delta": metrics.pearson_delta,
 }
 HIGHER_IS_BETTER = frozenset({"pearson_delta", "pearson_delta_centred"})
+# Where Doloris' anchored predictions say which estimate anchored each condition and the gate taken;
+# the runner records it per condition (BenchmarkResult.gates).
+ANCHORING_KEY = "doloris_anchoring"
+# The bar every table compares the default with, and the default's name in the tables.
+DEFAULT_METHOD = "doloris"
+BAR_METHOD = "anchor"
 
 
 class DolorisMethod:
@@ -119,7 +125,7 @@ class DolorisMethod:
         return self._predict(perturbations, cell_type, n_cells, seed, dose, smiles, self.predict_kwargs)
 
     def _predict(self, perturbations, cell_type, n_cells, seed, dose, smiles, predict_kwargs) -> ad.AnnData:
-        return self.model.predict_perturbation(
+        predicted = self.model.predict_perturbation(
             list(perturbations),
             cell_type=cell_type,
             n_cells=n_cells,
@@ -128,6 +134,12 @@ class DolorisMethod:
             smiles=smiles or None,
             **predict_kwargs,
         )
+        anchoring = predicted.uns.get(ANCHORING_KEY)
+        if anchoring is not None:
+            # How many held-out calibration conditions each gate rests on, beside the gate.
+            counts = getattr(self.model, "calibration_", {}).get("n_conditions", {})
+            anchoring["n_calibration"] = [int(counts.get(kind, 0)) for kind in anchoring["kind"]]
+        return predicted
 
 
 class SharedDolorisMethod:
@@ -200,20 +212,42 @@ class BaselineMethod:
     (10, 20)
     """
 
-    def __init__(self, name: str, factory: Callable[[], object]):
+    def __init__(self, name: str, factory: Callable[[], object], *, doses: str | None = "labels"):
+        if doses not in ("labels", "native", None):
+            raise ValueError(f"`doses` must be 'labels', 'native' or None, got {doses!r}.")
         self.name = name
         self.factory = factory
+        self.doses = doses
         self.fitted = None
 
+    def not_applicable(self, split: Split) -> str | None:
+        """Why this baseline does not apply to ``split`` (``None`` when it does).
+
+        With ``doses=None`` a baseline has no meaning on dosed conditions (e.g. additive: a
+        ``"drug@dose"`` label has no trained components to add), and the tables say so instead of
+        listing a failure per condition.
+        """
+        if split.dose_key is not None and self.doses is None:
+            return "not applicable to conditions with doses"
+        if split.dose_key is None and self.doses == "native":
+            return "needs conditions with doses"
+        return None
+
     def fit(self, train: ad.AnnData, split: Split, *, seed: int) -> BaselineMethod:
-        """Fit a fresh baseline on ``train``; with doses, each (perturbation, dose) is its own label."""
+        """Fit a fresh baseline on ``train``; with doses, each (perturbation, dose) is its own label.
+
+        A baseline made with ``doses="native"`` is given the dose column instead (``dose_key``).
+        """
         key = split.perturbation_key
-        if split.dose_key is not None:
+        extra = {}
+        if split.dose_key is not None and self.doses == "native":
+            extra = {"dose_key": split.dose_key}
+        elif split.dose_key is not None:
             train = train.copy()
             train.obs[DOSED_LABEL] = _dosed_labels(train, split)
             key = DOSED_LABEL
         self.fitted = self.factory().fit(
-            train, perturbation_key=key, control_value=split.control_value, cell_type_key=split.cell_type_key
+            train, perturbation_key=key, control_value=split.control_value, cell_type_key=split.cell_type_key, **extra
         )
         return self
 
@@ -228,6 +262,8 @@ class BaselineMethod:
         smiles=None,
     ) -> ad.AnnData:
         """Predicted cells of ``perturbations`` in ``cell_type`` (at ``dose``)."""
+        if dose is not None and self.doses == "native":
+            return self.fitted.predict(list(perturbations), cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose)
         if dose is not None:
             doses = [dose] * len(perturbations) if np.ndim(dose) == 0 else list(dose)
             perturbations = [_dosed(p, d) for p, d in zip(perturbations, doses, strict=True)]
@@ -251,9 +287,17 @@ def _dosed_labels(adata: ad.AnnData, split: Split) -> pd.Categorical:
 
 
 def default_methods(
-    *, model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None, gene_graph="auto"
+    *,
+    model_kwargs: Mapping | None = None,
+    train_kwargs: Mapping | None = None,
+    gene_graph="auto",
+    doses: bool = False,
 ) -> list:
     """Doloris (its default and ``preset="paper"``) and every baseline: anchor, no change, mean shift, additive, linear.
+
+    With ``doses=True`` (drugs at doses) also the nearest-dose baseline
+    (:class:`scdoloris.baselines.NearestDose`: the same drug at its nearest measured dose, or at the
+    same dose in the other cell types); additive and linear are then listed as not applicable.
 
     Parameters
     ----------
@@ -263,11 +307,14 @@ def default_methods(
         Passed to :meth:`scdoloris.Doloris.train`.
     gene_graph
         Gene-graph prior of Doloris and of the linear baseline.
+    doses
+        Whether the split's conditions have doses.
 
     Returns
     -------
     list
-        The methods, ready for :func:`run_benchmark`; nothing is fitted yet.
+        The methods, ready for :func:`run_benchmark`; nothing is fitted yet. The Anchor, the bar
+        the default is compared with in every table, comes right after Doloris' two presets.
 
     Examples
     --------
@@ -277,17 +324,20 @@ def default_methods(
     ['doloris', 'doloris_paper', 'anchor', 'no_change', 'mean_shift', 'additive', 'linear']
     """
     model_kwargs = {"gene_graph": gene_graph, **(model_kwargs or {})}
-    return [
+    methods = [
         DolorisMethod(model_kwargs=model_kwargs, train_kwargs=train_kwargs),
         DolorisMethod(
             model_kwargs={**model_kwargs, "preset": "paper"}, train_kwargs=train_kwargs, name="doloris_paper"
         ),
-        BaselineMethod("anchor", baselines.Anchor),
+        BaselineMethod(BAR_METHOD, baselines.Anchor),
         BaselineMethod("no_change", baselines.NoChange),
         BaselineMethod("mean_shift", baselines.MeanShift),
-        BaselineMethod("additive", baselines.Additive),
-        BaselineMethod("linear", lambda: baselines.Linear(gene_graph=gene_graph)),
+        BaselineMethod("additive", baselines.Additive, doses=None),
+        BaselineMethod("linear", lambda: baselines.Linear(gene_graph=gene_graph), doses=None),
     ]
+    if doses:
+        methods.append(BaselineMethod("nearest_dose", baselines.NearestDose, doses="native"))
+    return methods
 
 
 @dataclass
@@ -338,14 +388,39 @@ class BenchmarkResult:
         default_factory=lambda: pd.DataFrame(columns=["method", "seed", "perturbation", "error"])
     )
     seconds: dict = field(default_factory=dict)
+    gates: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["method", "seed", "perturbation", "cell_type", "kind", "gate"])
+    )
+    timings: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["method", "seed", "fit_seconds", "predict_seconds"])
+    )
+    not_applicable: dict = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
         """Mean, std and count over conditions and seeds, per method, gene set and metric."""
         grouped = self.scores.groupby(["gene_set", "metric", "method"], sort=False)["value"]
         return grouped.agg(["mean", "std", "count"]).reset_index()
 
+    def paired_difference(
+        self,
+        method: str = DEFAULT_METHOD,
+        reference: str = BAR_METHOD,
+        *,
+        metric: str = "e_distance",
+        gene_set: str = "all",
+    ) -> tuple[float, float, int]:
+        """Mean and standard error of ``method - reference`` over the (condition, seed) pairs both scored.
+
+        Returns ``(nan, nan, 0)`` when they share no pair. Negative is better for distances.
+        """
+        return paired_difference(self.scores, method, reference, metric=metric, gene_set=gene_set)
+
     def to_markdown(self, *, digits: int = 3) -> str:
-        """One table per gene set: methods as rows, ``mean ± std`` per metric as columns."""
+        """One table per gene set: methods as rows, ``mean ± std`` per metric as columns.
+
+        When both Doloris' default and the Anchor were scored, a last row gives their paired
+        difference (``doloris - anchor``, mean ± standard error over conditions and seeds).
+        """
         summary = self.summary()
         lines = []
         for gene_set, table in summary.groupby("gene_set", sort=False):
@@ -364,7 +439,15 @@ class BenchmarkResult:
             lines.append("|---|" + "---|" * len(wide.columns))
             for method, row in wide.iterrows():
                 lines.append(f"| {method} | " + " | ".join(str(v) for v in row.to_numpy()) + " |")
+            if {DEFAULT_METHOD, BAR_METHOD} <= set(wide.index):
+                differences = []
+                for metric in wide.columns:
+                    mean, se, n = self.paired_difference(metric=metric, gene_set=gene_set)
+                    differences.append("" if n == 0 else f"{mean:+.{digits}f} ± {se:.{digits}f}")
+                lines.append(f"| {DEFAULT_METHOD} − {BAR_METHOD} (paired, ± s.e.) | " + " | ".join(differences) + " |")
             lines.append("")
+        if self.not_applicable:
+            lines.extend(f"Not applicable: {method} ({why})." for method, why in self.not_applicable.items())
         if len(self.failures):
             lines.append(f"Not predicted: {self.failures.groupby('method').size().to_dict()} condition(s) per method.")
         return "\n".join(lines)
@@ -388,6 +471,67 @@ class BenchmarkResult:
             if len(pair := wide[["doloris", m]].dropna())
         }
         return pd.Series(wins, name=f"doloris_wins_{metric}")
+
+
+def paired_difference(
+    scores: pd.DataFrame,
+    method: str,
+    reference: str,
+    *,
+    metric: str = "e_distance",
+    gene_set: str = "all",
+) -> tuple[float, float, int]:
+    """Mean and standard error of ``method - reference`` over the (seed, condition) pairs both scored.
+
+    Parameters
+    ----------
+    scores
+        Tidy scores as in :attr:`BenchmarkResult.scores` (a ``split`` column, when present, is
+        part of the pairing, so scores of several splits can be pooled).
+    method, reference
+        The two methods compared.
+    metric, gene_set
+        Which scores.
+
+    Returns
+    -------
+    mean, standard_error, n
+        ``(nan, nan, 0)`` without shared pairs; the standard error is ``nan`` for one pair.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from scdoloris.benchmark import paired_difference
+    >>> scores = pd.DataFrame(
+    ...     {
+    ...         "method": ["doloris", "anchor"] * 2,
+    ...         "seed": 0,
+    ...         "perturbation": ["A", "A", "B", "B"],
+    ...         "cell_type": "all",
+    ...         "gene_set": "all",
+    ...         "metric": "e_distance",
+    ...         "value": [1.0, 1.5, 2.0, 2.1],
+    ...     }
+    ... )
+    >>> [round(v, 3) for v in paired_difference(scores, "doloris", "anchor")]
+    [-0.3, 0.2, 2]
+    """
+    table = scores[(scores["metric"] == metric) & (scores["gene_set"] == gene_set)]
+    index = [c for c in ("split", "seed", "perturbation", "cell_type", "dose") if c in table.columns]
+    table = table[table["method"].isin([method, reference])]
+    if "dose" in table:  # splits without doses pooled with dosed ones: NaN doses would drop out of the pairing
+        table = table.assign(dose=table["dose"].fillna(-1.0))
+    if table.empty:
+        return float("nan"), float("nan"), 0
+    wide = table.pivot_table(index=index, columns="method", values="value", dropna=False)
+    if method not in wide or reference not in wide:
+        return float("nan"), float("nan"), 0
+    difference = (wide[method] - wide[reference]).dropna().to_numpy(dtype=np.float64)
+    n = len(difference)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    se = float(difference.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return float(difference.mean()), se, n
 
 
 def score_condition(
@@ -591,9 +735,16 @@ def run_benchmark(
     ['gene_set', 'metric', 'method', 'mean', 'std', 'count']
     >>> print(result.to_markdown())  # doctest: +SKIP
     """
-    methods = list(default_methods() if methods is None else methods)
-    has_dose = (split(seeds[0]) if callable(split) else split).dose_key is not None
-    rows, failures, seconds = [], [], {}
+    first = split(seeds[0]) if callable(split) else split
+    has_dose = first.dose_key is not None
+    methods = list(default_methods(doses=has_dose) if methods is None else methods)
+    not_applicable = {}
+    for method in methods:
+        why = method.not_applicable(first) if hasattr(method, "not_applicable") else None
+        if why is not None:
+            not_applicable[method.name] = why
+    methods = [method for method in methods if method.name not in not_applicable]
+    rows, failures, seconds, gate_rows, timings = [], [], {}, [], []
     de_cache: dict = {}
     floor_cache: dict = {}  # per condition: {(gene set, n predicted cells): floor}, shared by the methods
     total = len(seeds) * len(methods)
@@ -614,18 +765,24 @@ def run_benchmark(
                         failures.append({"method": method.name, "seed": seed} | condition | {"error": str(error)})
                     bar.update()
                     continue
+                fitted = time.perf_counter()
                 for cell_type, conditions in current.test.groupby("cell_type", sort=False):
                     ct = None if cell_type == SINGLE_CELL_TYPE else cell_type
                     control = current.controls(adata, ct)
                     records = conditions.to_dict("records")
                     shift = None if reference is None else reference.shift(ct)
-                    for condition, predicted in _predict_conditions(method, records, ct, n_cells, seed, smiles):
+                    for condition, predicted, anchoring in _predict_conditions(
+                        method, records, ct, n_cells, seed, smiles
+                    ):
                         perturbation, dose = condition["perturbation"], condition.get("dose")
                         ids = {"method": method.name, "seed": seed, "perturbation": perturbation}
                         ids |= {"cell_type": cell_type} | ({"dose": dose} if dose is not None else {})
                         if isinstance(predicted, Exception):
                             failures.append(ids | {"error": str(predicted)})
                             continue
+                        if anchoring is not None:
+                            recorded = {k: v for k, v in anchoring.items() if k not in ("entry", "cell_type")}
+                            gate_rows.append(ids | recorded)
                         real = current.cells(adata, perturbation, ct, dose)
                         key = (perturbation, cell_type, dose)
                         if key not in de_cache:
@@ -641,11 +798,24 @@ def run_benchmark(
                         )
                         rows.extend(ids | row for row in scored)
                 seconds[(seed, method.name)] = time.perf_counter() - start
+                timings.append(
+                    {
+                        "method": method.name,
+                        "seed": seed,
+                        "fit_seconds": fitted - start,
+                        "predict_seconds": time.perf_counter() - fitted,  # and scoring
+                    }
+                )
                 bar.update()
     columns = ["method", "seed", "perturbation", "cell_type", "dose", "error"]
     failures_table = pd.DataFrame(failures).reindex(columns=[c for c in columns if c != "dose" or has_dose])
-    name = (split(seeds[0]) if callable(split) else split).name
-    return BenchmarkResult(pd.DataFrame(rows), name, failures_table, seconds)
+    result = BenchmarkResult(pd.DataFrame(rows), first.name, failures_table, seconds)
+    if gate_rows:
+        result.gates = pd.DataFrame(gate_rows)
+    if timings:
+        result.timings = pd.DataFrame(timings)
+    result.not_applicable = not_applicable
+    return result
 
 
 class _ReferenceShift:
@@ -670,8 +840,19 @@ class _ReferenceShift:
         return known.loc[cell_type] if cell_type in known.index else self.model.overall_shift_
 
 
+def _anchoring(predicted: ad.AnnData, entry: int) -> dict | None:
+    """The ``entry``-th row of a prediction's anchoring record (kind, gate, ...), if it has one.
+
+    The runner asks for one cell type per call, so the record has one row per requested condition.
+    """
+    record = predicted.uns.get(ANCHORING_KEY)
+    if record is None:
+        return None
+    return {column: values[entry] for column, values in record.items()}
+
+
 def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, seed: int, smiles: dict):
-    """``(condition, predicted cells or the error)`` for every condition of one cell type.
+    """``(condition, predicted cells or the error, anchoring record or None)`` for every condition of one cell type.
 
     All conditions in one call first (Doloris then inverts the control cells once, paper A.4);
     if that fails (e.g. the additive baseline meets a gene it never saw), one call per condition.
@@ -687,7 +868,8 @@ def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, se
         predicted = None
     if predicted is not None and predicted.n_obs == len(records) * n_cells:
         # Both Doloris and the baselines return one block of n_cells per condition, in order.
-        return [(r, predicted[i * n_cells : (i + 1) * n_cells]) for i, r in enumerate(records)]
+        blocks = [predicted[i * n_cells : (i + 1) * n_cells] for i in range(len(records))]
+        return [(r, block, _anchoring(predicted, i)) for i, (r, block) in enumerate(zip(records, blocks, strict=True))]
     results = []
     for r in records:
         dose = r.get("dose")
@@ -696,9 +878,9 @@ def _predict_conditions(method, records: list[dict], cell_type, n_cells: int, se
             predicted = method.predict(
                 [r["perturbation"]], cell_type=cell_type, n_cells=n_cells, seed=seed, dose=dose, smiles=needed
             )
-            results.append((r, predicted))
+            results.append((r, predicted, _anchoring(predicted, 0)))
         except (KeyError, ValueError) as error:
-            results.append((r, error))
+            results.append((r, error, None))
     return results
 
 
