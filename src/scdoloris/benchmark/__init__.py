@@ -1,5 +1,6 @@
 """Seeded splits and the runner that compares Doloris with the baselines on them."""
 
+from ._celleval import score_cell_eval, to_cell_eval
 from ._runner import (
     BaselineMethod,
     BenchmarkResult,
@@ -28,10 +29,12 @@ __all__ = [
     "default_methods",
     "paired_difference",
     "run_benchmark",
+    "score_cell_eval",
     "score_condition",
     "singles_to_doubles",
     "unseen_cell_type",
     "unseen_drug_cell_dose",
     "unseen_molecules",
     "unseen_perturbations",
+    "to_cell_eval",
 ]
