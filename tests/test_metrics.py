@@ -45,6 +45,12 @@ def test_public_api():
         "de_genes",
         "differential_expression",
         "evaluate",
+        "cosine_delta",
+        "top_expressed_l2",
+        "zero_fraction_error",
+        "spread_ratio",
+        "de_agreement",
+        "rank_metric",
     }
     assert not hasattr(sd.metrics, "edistance")
     assert not hasattr(sd.metrics, "rmse_mean")

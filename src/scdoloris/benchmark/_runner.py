@@ -13,10 +13,24 @@ from tqdm.auto import tqdm
 
 from .. import baselines, metrics
 from ..data import to_dense
+from ..metrics._de import wilcoxon_adjusted_pvalues
 from ._splits import SINGLE_CELL_TYPE, Split
 
-# The four metrics of the paper's tables; :data:`DEFAULT_METRICS` adds the floor columns and the centred correlation.
+# The four metrics of the paper's tables; :data:`DEFAULT_METRICS` adds the floor columns, the centred
+# correlation and the field's metrics (docs/evaluation.md).
 PAPER_METRICS = ("e_distance", "emd", "mean_rmse", "pearson_delta")
+# The field's metrics of one condition: of the mean change, of the distribution, and of Wilcoxon DE calls.
+FIELD_METRICS = (
+    "cosine_delta",
+    "top_expressed_l2",
+    "zero_fraction_error",
+    "spread_ratio",
+    "n_de_predicted",
+    "n_de_real",
+    "de_overlap",
+)
+# Metrics across the conditions of a cell type (PerturBench's rank metric), scored on all genes.
+RANK_METRICS = ("rank_mse", "rank_e_distance")
 DEFAULT_METRICS = (
     "e_distance",
     "e_distance_floor",
@@ -25,16 +39,28 @@ DEFAULT_METRICS = (
     "mean_rmse",
     "pearson_delta",
     "pearson_delta_centred",
+    *FIELD_METRICS,
+    *RANK_METRICS,
 )
 # Each metric of the predicted cells alone as a function of (predicted, real, control); the others
-# ("e_distance_floor", "e_distance_excess", "pearson_delta_centred") need more and are made in score_condition.
+# ("e_distance_floor", "e_distance_excess", "pearson_delta_centred", the DE calls) need more and are
+# made in score_condition.
 METRICS = {
     "e_distance": lambda p, r, c: metrics.e_distance(p, r),
     "emd": lambda p, r, c: metrics.emd(p, r),
     "mean_rmse": lambda p, r, c: metrics.mean_rmse(p, r),
     "pearson_delta": metrics.pearson_delta,
+    "cosine_delta": metrics.cosine_delta,
+    "top_expressed_l2": metrics.top_expressed_l2,
+    "zero_fraction_error": lambda p, r, c: metrics.zero_fraction_error(p, r),
+    "spread_ratio": lambda p, r, c: metrics.spread_ratio(p, r),
 }
-HIGHER_IS_BETTER = frozenset({"pearson_delta", "pearson_delta_centred"})
+# Scored on all genes only: "the 1,000 most expressed" and a DE test's calls are statements about all genes.
+ALL_GENES_ONLY = frozenset({"top_expressed_l2", "n_de_predicted", "n_de_real", "de_overlap"})
+# Closer to 1 is better for the spread ratio; the tables show it as is.
+HIGHER_IS_BETTER = frozenset({"pearson_delta", "pearson_delta_centred", "cosine_delta", "de_overlap"})
+# Benjamini-Hochberg level of the Wilcoxon DE calls (predicted or real cells vs control), as cell-eval's.
+DE_ALPHA = 0.05
 # Where Doloris' anchored predictions say which estimate anchored each condition and the gate taken;
 # the runner records it per condition (BenchmarkResult.gates).
 ANCHORING_KEY = "doloris_anchoring"
@@ -617,6 +643,7 @@ def score_condition(
     >>> values["e_distance_excess"] == -values["e_distance_floor"] < 0, round(values["pearson_delta_centred"], 6)
     (True, 1.0)
     """
+    metric_names = [name for name in metric_names if name not in RANK_METRICS]  # made across conditions
     unknown = [name for name in metric_names if name not in DEFAULT_METRICS]
     if unknown:
         raise ValueError(f"Unknown metric {unknown[0]!r}; choose from {sorted(DEFAULT_METRICS)}.")
@@ -641,8 +668,9 @@ def score_condition(
         r = to_dense(real[:, columns].X)
         c = to_dense(control[:, columns].X)
         ref = None if shift is None else shift[columns]
-        values = _gene_set_scores(metric_names, p, r, c, ref, cache, gene_set)
-        rows.extend({"gene_set": gene_set, "metric": name, "value": values[name]} for name in metric_names)
+        names = [n for n in metric_names if genes is None or n not in ALL_GENES_ONLY]
+        values = _gene_set_scores(names, p, r, c, ref, cache, gene_set)
+        rows.extend({"gene_set": gene_set, "metric": name, "value": values[name]} for name in names)
     return rows
 
 
@@ -661,6 +689,18 @@ def _gene_set_scores(names, p, r, c, shift, cache: dict, gene_set: str) -> dict[
                 result = cache[key]
             elif name == "e_distance_excess":
                 result = value("e_distance") - value("e_distance_floor")
+            elif name in ("n_de_predicted", "n_de_real", "de_overlap"):
+                # The real cells' DE calls do not depend on the method: made once per condition.
+                key = (gene_set, "de_real")
+                if key not in cache:
+                    cache[key] = wilcoxon_adjusted_pvalues(r, c) < DE_ALPHA
+                real_de = cache[key]
+                predicted_de = wilcoxon_adjusted_pvalues(p, c) < DE_ALPHA
+                values["n_de_predicted"] = float(predicted_de.sum())
+                values["n_de_real"] = float(real_de.sum())
+                overlap = (predicted_de & real_de).sum() / real_de.sum() if real_de.any() else float("nan")
+                values["de_overlap"] = float(overlap)
+                result = values[name]
             else:  # pearson_delta_centred: the Pearson delta from control shifted by the reference shift
                 result = float("nan") if shift is None else metrics.pearson_delta(p, r, c + shift)
             values[name] = float(result)
@@ -771,6 +811,7 @@ def run_benchmark(
                     control = current.controls(adata, ct)
                     records = conditions.to_dict("records")
                     shift = None if reference is None else reference.shift(ct)
+                    ranked: dict = {}  # condition -> (ids, predicted, real): the rank metric needs them all
                     for condition, predicted, anchoring in _predict_conditions(
                         method, records, ct, n_cells, seed, smiles
                     ):
@@ -797,6 +838,8 @@ def run_benchmark(
                             floor_cache=floor_cache.setdefault(key, {}),
                         )
                         rows.extend(ids | row for row in scored)
+                        ranked[key] = (ids, predicted.X, real.X)
+                    rows.extend(_rank_rows(ranked, metric_names))
                 seconds[(seed, method.name)] = time.perf_counter() - start
                 timings.append(
                     {
@@ -816,6 +859,25 @@ def run_benchmark(
         result.timings = pd.DataFrame(timings)
     result.not_applicable = not_applicable
     return result
+
+
+def _rank_rows(ranked: dict, metric_names: Sequence[str]) -> list[dict]:
+    """PerturBench's rank metric of each condition among the conditions of one cell type (all genes).
+
+    Undefined with one condition (e.g. a held-out cell type with one stimulation): no rows.
+    """
+    wanted = [name for name in RANK_METRICS if name in metric_names]
+    if len(ranked) < 2 or not wanted:
+        return []
+    predicted = {key: to_dense(p) for key, (_, p, _) in ranked.items()}
+    real = {key: to_dense(r) for key, (_, _, r) in ranked.items()}
+    rows = []
+    for name in wanted:
+        ranks = metrics.rank_metric(predicted, real, distance=name.removeprefix("rank_"))
+        # In the order of ``real``, which is that of ``ranked``.
+        for (ids, _, _), value in zip(ranked.values(), ranks.to_numpy(), strict=True):
+            rows.append(ids | {"gene_set": "all", "metric": name, "value": float(value)})
+    return rows
 
 
 class _ReferenceShift:
