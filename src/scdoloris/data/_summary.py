@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -255,14 +255,9 @@ def summarize_training_data(
         molecule_table,
         rng,
     )
-    x_max = statistics.x_max
     return TrainingSummary(
-        x_max=x_max,
+        **_statistic_fields(statistics),
         cell_types=[str(c) for c in cell_types],
-        control_mean=statistics.control_mean.astype(np.float32),
-        control_std=statistics.control_std.astype(np.float32),
-        cell_type_expressed_mean=(statistics.type_mean / x_max).astype(np.float32),
-        cell_type_expressed_std=(np.sqrt(statistics.type_var) / x_max).astype(np.float32),
         perturbation_labels=[str(p) for p in perturbation_labels],
         is_control=conditions.is_control,
         categories=tokens.categories,
@@ -271,9 +266,6 @@ def summarize_training_data(
         node_features=_node_features(statistics.means, tokens.graph.n_nodes),
         condition_perturbation=conditions.keys[:, 0],
         condition_cell_type=conditions.keys[:, 1],
-        condition_frequencies=statistics.frequencies.astype(np.float32),
-        condition_expressed_mean=(statistics.expressed_mean / x_max).astype(np.float32),
-        condition_expressed_std=(np.sqrt(statistics.expressed_var) / x_max).astype(np.float32),
         reference_masks=reference_masks,
         reference_condition=reference_condition,
         control_values=list(control_values),
@@ -281,6 +273,115 @@ def summarize_training_data(
         molecule_recipes=tokens.molecule_recipes,
         dose_values=conditions.dose_values.astype(np.float32),
         condition_dose=conditions.keys[:, 2],
+    )
+
+
+def summarize_without(
+    X,
+    summary: TrainingSummary,
+    perturbation_codes: np.ndarray,
+    cell_type_codes: np.ndarray,
+    held_out: np.ndarray,
+    reference_cells_per_condition: int = 100,
+    seed: int = 0,
+    doses: np.ndarray | None = None,
+) -> TrainingSummary:
+    """``summary`` as :func:`summarize_training_data` would make it without the held-out perturbed cells.
+
+    A calibration fold (``Doloris.train``, preset ``"anchored"``) must reach the model only as a
+    condition never trained would: every statistic of the expression is computed again, in one
+    streaming pass, from the data without the perturbed cells of ``held_out`` -- the scale
+    ``x_max``, the control and cell-type moments (the target prior), the per-condition tables
+    (frequencies, nonzero moments), the frozen node features (PCA of the genes x conditions means)
+    and the reference cells of mask sampling. The held-out conditions are absent from the tables,
+    as an untrained condition is. Unperturbed cells of ``held_out`` (a held-out label at dose 0) stay:
+    they are controls and carry no response. What does not read perturbed cells' expression stays
+    ``summary``'s: the labels, tokens and gene graph (a co-expression prior is computed from control
+    cells), the molecules and the dose grid.
+
+    Parameters
+    ----------
+    X
+        The log1p expression the summary was made from (dense, sparse or backed).
+    summary
+        The summary of all of ``X``.
+    perturbation_codes, cell_type_codes, doses
+        Registered codes (and doses) per cell, as given to :func:`summarize_training_data`.
+    held_out
+        ``(cells,)`` bool: the cells to leave out. Their perturbed cells must make whole conditions
+        (all cells of a ``(label, cell type, dose)``), as the labels and conditions of a fold do.
+    reference_cells_per_condition, seed
+        As in :func:`summarize_training_data`: with the same seed, the reference cells are those it
+        draws from the data without the held-out cells.
+
+    Returns
+    -------
+    TrainingSummary
+        The summary of the data without the held-out perturbed cells.
+
+    Examples
+    --------
+    Leaving out perturbation ``A`` gives the summary of the data without its cells:
+
+    >>> import numpy as np
+    >>> X = np.log1p(np.random.default_rng(0).poisson(1.0, size=(60, 5)))
+    >>> codes, types = np.repeat([0, 1, 2], 20), np.zeros(60, dtype=int)
+    >>> args = (["control", "A", "B"], ["T"], ["control"], ["g0", "g1", "g2", "g3", "g4"])
+    >>> full = summarize_training_data(X, codes, types, *args, gene_graph=None)
+    >>> without = summarize_without(X, full, codes, types, held_out=codes == 1)
+    >>> keep = codes != 1
+    >>> alone = summarize_training_data(X[keep], codes[keep], types[keep], *args, gene_graph=None)
+    >>> without.condition_perturbation.tolist(), np.array_equal(without.node_features, alone.node_features)
+    ([0, 2], True)
+    >>> np.array_equal(without.reference_masks, alone.reference_masks), without.x_max == alone.x_max
+    (True, True)
+    """
+    held_out = np.asarray(held_out, dtype=bool)
+    conditions = _conditions(
+        X.shape[0],
+        perturbation_codes,
+        cell_type_codes,
+        summary.perturbation_labels,
+        summary.cell_types,
+        summary.control_values,
+        doses,
+    )
+    expected = np.stack([summary.condition_perturbation, summary.condition_cell_type, summary.condition_dose], axis=1)
+    if not np.array_equal(conditions.keys, expected):
+        raise ValueError("These codes are not those the summary was made from.")
+    dropped = held_out & ~conditions.cell_is_control
+    absent = np.unique(conditions.of_cell[dropped])
+    if not np.array_equal(np.isin(conditions.of_cell, absent), dropped):
+        raise ValueError("The held-out perturbed cells must make whole (perturbation, cell type, dose) conditions.")
+    kept = np.setdiff1d(np.arange(len(conditions.keys)), absent)
+    counts = np.bincount(conditions.of_cell, minlength=len(conditions.keys)).astype(np.float64)
+    sums, squares, nonzero, maxima = _accumulate(X, conditions.of_cell, len(conditions.keys))
+    statistics = _moments(
+        counts[kept],
+        sums[kept],
+        squares[kept],
+        nonzero[kept],
+        float(maxima[kept].max()),
+        conditions.keys[kept, 1],
+        conditions.is_control_condition[kept],
+        len(summary.cell_types),
+    )
+    # Held-out cells belong to no condition: none of them is a reference cell, and the generator
+    # draws for the other conditions what it draws from the data without them.
+    renumbered = np.full(len(conditions.keys), -1)
+    renumbered[kept] = np.arange(len(kept))
+    reference_masks, reference_condition = _reference_masks(
+        X, renumbered[conditions.of_cell], len(kept), reference_cells_per_condition, np.random.default_rng(seed)
+    )
+    return replace(
+        summary,
+        **_statistic_fields(statistics),
+        node_features=_node_features(statistics.means, len(summary.node_features)),
+        condition_perturbation=summary.condition_perturbation[kept],
+        condition_cell_type=summary.condition_cell_type[kept],
+        condition_dose=summary.condition_dose[kept],
+        reference_masks=reference_masks,
+        reference_condition=reference_condition,
     )
 
 
@@ -363,17 +464,19 @@ class _ExpressionStatistics:
 
 
 def _accumulate(X, condition_of_cell: np.ndarray, n_conditions: int):
-    """Per condition and gene: sum, sum of squares and count of nonzero values, and the largest value.
+    """Per condition and gene: sum, sum of squares and count of nonzero values; per condition, the largest value.
 
     One pass in row blocks with exact accumulators, so a sparse or backed matrix is never densified
     whole. Each block is added per condition by a 0/1 matrix product, which keeps sparse blocks sparse.
-    Raises on NaN, infinite, negative or only zero values.
+    The largest value is kept per condition so that the scale of the data without some conditions
+    (a calibration fold, :func:`summarize_without`) comes from the same pass. Raises on NaN, infinite,
+    negative or only zero values.
     """
     n_cells, n_genes = X.shape
     sums = np.zeros((n_conditions, n_genes))
     squares = np.zeros((n_conditions, n_genes))
     nonzero = np.zeros((n_conditions, n_genes))
-    x_max = 0.0
+    maxima = np.zeros(n_conditions)
     step = block_rows(n_genes)
     for start in range(0, n_cells, step):
         stop = min(start + step, n_cells)
@@ -384,7 +487,9 @@ def _accumulate(X, condition_of_cell: np.ndarray, n_conditions: int):
             raise ValueError("The expression matrix contains NaN or infinite values.")
         if values.size and values.min() < 0:
             raise ValueError(f"The expression matrix contains negative values (min {values.min():.3g}).")
-        x_max = max(x_max, float(values.max(initial=0.0)))
+        # Values are >= 0 (checked above), so a row's largest value is its largest stored one, or 0.
+        row_max = np.asarray(block.max(axis=1).todense() if sparse.issparse(block) else block.max(axis=1, initial=0.0))
+        np.maximum.at(maxima, condition_of_cell[start:stop], row_max.ravel())
         indicator = sparse.csr_matrix(
             (np.ones(stop - start), (condition_of_cell[start:stop], np.arange(stop - start))),
             shape=(n_conditions, stop - start),
@@ -400,24 +505,45 @@ def _accumulate(X, condition_of_cell: np.ndarray, n_conditions: int):
             sums += indicator @ block
             squares += indicator @ block**2
             nonzero += indicator @ (block != 0).astype(np.float64)
-    if x_max <= 0:
+    if maxima.max(initial=0.0) <= 0:
         raise ValueError("The expression matrix is all zeros.")
-    return sums, squares, nonzero, x_max
+    return sums, squares, nonzero, maxima
 
 
 def _expression_statistics(X, conditions: _Conditions, n_types: int) -> _ExpressionStatistics:
     """Read ``X`` once and reduce it to per-condition and per-cell-type moments."""
-    n_conditions = len(conditions.keys)
-    counts = np.bincount(conditions.of_cell, minlength=n_conditions).astype(np.float64)
-    sums, squares, nonzero, x_max = _accumulate(X, conditions.of_cell, n_conditions)
+    counts = np.bincount(conditions.of_cell, minlength=len(conditions.keys)).astype(np.float64)
+    sums, squares, nonzero, maxima = _accumulate(X, conditions.of_cell, len(conditions.keys))
+    return _moments(
+        counts,
+        sums,
+        squares,
+        nonzero,
+        float(maxima.max()),
+        conditions.keys[:, 1],
+        conditions.is_control_condition,
+        n_types,
+    )
+
+
+def _moments(
+    counts: np.ndarray,
+    sums: np.ndarray,
+    squares: np.ndarray,
+    nonzero: np.ndarray,
+    x_max: float,
+    type_of_condition: np.ndarray,
+    is_control_condition: np.ndarray,
+    n_types: int,
+) -> _ExpressionStatistics:
+    """Per-condition and per-cell-type moments from :func:`_accumulate`'s sums (one row per condition), at ``x_max``."""
     n_genes = sums.shape[1]
 
     # Control statistics per cell type on the [0, 1] scale (Eq. 12).
     control_mean = np.zeros((n_types, n_genes))
     control_std = np.zeros((n_types, n_genes))
-    type_of_condition = conditions.keys[:, 1]
     for c in range(n_types):
-        groups = np.flatnonzero(conditions.is_control_condition & (type_of_condition == c))
+        groups = np.flatnonzero(is_control_condition & (type_of_condition == c))
         n = counts[groups].sum()
         mean = sums[groups].sum(axis=0) / n
         var = np.maximum(squares[groups].sum(axis=0) / n - mean**2, 0.0)
@@ -446,6 +572,21 @@ def _expression_statistics(X, conditions: _Conditions, n_types: int) -> _Express
         expressed_mean=expressed_mean,
         expressed_var=expressed_var,
     )
+
+
+def _statistic_fields(statistics: _ExpressionStatistics) -> dict:
+    """The fields of a :class:`TrainingSummary` that are moments of the expression, in float32 on the [0, 1] scale."""
+    x_max = statistics.x_max
+    return {
+        "x_max": x_max,
+        "control_mean": statistics.control_mean.astype(np.float32),
+        "control_std": statistics.control_std.astype(np.float32),
+        "cell_type_expressed_mean": (statistics.type_mean / x_max).astype(np.float32),
+        "cell_type_expressed_std": (np.sqrt(statistics.type_var) / x_max).astype(np.float32),
+        "condition_frequencies": statistics.frequencies.astype(np.float32),
+        "condition_expressed_mean": (statistics.expressed_mean / x_max).astype(np.float32),
+        "condition_expressed_std": (np.sqrt(statistics.expressed_var) / x_max).astype(np.float32),
+    }
 
 
 def _node_features(means: np.ndarray, n_nodes: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -9,6 +10,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -47,6 +49,7 @@ from ..data import (
     registered_modality,
     summarize_training_data,
 )
+from ..data._summary import summarize_without
 from ..module import DolorisModule, MaskReference, sample_activation_mask
 from ..perturbation import split_perturbation
 from ..prediction import (
@@ -121,22 +124,46 @@ class _Calibration(Callback):
     ``conditions``: rows of perturbation code, cell type code and dose) no weight, so at ``step`` the
     model has never learned them; training then goes on with every perturbation. The result is kept
     in the run's checkpoints, so a resumed run ends with the gates of an uninterrupted one.
+
+    A zero weight alone would leave the fold in what the model keeps of its training data (node
+    features, target prior, conditions' moments, scale, reference cells of mask sampling): until
+    ``step`` the module holds, and the calibration predicts with, ``without`` -- the summary of the
+    data without the fold's cells (:func:`~scdoloris.data._summary.summarize_without`) -- and from
+    ``step`` on ``final`` (see :meth:`Doloris._calibration`). :meth:`begin` and :meth:`end` bracket
+    the run; the module's statistics are buffers, so a checkpoint restores those of its phase.
     """
 
-    def __init__(self, model: Doloris, fold: list[str], codes: list[int], conditions: np.ndarray, step: int, seed: int):
+    def __init__(
+        self,
+        model: Doloris,
+        fold: list[str],
+        codes: list[int],
+        conditions: np.ndarray,
+        step: int,
+        seed: int,
+        held_out: np.ndarray,
+        without: TrainingSummary,
+        final: TrainingSummary,
+    ):
         self.model, self.fold, self.codes, self.conditions = model, fold, codes, conditions
         self.step, self.seed = step, seed
+        self.held_out, self.without, self.final = held_out, without, final
         self.result: dict | None = None
 
+    def begin(self) -> None:
+        """The module without the fold, before the run (a resumed run's checkpoint then restores its phase's)."""
+        self.model.module.load_statistics(module_inputs(self.without))
+
+    def end(self) -> None:
+        """The module and the model's summary after the calibration step (also when a run stops early or fails)."""
+        self.model.module.load_statistics(module_inputs(self.final))
+        self.model._set_summary(self.final)
+
     def _run(self, pl_module) -> None:
-        codes = self.model._codes(REGISTRY_KEYS.PERTURBATION_KEY)
-        held_out = np.isin(codes, self.codes)
-        if len(self.conditions):
-            cells = np.stack([codes, self.model._codes(REGISTRY_KEYS.CELL_TYPE_KEY), self.model._doses()], axis=1)
-            for condition in self.conditions:
-                held_out |= np.all(np.isclose(cells, condition, rtol=1e-5, atol=0.0), axis=1)
-        self.result = self.model._calibrate(self.fold, held_out, self.seed)
+        with self.model._summary_swapped(self.without):
+            self.result = self.model._calibrate(self.fold, self.held_out, self.seed)
         self.result["held_out_conditions"] = self.model._describe_conditions(self.conditions)
+        self.model.module.load_statistics(module_inputs(self.final))
         pl_module.train()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
@@ -615,6 +642,7 @@ class Doloris(BaseModelClass):
             plan_kwargs["excluded_conditions"] = calibration.conditions
             plan_kwargs["exclude_until_step"] = calibration.step
             callbacks.append(calibration)
+            calibration.begin()
         plan_kwargs["callbacks"] = callbacks
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         if early_stopping:
@@ -644,7 +672,11 @@ class Doloris(BaseModelClass):
                 early_stopping=early_stopping,
                 **trainer_kwargs,
             )
-            result = runner()
+            try:
+                result = runner()
+            finally:
+                if calibration is not None:
+                    calibration.end()
         if self.preset == "anchored":
             self.anchor_ = self._fit_anchor(np.ones(self.adata.n_obs, dtype=bool)).state()
             if calibration is not None and calibration.result is not None:
@@ -754,7 +786,56 @@ class Doloris(BaseModelClass):
             return None
         step = round(CALIBRATION_PHASE * total_steps)
         codes = [labels.index(label) for label in fold]
-        return _Calibration(self, fold, codes, self._calibration_conditions(codes, seed), step, seed)
+        conditions = self._calibration_conditions(codes, seed)
+        held_out = self._held_out_cells(codes, conditions)
+        # The fold reaches the first phase and the calibration prediction as an untrained condition
+        # would: only through what the whole model knows (graph, labels), never through statistics
+        # of its cells. One more pass over the data, once per anchored run.
+        without = summarize_without(
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY),
+            self._summary,
+            self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
+            self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
+            held_out,
+            reference_cells_per_condition=self.init_params_["non_kwargs"]["mask_reference_cells"],
+            seed=seed,
+            doses=self._doses(),
+        )
+        # After the calibration step the fold trains like any perturbation, so the module gets the
+        # statistics of all the data back (its conditions' moments are needed to impute their zeros,
+        # and the scale changes, if at all, by the ratio of two extreme values, which that phase
+        # absorbs as it absorbs the fold) -- but not the node features. Those stay fold-free for
+        # good: a PCA with more conditions rotates and flips the basis of every gene's features,
+        # which the GAT has learned on for 80% of the steps, and a gene asked at test time never has
+        # its own response in its features either. The saved summary holds these features, so a
+        # loaded model embeds genes as the trained one did.
+        final = replace(self._summary, node_features=without.node_features)
+        return _Calibration(self, fold, codes, conditions, step, seed, held_out, without, final)
+
+    def _held_out_cells(self, codes: list[int], conditions: np.ndarray) -> np.ndarray:
+        """Cells of the fold: those of its perturbation ``codes`` and of its ``conditions`` (code, cell type, dose)."""
+        cell_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        held_out = np.isin(cell_codes, codes)
+        if len(conditions):
+            cells = np.stack([cell_codes, self._codes(REGISTRY_KEYS.CELL_TYPE_KEY), self._doses()], axis=1)
+            for condition in conditions:
+                held_out |= np.all(np.isclose(cells, condition, rtol=1e-5, atol=0.0), axis=1)
+        return held_out
+
+    def _set_summary(self, summary: TrainingSummary) -> None:
+        """Make ``summary`` the model's (saved with it as ``summary_``)."""
+        self._summary = summary
+        self.summary_ = summary.to_dict()
+
+    @contextlib.contextmanager
+    def _summary_swapped(self, summary: TrainingSummary):
+        """``summary`` in place of the model's for the duration (what prediction reads: graph features, references)."""
+        saved = self._summary
+        self._summary = summary
+        try:
+            yield
+        finally:
+            self._summary = saved
 
     def _calibration_conditions(self, fold_codes: list[int], seed: int) -> np.ndarray:
         """With doses, ``(perturbation code, cell type code, dose)`` rows also held out of the first phase.
@@ -866,7 +947,12 @@ class Doloris(BaseModelClass):
         return cells.astype(np.float32), pd.DataFrame(used)
 
     def _calibrate(self, fold: list[str], held_out: np.ndarray, seed: int) -> dict:
-        """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them."""
+        """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them.
+
+        Run by :class:`_Calibration` with the fold-free summary in place (node features of the
+        prediction's graph, reference cells of its masks); the anchor is fitted without the fold's
+        cells and the source cells are controls, so the fold reaches the prediction only as its truth.
+        """
         anchor = self._fit_anchor(~held_out)
         names = self._anchor_labels(np.arange(self.adata.n_obs))
         types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)]

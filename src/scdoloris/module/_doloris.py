@@ -190,6 +190,53 @@ class DolorisModule(nn.Module):
         """Device of the parameters."""
         return self.x_max.device
 
+    @torch.no_grad()
+    def load_statistics(self, inputs: ModuleInputs) -> None:
+        """Replace what the module keeps of its training data by ``inputs``' (same labels, cell types, doses).
+
+        The buffers that are statistics of the expression -- the scale, the control moments and
+        priors, the conditions' nonzero moments and the graph's node features -- are replaced by
+        copies (on the buffers' device and dtype); the weights are untouched. A condition of this
+        module that ``inputs`` lacks (a calibration fold's, see ``Doloris.train``) gets its cell
+        type's prior, the moments of a condition with no cells of its own.
+        """
+        control_mean, control_std = inputs.control_mean.float(), inputs.control_std.float()
+        if self.impute_target_zeros and inputs.expressed_prior_mean is not None:
+            target_mean, target_std = inputs.expressed_prior_mean.float(), inputs.expressed_prior_std.float()
+        else:
+            target_mean, target_std = control_mean, control_std
+        values = {
+            "x_max": torch.tensor(float(inputs.x_max)),
+            "control_mean": control_mean,
+            "control_std": control_std,
+            "target_prior_mean": target_mean,
+            "target_prior_std": target_std.clamp(min=MIN_SIGMA_DATA),
+            "source_prior_std": control_std.clamp(min=MIN_SIGMA_DATA),
+        }
+        if self.impute_target_zeros:
+            mine = self.condition_lookup.cpu()
+            keys = torch.nonzero(mine >= 0, as_tuple=True)  # (label, cell type, dose code) of each row
+            theirs = inputs.condition_lookup.long()[keys]
+            present, rows, cell_type = (theirs >= 0)[:, None], mine[keys], keys[1]
+            for name, table, prior in [
+                ("expressed_mean", inputs.expressed_mean, target_mean),
+                ("expressed_std", inputs.expressed_std, target_std),
+            ]:
+                value = torch.empty(getattr(self, name).shape)
+                value[rows] = torch.where(present, table.float()[theirs.clamp(min=0)], prior[cell_type])
+                values[name] = value
+        for name, value in values.items():
+            self._replace_buffer(self, name, value)
+        for graph in {id(e.graph): e.graph for e in (self.encoder, self.mask_encoder)}.values():
+            self._replace_buffer(graph, "node_features", inputs.graph.node_features)
+
+    @staticmethod
+    def _replace_buffer(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+        # A new tensor, not an in-place copy: the buffers a module is built with may share memory
+        # with the arrays of the summary they came from (torch.as_tensor), which must not change.
+        old = getattr(owner, name)
+        setattr(owner, name, value.to(device=old.device, dtype=old.dtype).clone())
+
     def on_load(self, model, **kwargs):
         """Hook called by scvi-tools' ``load``; nothing to restore beyond the state dict."""
 

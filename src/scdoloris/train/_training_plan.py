@@ -63,7 +63,7 @@ class DolorisTrainingPlan(pl.LightningModule):
         Lightning callbacks to attach at ``fit`` (e.g. a ``ModelCheckpoint``), via
         :meth:`configure_callbacks`.
     excluded_perturbations, exclude_until_step
-        Registered perturbation codes whose cells get no weight in the training loss before step
+        Registered perturbation codes whose cells get no weight in the training and validation losses before step
         ``exclude_until_step`` (a calibration fold: the model must not have learned them when it is
         asked to predict them).
     excluded_conditions
@@ -137,7 +137,9 @@ class DolorisTrainingPlan(pl.LightningModule):
         x = batch[REGISTRY_KEYS.X_KEY]
         perturbation = batch[REGISTRY_KEYS.PERTURBATION_KEY].reshape(-1).long()
         weight = None
-        if prefix == "train" and self.global_step < self.exclude_until_step:
+        if self.global_step < self.exclude_until_step:
+            # The validation loss too: with early stopping it decides when training ends, and the
+            # fold must not reach the model through that either.
             weight = self._fold_weight(batch, perturbation)
         losses = self.module.loss(
             x,
