@@ -67,3 +67,59 @@ def test_baseline_prediction_is_pinned(paper_model):
         rtol=1e-6,
     )
     assert list(pred.obs["control_cell"][:3]) == ["cell00069", "cell00073", "cell00080"]
+
+
+@pytest.fixture(scope="module")
+def default_model(synthetic_two_types, held_out_gene):
+    """The same model with the default preset (anchored: a calibration fold, gates)."""
+    import scvi
+
+    previous = scvi.settings.seed
+    scvi.settings.seed = 0  # the initial weights, whatever ran before
+    try:
+        train = training_subset(synthetic_two_types, exclude=[held_out_gene])
+        model = sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], **SMALL)
+        model.train(max_steps=100, seed=0, **TRAIN_KWARGS)
+    finally:
+        scvi.settings.seed = previous
+    return model
+
+
+def test_default_prediction_and_gates_are_pinned(default_model, held_out_gene):
+    """What users get by default: X and the gates, computed at 3f72306 (after the leakage fix)."""
+    calibration = default_model.calibration_
+    assert calibration["held_out"] == ["G005", "G006"] and calibration["n_conditions"] == {"unseen": 4}
+    assert set(calibration["gates"]) == {"unseen"}
+    assert calibration["gates"]["unseen"] == pytest.approx(0.011032465397634965, abs=2e-3)
+    perturbations = ["G000+G003", held_out_gene, "G001"]
+    pred = default_model.predict_perturbation(perturbations, n_cells=8, seed=7, n_steps=10)
+    anchoring = pred.uns["doloris_anchoring"]
+    assert anchoring["kind"] == ["combination", "combination", "unseen", "unseen", "seen", "seen"]
+    assert anchoring["gate"][:2] == [0.0, 0.0] and anchoring["gate"][4:] == [0.0, 0.0]
+    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 2420.2258261547468, rtol=1e-4)
+    np.testing.assert_allclose(
+        pred.X[[0, 9, 17], :6],
+        [
+            [0.0, 0.023227935656905174, 0.0, 1.047312617301941, 0.24841859936714172, 0.7880712151527405],
+            [
+                1.604103922843933,
+                1.6896772384643555,
+                2.69388484954834,
+                1.1488077640533447,
+                0.23646950721740723,
+                2.287576198577881,
+            ],
+            [1.9964488744735718, 1.7913939952850342, 1.4657574892044067, 1.7119320631027222, 0.0, 0.7455434203147888],
+        ],
+        rtol=1e-4,
+        atol=2e-4,
+    )
+    # Where the gate is 0 the default is the Anchor baseline itself, from the same control cells.
+    anchor = sd.baselines.Anchor().fit(
+        default_model.adata, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
+    )
+    baseline = anchor.predict(perturbations, n_cells=8, seed=7)
+    np.testing.assert_array_equal(baseline.obs["control_cell"].to_numpy(), pred.obs["control_cell"].to_numpy())
+    gate_zero = ~pred.obs["perturbation"].isin([held_out_gene]).to_numpy()
+    np.testing.assert_allclose(pred.X[gate_zero], baseline.X[gate_zero], atol=1e-5)
+    assert np.abs(pred.X[~gate_zero] - baseline.X[~gate_zero]).max() > 1e-3  # the unseen gene's gate is not 0
