@@ -362,6 +362,29 @@ def test_runner_on_molecules(drugs):
     assert len(scores[(scores["metric"] == "e_distance") & (scores["gene_set"] == "all")]) == 3 * len(split.test)
 
 
+def test_dosed_splits_get_the_nearest_dose_baseline_and_say_what_does_not_apply(drugs):
+    split = sd.benchmark.unseen_drug_cell_dose(drugs, fraction=0.3, seed=0)
+    methods = sd.benchmark.default_methods(model_kwargs=SMALL, train_kwargs={"max_steps": 20}, doses=True)
+    methods = [m for m in methods if m.name not in ("doloris", "doloris_paper")]
+    result = sd.benchmark.run_benchmark(drugs, split, methods, n_cells=10, n_de_genes=(20,), progress=False)
+    assert result.not_applicable == {
+        "additive": "not applicable to conditions with doses",
+        "linear": "not applicable to conditions with doses",
+    }
+    assert set(result.scores["method"]) == {"anchor", "no_change", "mean_shift", "nearest_dose"}
+    assert len(result.failures) == 0  # no failure per condition for a baseline that cannot apply
+    assert "Not applicable: additive (not applicable to conditions with doses)." in result.to_markdown()
+    # Every held-out condition's drug was measured at another dose or in another cell type.
+    wide = result.scores.query("metric == 'mean_rmse' and gene_set == 'all'").pivot_table(
+        index=["perturbation", "cell_type", "dose"], columns="method", values="value"
+    )
+    assert len(wide) == len(split.test) and wide["nearest_dose"].notna().all()
+    # A baseline that needs doses says so on a split without them.
+    nearest = sd.benchmark.BaselineMethod("nearest_dose", sd.baselines.NearestDose, doses="native")
+    plain = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+    assert nearest.not_applicable(sd.benchmark.singles_to_doubles(plain)) == "needs conditions with doses"
+
+
 def test_runner_records_a_method_that_cannot_fit():
     """Linear fits per cell type: a held-out cell type with controls only is recorded, not fatal."""
     adata = sd.datasets.synthetic_perturbations(n_genes=30, n_perturbed_genes=4, n_doubles=0, n_cell_types=2, seed=0)
