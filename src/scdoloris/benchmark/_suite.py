@@ -162,6 +162,7 @@ def run_one(name: str, seed: int, out: str | os.PathLike, settings: RunSettings 
 
     entry = SUITE[name]
     start = time.perf_counter()
+    source, commit = source_fingerprint(), _git_commit()  # what runs, read before it runs
     data = load_dataset(entry.dataset)
     split = make_split(entry, data)
     first = split(seed) if callable(split) else split
@@ -182,8 +183,8 @@ def run_one(name: str, seed: int, out: str | os.PathLike, settings: RunSettings 
     meta = {
         "split": name,
         "seed": seed,
-        "source": source_fingerprint(),
-        "commit": _git_commit(),
+        "source": source,
+        "commit": commit,
         "settings": _settings_record(settings),
         "not_applicable": result.not_applicable,
         "n_conditions": len(first.test),

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -10,7 +9,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +16,6 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses it withou
 import scvi
 import torch
 from anndata import AnnData
-from lightning.pytorch.callbacks import Callback
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model._utils import use_distributed_sampler
@@ -39,17 +36,14 @@ from .._validation import (
     drop_unused_categories,
     label_list,
 )
-from ..baselines import Anchor
 from ..data import (
     TrainingSummary,
     expression_matrix,
-    is_in_memory,
     prepare_mudata,
     read_rows,
     registered_modality,
     summarize_training_data,
 )
-from ..data._summary import summarize_without
 from ..module import DolorisModule, MaskReference, sample_activation_mask
 from ..perturbation import split_perturbation
 from ..prediction import (
@@ -59,7 +53,6 @@ from ..prediction import (
     Sources,
     check_keys_free,
     check_source_cells,
-    dose_text,
     draw_controls,
     given_cells,
     predicted_anndata,
@@ -75,16 +68,8 @@ from ..train import (
     quiet_lightning,
     world_size_of,
 )
-from ._anchoring import (
-    CALIBRATION_CELLS,
-    CALIBRATION_MIN_CELLS,
-    CALIBRATION_PHASE,
-    anchored_cells,
-    calibration_conditions,
-    calibration_fold,
-    dosed_label,
-    fit_gates,
-)
+from ._anchored import AnchoredMixin
+from ._calibration import CalibrationMixin
 from ._inputs import PerturbationInputs, module_inputs, perturbation_inputs
 from ._persistence import read_model, write_model
 
@@ -117,70 +102,6 @@ def _inplace_keys(key_added: str, anchored: bool) -> InplaceKeys:
     )
 
 
-class _Calibration(Callback):
-    """Predicts the held-out fold at ``step`` and fits the gates (preset="anchored"; model/_anchoring.py).
-
-    Until ``step`` the training plan gives the fold's perturbations (and, with doses, its
-    ``conditions``: rows of perturbation code, cell type code and dose) no weight, so at ``step`` the
-    model has never learned them; training then goes on with every perturbation. The result is kept
-    in the run's checkpoints, so a resumed run ends with the gates of an uninterrupted one.
-
-    A zero weight alone would leave the fold in what the model keeps of its training data (node
-    features, target prior, conditions' moments, scale, reference cells of mask sampling): until
-    ``step`` the module holds, and the calibration predicts with, ``without`` -- the summary of the
-    data without the fold's cells (:func:`~scdoloris.data._summary.summarize_without`) -- and from
-    ``step`` on ``final`` (see :meth:`Doloris._calibration`). :meth:`begin` and :meth:`end` bracket
-    the run; the module's statistics are buffers, so a checkpoint restores those of its phase.
-    """
-
-    def __init__(
-        self,
-        model: Doloris,
-        fold: list[str],
-        codes: list[int],
-        conditions: np.ndarray,
-        step: int,
-        seed: int,
-        held_out: np.ndarray,
-        without: TrainingSummary,
-        final: TrainingSummary,
-    ):
-        self.model, self.fold, self.codes, self.conditions = model, fold, codes, conditions
-        self.step, self.seed = step, seed
-        self.held_out, self.without, self.final = held_out, without, final
-        self.result: dict | None = None
-
-    def begin(self) -> None:
-        """The module without the fold, before the run (a resumed run's checkpoint then restores its phase's)."""
-        self.model.module.load_statistics(module_inputs(self.without))
-
-    def end(self) -> None:
-        """The module and the model's summary after the calibration step (also when a run stops early or fails)."""
-        self.model.module.load_statistics(module_inputs(self.final))
-        self.model._set_summary(self.final)
-
-    def _run(self, pl_module) -> None:
-        with self.model._summary_swapped(self.without):
-            self.result = self.model._calibrate(self.fold, self.held_out, self.seed)
-        self.result["held_out_conditions"] = self.model._describe_conditions(self.conditions)
-        self.model.module.load_statistics(module_inputs(self.final))
-        pl_module.train()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        if self.result is None and trainer.global_step >= self.step:
-            self._run(pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
-        if self.result is None:  # stopped early (early stopping, max_epochs) before the calibration step
-            self._run(pl_module)
-
-    def state_dict(self) -> dict:  # noqa: D102
-        return {"result": self.result}
-
-    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
-        self.result = state_dict.get("result")
-
-
 class _SourceBatches:
     """Source cells in batches of ``(log1p expression, cell-type codes)`` on ``device``, read when iterated."""
 
@@ -198,7 +119,7 @@ class _SourceBatches:
             yield x, self.type_codes[start : start + self.batch_size]
 
 
-class Doloris(BaseModelClass):
+class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
     """Doloris: dual conditional diffusion implicit bridges with sparsity masking (ICLR 2026).
 
     Predicts how single cells respond to perturbations that were never measured: two conditional
@@ -764,227 +685,11 @@ class Doloris(BaseModelClass):
                 new[key] = extra
         return new
 
-    def _calibration(self, seed: int, total_steps: int, world_size: int) -> _Calibration | None:
-        """The calibration of an anchored run: a fold of perturbations and the step it is predicted at.
-
-        ``None`` for the paper preset, too few perturbations or steps, and distributed runs (whose
-        processes would each predict the fold); their gates stay 0, the prediction control + anchor.
-        A model trained before keeps its gates.
-        """
-        if self.preset != "anchored" or total_steps < 10:
-            return None
-        if self.is_trained_:
-            # Continued training: the model has learned every perturbation, so a fold held out now would
-            # not be unseen; the first run's gates stay.
-            return None
-        if world_size > 1:
-            logger.warning("preset='anchored': a distributed run is not calibrated; predictions use the anchor alone.")
-            return None
-        labels, is_control = self._summary.perturbation_labels, self._summary.is_control
-        fold = calibration_fold([label for label, control in zip(labels, is_control, strict=True) if not control], seed)
-        if not fold:
-            return None
-        step = round(CALIBRATION_PHASE * total_steps)
-        codes = [labels.index(label) for label in fold]
-        conditions = self._calibration_conditions(codes, seed)
-        held_out = self._held_out_cells(codes, conditions)
-        # The fold reaches the first phase and the calibration prediction as an untrained condition
-        # would: only through what the whole model knows (graph, labels), never through statistics
-        # of its cells. One more pass over the data, once per anchored run.
-        without = summarize_without(
-            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY),
-            self._summary,
-            self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
-            self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
-            held_out,
-            reference_cells_per_condition=self.init_params_["non_kwargs"]["mask_reference_cells"],
-            seed=seed,
-            doses=self._doses(),
-        )
-        # After the calibration step the fold trains like any perturbation, so the module gets the
-        # statistics of all the data back (its conditions' moments are needed to impute their zeros,
-        # and the scale changes, if at all, by the ratio of two extreme values, which that phase
-        # absorbs as it absorbs the fold) -- but not the node features. Those stay fold-free for
-        # good: a PCA with more conditions rotates and flips the basis of every gene's features,
-        # which the GAT has learned on for 80% of the steps, and a gene asked at test time never has
-        # its own response in its features either. The saved summary holds these features, so a
-        # loaded model embeds genes as the trained one did.
-        final = replace(self._summary, node_features=without.node_features)
-        return _Calibration(self, fold, codes, conditions, step, seed, held_out, without, final)
-
-    def _held_out_cells(self, codes: list[int], conditions: np.ndarray) -> np.ndarray:
-        """Cells of the fold: those of its perturbation ``codes`` and of its ``conditions`` (code, cell type, dose)."""
-        cell_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
-        held_out = np.isin(cell_codes, codes)
-        if len(conditions):
-            cells = np.stack([cell_codes, self._codes(REGISTRY_KEYS.CELL_TYPE_KEY), self._doses()], axis=1)
-            for condition in conditions:
-                held_out |= np.all(np.isclose(cells, condition, rtol=1e-5, atol=0.0), axis=1)
-        return held_out
-
     def _set_summary(self, summary: TrainingSummary) -> None:
         """Make ``summary`` the model's (saved with it as ``summary_``)."""
         self._summary = summary
         self.summary_ = summary.to_dict()
 
-    @contextlib.contextmanager
-    def _summary_swapped(self, summary: TrainingSummary):
-        """``summary`` in place of the model's for the duration (what prediction reads: graph features, references)."""
-        saved = self._summary
-        self._summary = summary
-        try:
-            yield
-        finally:
-            self._summary = saved
-
-    def _calibration_conditions(self, fold_codes: list[int], seed: int) -> np.ndarray:
-        """With doses, ``(perturbation code, cell type code, dose)`` rows also held out of the first phase.
-
-        Drawn (:func:`~scdoloris.model._anchoring.calibration_conditions`) among the single
-        perturbations outside the fold, at doses above 0.
-        """
-        doses = self._doses()
-        if doses is None:
-            return np.zeros((0, 3))
-        codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
-        labels, is_control = self._summary.perturbation_labels, self._summary.is_control
-        single = np.array(
-            [
-                not control and len(split_perturbation(label, self.control_values)) == 1
-                for label, control in zip(labels, is_control, strict=True)
-            ]
-        )
-        rows = (codes < len(single)) & single[np.minimum(codes, len(single) - 1)] & ~np.isin(codes, fold_codes)
-        rows &= doses > 0
-        cells = np.stack([codes[rows], self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows], doses[rows]], axis=1)
-        return calibration_conditions(cells, seed)
-
-    def _describe_conditions(self, conditions: np.ndarray) -> list[list]:
-        """``[label, cell type, dose]`` of each ``(perturbation code, cell type code, dose)`` row."""
-        labels, types = self._summary.perturbation_labels, self.cell_types
-        return [[labels[int(p)], str(types[int(t)]), float(d)] for p, t, d in conditions]
-
-    def _anchor_labels(self, rows: np.ndarray) -> np.ndarray:
-        """The anchor's label of each cell in ``rows``: the control label, the label, or ``A@dose`` per component."""
-        labels = self._registered_labels()[rows]
-        is_control = self._cell_is_control()[rows]
-        doses = self._doses()
-        control = self.control_values[0]
-        if doses is None:
-            return np.where(is_control, control, labels).astype(object)
-        doses = doses[rows]
-        perturbed = ~is_control & (doses != 0)
-        # One name per distinct (label, dose), not per cell.
-        pairs, inverse = np.unique(
-            np.stack([labels[perturbed].astype(str), doses[perturbed].astype(str)]), axis=1, return_inverse=True
-        )
-        names = np.array([self._anchor_label(label, float(dose)) for label, dose in pairs.T], dtype=object)
-        out = np.full(len(rows), control, dtype=object)
-        out[perturbed] = names[inverse.ravel()]
-        return out
-
-    def _anchor_label(self, label: str, dose) -> str:
-        """``label`` with its dose on each component (``"A@100+B@100"``), as the anchor names conditions."""
-        if self._setup_args.get("dose_key") is None or dose is None:
-            return label
-        components = split_perturbation(label, self.control_values)
-        per_component = np.atleast_1d(np.asarray(dose, dtype=np.float64))
-        if not per_component.any():  # dose 0: unperturbed, as in training
-            return self.control_values[0]
-        if len(per_component) == 1:
-            per_component = np.repeat(per_component, len(components))
-        return "+".join(dosed_label(c, dose_text(d)) for c, d in zip(components, per_component, strict=True))
-
-    def _fit_anchor(self, keep: np.ndarray) -> Anchor:
-        """The anchor fitted on the model's cells where ``keep`` (its training cells, or all but a fold)."""
-        rows = np.flatnonzero(keep)
-        X = expression_matrix(self.adata, self._setup_args.get("layer"))
-        types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows]]
-        obs = pd.DataFrame(
-            {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)},
-            index=self.adata.obs_names[rows],
-        )
-        if len(rows) < self.adata.n_obs:
-            # In memory a sparse subset stays sparse; a backed matrix is read (densely) once.
-            X = X[rows] if is_in_memory(X) else read_rows(X, rows, np.float32)
-        data = AnnData(X=X, obs=obs)
-        return Anchor().fit(
-            data, perturbation_key="perturbation", control_value=self.control_values, cell_type_key="cell_type"
-        )
-
-    def _anchor(self) -> Anchor:
-        """The fitted anchor, restored from ``anchor_`` once per model (fitted now if the model has none)."""
-        state = self.__dict__.get("anchor_")
-        cached = self.__dict__.get("_anchor_cache")
-        if cached is None or cached[0] is not state:
-            anchor = (
-                Anchor.from_state(state) if state is not None else self._fit_anchor(np.ones(self.adata.n_obs, bool))
-            )
-            self._anchor_cache = cached = (state, anchor)
-        return cached[1]
-
-    def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray, renamed: dict):
-        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
-
-        ``renamed`` maps genes asked by another symbol to the model's name for them.
-        """
-        anchor = self._anchor()
-        gates = self.__dict__.get("calibration_", {}).get("gates", {})
-        types = np.asarray(sources.cell_types, dtype=object)
-        groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
-        group_of = np.array([groups[t] for t in types])
-        anchors, weights, used = {}, {}, []
-        for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
-            name = self._anchor_label("+".join(renamed.get(c, c) for c in components), dose)
-            control = name in self.control_values  # at dose 0: no shift, the source cells themselves
-            shift = None if control else anchor.predict_shift([name], cell_type=list(groups))
-            for t, g in groups.items():
-                kind = "control" if control else anchor.kind(name, t)
-                anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
-                weights[(e, g)] = float(gates.get(kind, 0.0))
-                used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
-        cells, _ = anchored_cells(source_x, generated, group_of, anchors, weights)
-        return cells.astype(np.float32), pd.DataFrame(used)
-
-    def _calibrate(self, fold: list[str], held_out: np.ndarray, seed: int) -> dict:
-        """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them.
-
-        Run by :class:`_Calibration` with the fold-free summary in place (node features of the
-        prediction's graph, reference cells of its masks); the anchor is fitted without the fold's
-        cells and the source cells are controls, so the fold reaches the prediction only as its truth.
-        """
-        anchor = self._fit_anchor(~held_out)
-        names = self._anchor_labels(np.arange(self.adata.n_obs))
-        types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)]
-        X = expression_matrix(self.adata, self._setup_args.get("layer"))
-        doses = self._doses()
-        labels = self._registered_labels()
-        true, anchors, model, kinds = [], [], [], []
-        rng = np.random.default_rng(seed)
-        conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
-        conditions["dose"] = 0.0 if doses is None else doses
-        held = conditions[held_out & ~np.isin(names, self.control_values)]  # fold cells at dose 0 are controls
-        for (name, cell_type), rows in held.groupby(["name", "type"], sort=True).groups.items():
-            if len(rows) < CALIBRATION_MIN_CELLS:
-                continue
-            label, dose = held.loc[rows[0], "label"], held.loc[rows[0], "dose"]
-            request = resolve_request([label], self.control_values, dose=None if doses is None else float(dose))
-            inputs = self._perturbation_inputs(request, None)
-            sources = self._sources(None, cell_type, CALIBRATION_CELLS, rng)
-            sampling = (MASK_STRATEGIES[0], (0.05, 0.95), 1)
-            arrays, _ = self._generate(request, inputs, sources, 50, 1024, sampling, rng, False)
-            control_mean = anchor.control_means_.loc[cell_type].to_numpy()
-            true.append(read_rows(X, np.sort(np.asarray(rows))).mean(axis=0) - control_mean)
-            model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))
-            anchors.append(anchor.predict_shift([name], cell_type=cell_type).to_numpy()[0])
-            kinds.append(anchor.kind(name, cell_type))
-        if not kinds:
-            return {"gates": {}, "n_conditions": {}, "held_out": fold}
-        gates, counts = fit_gates(np.array(true), np.array(anchors), np.array(model), kinds)
-        logger.info("Calibrated on %d held-out conditions: gates %s", len(kinds), gates)
-        return {"gates": gates, "n_conditions": counts, "held_out": fold}
-
-    # ------------------------------------------------------------------ prediction
     def _expression_rows(self, adata: AnnData, rows: np.ndarray) -> torch.Tensor:
         """Rows of the registered layer of ``adata`` as a float32 tensor (only these rows are densified)."""
         return torch.as_tensor(read_rows(expression_matrix(adata, self._setup_args.get("layer")), rows, np.float32))

@@ -1,0 +1,104 @@
+"""The anchored prediction of :class:`~scdoloris.Doloris`: the Anchor fitted on the model's cells, and the gated cells.
+
+The arithmetic is in :mod:`scdoloris.model._anchoring`; :class:`AnchoredMixin` connects it to the
+model's registered data and its prediction request.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._constants import REGISTRY_KEYS
+from ..baselines import Anchor
+from ..data import expression_matrix, is_in_memory, read_rows
+from ..perturbation import split_perturbation
+from ..prediction import Request, Sources, dose_text
+from ._anchoring import anchored_cells, dosed_label
+
+
+class AnchoredMixin:
+    """The Anchor of :class:`~scdoloris.Doloris` and the anchored cells of ``preset="anchored"``."""
+
+    def _anchor_labels(self, rows: np.ndarray) -> np.ndarray:
+        """The anchor's label of each cell in ``rows``: the control label, the label, or ``A@dose`` per component."""
+        labels = self._registered_labels()[rows]
+        is_control = self._cell_is_control()[rows]
+        doses = self._doses()
+        control = self.control_values[0]
+        if doses is None:
+            return np.where(is_control, control, labels).astype(object)
+        doses = doses[rows]
+        perturbed = ~is_control & (doses != 0)
+        # One name per distinct (label, dose), not per cell.
+        pairs, inverse = np.unique(
+            np.stack([labels[perturbed].astype(str), doses[perturbed].astype(str)]), axis=1, return_inverse=True
+        )
+        names = np.array([self._anchor_label(label, float(dose)) for label, dose in pairs.T], dtype=object)
+        out = np.full(len(rows), control, dtype=object)
+        out[perturbed] = names[inverse.ravel()]
+        return out
+
+    def _anchor_label(self, label: str, dose) -> str:
+        """``label`` with its dose on each component (``"A@100+B@100"``), as the anchor names conditions."""
+        if self._setup_args.get("dose_key") is None or dose is None:
+            return label
+        components = split_perturbation(label, self.control_values)
+        per_component = np.atleast_1d(np.asarray(dose, dtype=np.float64))
+        if not per_component.any():  # dose 0: unperturbed, as in training
+            return self.control_values[0]
+        if len(per_component) == 1:
+            per_component = np.repeat(per_component, len(components))
+        return "+".join(dosed_label(c, dose_text(d)) for c, d in zip(components, per_component, strict=True))
+
+    def _fit_anchor(self, keep: np.ndarray) -> Anchor:
+        """The anchor fitted on the model's cells where ``keep`` (its training cells, or all but a fold)."""
+        rows = np.flatnonzero(keep)
+        X = expression_matrix(self.adata, self._setup_args.get("layer"))
+        types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows]]
+        obs = pd.DataFrame(
+            {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)},
+            index=self.adata.obs_names[rows],
+        )
+        if len(rows) < self.adata.n_obs:
+            # In memory a sparse subset stays sparse; a backed matrix is read (densely) once.
+            X = X[rows] if is_in_memory(X) else read_rows(X, rows, np.float32)
+        data = AnnData(X=X, obs=obs)
+        return Anchor().fit(
+            data, perturbation_key="perturbation", control_value=self.control_values, cell_type_key="cell_type"
+        )
+
+    def _anchor(self) -> Anchor:
+        """The fitted anchor, restored from ``anchor_`` once per model (fitted now if the model has none)."""
+        state = self.__dict__.get("anchor_")
+        cached = self.__dict__.get("_anchor_cache")
+        if cached is None or cached[0] is not state:
+            anchor = (
+                Anchor.from_state(state) if state is not None else self._fit_anchor(np.ones(self.adata.n_obs, bool))
+            )
+            self._anchor_cache = cached = (state, anchor)
+        return cached[1]
+
+    def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray, renamed: dict):
+        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
+
+        ``renamed`` maps genes asked by another symbol to the model's name for them.
+        """
+        anchor = self._anchor()
+        gates = self.__dict__.get("calibration_", {}).get("gates", {})
+        types = np.asarray(sources.cell_types, dtype=object)
+        groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
+        group_of = np.array([groups[t] for t in types])
+        anchors, weights, used = {}, {}, []
+        for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
+            name = self._anchor_label("+".join(renamed.get(c, c) for c in components), dose)
+            control = name in self.control_values  # at dose 0: no shift, the source cells themselves
+            shift = None if control else anchor.predict_shift([name], cell_type=list(groups))
+            for t, g in groups.items():
+                kind = "control" if control else anchor.kind(name, t)
+                anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
+                weights[(e, g)] = float(gates.get(kind, 0.0))
+                used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
+        cells, _ = anchored_cells(source_x, generated, group_of, anchors, weights)
+        return cells.astype(np.float32), pd.DataFrame(used)

@@ -1,0 +1,240 @@
+"""The calibration of the anchored default: a fold held out of the first training phase, then the gates.
+
+:class:`CalibrationMixin` holds the model's side (choosing the fold, summarising the data without
+it, predicting it and fitting the gates, :mod:`scdoloris.model._anchoring` for the arithmetic);
+``_Calibration`` is the training callback that runs it at its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from lightning.pytorch.callbacks import Callback
+
+from .._constants import MASK_STRATEGIES, REGISTRY_KEYS
+from ..data import TrainingSummary, expression_matrix, read_rows
+from ..data._summary import summarize_without
+from ..perturbation import split_perturbation
+from ..prediction import resolve_request
+from ._anchoring import (
+    CALIBRATION_CELLS,
+    CALIBRATION_MIN_CELLS,
+    CALIBRATION_PHASE,
+    calibration_conditions,
+    calibration_fold,
+    fit_gates,
+)
+from ._inputs import module_inputs
+
+if TYPE_CHECKING:
+    from ._doloris import Doloris
+
+logger = logging.getLogger(__name__)
+
+
+class _Calibration(Callback):
+    """Predicts the held-out fold at ``step`` and fits the gates (preset="anchored"; model/_anchoring.py).
+
+    Until ``step`` the training plan gives the fold's perturbations (and, with doses, its
+    ``conditions``: rows of perturbation code, cell type code and dose) no weight, so at ``step`` the
+    model has never learned them; training then goes on with every perturbation. The result is kept
+    in the run's checkpoints, so a resumed run ends with the gates of an uninterrupted one.
+
+    A zero weight alone would leave the fold in what the model keeps of its training data (node
+    features, target prior, conditions' moments, scale, reference cells of mask sampling): until
+    ``step`` the module holds, and the calibration predicts with, ``without`` -- the summary of the
+    data without the fold's cells (:func:`~scdoloris.data._summary.summarize_without`) -- and from
+    ``step`` on ``final`` (see :meth:`Doloris._calibration`). :meth:`begin` and :meth:`end` bracket
+    the run; the module's statistics are buffers, so a checkpoint restores those of its phase.
+    """
+
+    def __init__(
+        self,
+        model: Doloris,
+        fold: list[str],
+        codes: list[int],
+        conditions: np.ndarray,
+        step: int,
+        seed: int,
+        held_out: np.ndarray,
+        without: TrainingSummary,
+        final: TrainingSummary,
+    ):
+        self.model, self.fold, self.codes, self.conditions = model, fold, codes, conditions
+        self.step, self.seed = step, seed
+        self.held_out, self.without, self.final = held_out, without, final
+        self.result: dict | None = None
+
+    def begin(self) -> None:
+        """The module without the fold, before the run (a resumed run's checkpoint then restores its phase's)."""
+        self.model.module.load_statistics(module_inputs(self.without))
+
+    def end(self) -> None:
+        """The module and the model's summary after the calibration step (also when a run stops early or fails)."""
+        self.model.module.load_statistics(module_inputs(self.final))
+        self.model._set_summary(self.final)
+
+    def _run(self, pl_module) -> None:
+        with self.model._summary_swapped(self.without):
+            self.result = self.model._calibrate(self.fold, self.held_out, self.seed)
+        self.result["held_out_conditions"] = self.model._describe_conditions(self.conditions)
+        self.model.module.load_statistics(module_inputs(self.final))
+        pl_module.train()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self.result is None and trainer.global_step >= self.step:
+            self._run(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if self.result is None:  # stopped early (early stopping, max_epochs) before the calibration step
+            self._run(pl_module)
+
+    def state_dict(self) -> dict:  # noqa: D102
+        return {"result": self.result}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        self.result = state_dict.get("result")
+
+
+class CalibrationMixin:
+    """Calibration of :class:`~scdoloris.Doloris` with ``preset="anchored"`` (see the module docstring)."""
+
+    def _calibration(self, seed: int, total_steps: int, world_size: int) -> _Calibration | None:
+        """The calibration of an anchored run: a fold of perturbations and the step it is predicted at.
+
+        ``None`` for the paper preset, too few perturbations or steps, and distributed runs (whose
+        processes would each predict the fold); their gates stay 0, the prediction control + anchor.
+        A model trained before keeps its gates.
+        """
+        if self.preset != "anchored" or total_steps < 10:
+            return None
+        if self.is_trained_:
+            # Continued training: the model has learned every perturbation, so a fold held out now would
+            # not be unseen; the first run's gates stay.
+            return None
+        if world_size > 1:
+            logger.warning("preset='anchored': a distributed run is not calibrated; predictions use the anchor alone.")
+            return None
+        labels, is_control = self._summary.perturbation_labels, self._summary.is_control
+        fold = calibration_fold([label for label, control in zip(labels, is_control, strict=True) if not control], seed)
+        if not fold:
+            return None
+        step = round(CALIBRATION_PHASE * total_steps)
+        codes = [labels.index(label) for label in fold]
+        conditions = self._calibration_conditions(codes, seed)
+        held_out = self._held_out_cells(codes, conditions)
+        # The fold reaches the first phase and the calibration prediction as an untrained condition
+        # would: only through what the whole model knows (graph, labels), never through statistics
+        # of its cells. One more pass over the data, once per anchored run.
+        without = summarize_without(
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY),
+            self._summary,
+            self._codes(REGISTRY_KEYS.PERTURBATION_KEY),
+            self._codes(REGISTRY_KEYS.CELL_TYPE_KEY),
+            held_out,
+            reference_cells_per_condition=self.init_params_["non_kwargs"]["mask_reference_cells"],
+            seed=seed,
+            doses=self._doses(),
+        )
+        # After the calibration step the fold trains like any perturbation, so the module gets the
+        # statistics of all the data back (its conditions' moments are needed to impute their zeros,
+        # and the scale changes, if at all, by the ratio of two extreme values, which that phase
+        # absorbs as it absorbs the fold) -- but not the node features. Those stay fold-free for
+        # good: a PCA with more conditions rotates and flips the basis of every gene's features,
+        # which the GAT has learned on for 80% of the steps, and a gene asked at test time never has
+        # its own response in its features either. The saved summary holds these features, so a
+        # loaded model embeds genes as the trained one did.
+        final = replace(self._summary, node_features=without.node_features)
+        return _Calibration(self, fold, codes, conditions, step, seed, held_out, without, final)
+
+    def _held_out_cells(self, codes: list[int], conditions: np.ndarray) -> np.ndarray:
+        """Cells of the fold: those of its perturbation ``codes`` and of its ``conditions`` (code, cell type, dose)."""
+        cell_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        held_out = np.isin(cell_codes, codes)
+        if len(conditions):
+            cells = np.stack([cell_codes, self._codes(REGISTRY_KEYS.CELL_TYPE_KEY), self._doses()], axis=1)
+            for condition in conditions:
+                held_out |= np.all(np.isclose(cells, condition, rtol=1e-5, atol=0.0), axis=1)
+        return held_out
+
+    @contextlib.contextmanager
+    def _summary_swapped(self, summary: TrainingSummary):
+        """``summary`` in place of the model's for the duration (what prediction reads: graph features, references)."""
+        saved = self._summary
+        self._summary = summary
+        try:
+            yield
+        finally:
+            self._summary = saved
+
+    def _calibration_conditions(self, fold_codes: list[int], seed: int) -> np.ndarray:
+        """With doses, ``(perturbation code, cell type code, dose)`` rows also held out of the first phase.
+
+        Drawn (:func:`~scdoloris.model._anchoring.calibration_conditions`) among the single
+        perturbations outside the fold, at doses above 0.
+        """
+        doses = self._doses()
+        if doses is None:
+            return np.zeros((0, 3))
+        codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
+        labels, is_control = self._summary.perturbation_labels, self._summary.is_control
+        single = np.array(
+            [
+                not control and len(split_perturbation(label, self.control_values)) == 1
+                for label, control in zip(labels, is_control, strict=True)
+            ]
+        )
+        rows = (codes < len(single)) & single[np.minimum(codes, len(single) - 1)] & ~np.isin(codes, fold_codes)
+        rows &= doses > 0
+        cells = np.stack([codes[rows], self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows], doses[rows]], axis=1)
+        return calibration_conditions(cells, seed)
+
+    def _describe_conditions(self, conditions: np.ndarray) -> list[list]:
+        """``[label, cell type, dose]`` of each ``(perturbation code, cell type code, dose)`` row."""
+        labels, types = self._summary.perturbation_labels, self.cell_types
+        return [[labels[int(p)], str(types[int(t)]), float(d)] for p, t, d in conditions]
+
+    def _calibrate(self, fold: list[str], held_out: np.ndarray, seed: int) -> dict:
+        """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them.
+
+        Run by :class:`_Calibration` with the fold-free summary in place (node features of the
+        prediction's graph, reference cells of its masks); the anchor is fitted without the fold's
+        cells and the source cells are controls, so the fold reaches the prediction only as its truth.
+        """
+        anchor = self._fit_anchor(~held_out)
+        names = self._anchor_labels(np.arange(self.adata.n_obs))
+        types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)]
+        X = expression_matrix(self.adata, self._setup_args.get("layer"))
+        doses = self._doses()
+        labels = self._registered_labels()
+        true, anchors, model, kinds = [], [], [], []
+        rng = np.random.default_rng(seed)
+        conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
+        conditions["dose"] = 0.0 if doses is None else doses
+        held = conditions[held_out & ~np.isin(names, self.control_values)]  # fold cells at dose 0 are controls
+        for (name, cell_type), rows in held.groupby(["name", "type"], sort=True).groups.items():
+            if len(rows) < CALIBRATION_MIN_CELLS:
+                continue
+            label, dose = held.loc[rows[0], "label"], held.loc[rows[0], "dose"]
+            request = resolve_request([label], self.control_values, dose=None if doses is None else float(dose))
+            inputs = self._perturbation_inputs(request, None)
+            sources = self._sources(None, cell_type, CALIBRATION_CELLS, rng)
+            sampling = (MASK_STRATEGIES[0], (0.05, 0.95), 1)
+            arrays, _ = self._generate(request, inputs, sources, 50, 1024, sampling, rng, False)
+            control_mean = anchor.control_means_.loc[cell_type].to_numpy()
+            true.append(read_rows(X, np.sort(np.asarray(rows))).mean(axis=0) - control_mean)
+            model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))
+            anchors.append(anchor.predict_shift([name], cell_type=cell_type).to_numpy()[0])
+            kinds.append(anchor.kind(name, cell_type))
+        if not kinds:
+            return {"gates": {}, "n_conditions": {}, "held_out": fold}
+        gates, counts = fit_gates(np.array(true), np.array(anchors), np.array(model), kinds)
+        logger.info("Calibrated on %d held-out conditions: gates %s", len(kinds), gates)
+        return {"gates": gates, "n_conditions": counts, "held_out": fold}
+
+    # ------------------------------------------------------------------ prediction
