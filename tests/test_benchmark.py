@@ -473,3 +473,93 @@ def test_runner_records_the_gates_and_fit_time(result):
     assert (timings["fit_seconds"] > 0).all() and (timings["predict_seconds"] > 0).all()
     text = result.to_markdown()
     assert "| doloris − anchor (paired, ± s.e.) |" in text
+
+
+# ---------------------------------------------------------------------------------------- arguments
+@pytest.fixture(scope="module")
+def tiny():
+    adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1, seed=0)
+    return adata, sd.benchmark.singles_to_doubles(adata)
+
+
+class _FitSpy:
+    """A method that records whether it was fitted: argument errors must come before any fit."""
+
+    def __init__(self, name="spy"):
+        self.name, self.fitted = name, False
+
+    def fit(self, train, split, *, seed):
+        self.fitted = True
+        return self
+
+    def predict(self, perturbations, **kwargs):  # pragma: no cover - never reached in these tests
+        raise AssertionError("predict called")
+
+
+def test_runner_takes_method_names(tiny):
+    adata, split = tiny
+    result = sd.benchmark.run_benchmark(adata, split, ["anchor", "no_change"], n_cells=10, progress=False)
+    assert list(dict.fromkeys(result.scores["method"])) == ["anchor", "no_change"]
+    assert {"anchor", "no_change"} == set(result.summary()["method"])
+    # One name, and names mixed with method objects.
+    one = sd.benchmark.run_benchmark(adata, split, "no_change", n_cells=10, n_de_genes=(), progress=False)
+    assert set(one.scores["method"]) == {"no_change"}
+    mixed = [sd.benchmark.BaselineMethod("shifted", sd.baselines.MeanShift), "no_change"]
+    both = sd.benchmark.run_benchmark(adata, split, mixed, n_cells=10, n_de_genes=(), seeds=3, progress=False)
+    assert set(both.scores["method"]) == {"shifted", "no_change"} and set(both.scores["seed"]) == {3}
+    # Scores by name equal those of the same method given as an object.
+    direct = sd.benchmark.run_benchmark(
+        adata, split, [sd.benchmark.BaselineMethod("no_change", sd.baselines.NoChange)], n_cells=10, progress=False
+    )
+    by_name = result.scores[result.scores["method"] == "no_change"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(by_name, direct.scores.reset_index(drop=True))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        ({"methods": []}, ValueError, "methods is empty"),
+        ({"methods": ["nosuch"]}, ValueError, r"Unknown method name\(s\) \['nosuch'\]"),
+        ({"methods": ["no_change", "no_change"]}, ValueError, "more than once"),
+        ({"methods": [object()]}, TypeError, "name, fit and predict"),
+        ({"methods": ["nearest_dose"]}, ValueError, "No method of methods applies.*needs conditions with doses"),
+        ({"seeds": []}, ValueError, "seeds is empty"),
+        ({"seeds": [0, 0]}, ValueError, "seeds repeats"),
+        ({"seeds": [-1]}, ValueError, "seeds must be integers from 0"),
+        ({"seeds": [1.5]}, ValueError, "seeds must be integers"),
+        ({"seeds": "0"}, ValueError, "seeds must be a list"),
+        ({"n_cells": 0}, ValueError, "n_cells must be a positive integer"),
+        ({"n_cells": 2.5}, ValueError, "n_cells must be a positive integer"),
+        ({"n_de_genes": [0]}, ValueError, "n_de_genes must be a positive integer"),
+        ({"metric_names": []}, ValueError, "metric_names is empty"),
+        ({"metric_names": ["e_distanse"]}, ValueError, "Unknown metric_names"),
+        ({"progress": "no"}, ValueError, "progress must be True or False"),
+    ],
+)
+def test_runner_checks_its_arguments_before_any_work(tiny, arguments, error, match):
+    adata, split = tiny
+    spy = _FitSpy()
+    arguments = {"methods": [spy]} | arguments
+    with pytest.raises(error, match=match):
+        sd.benchmark.run_benchmark(adata, split, **arguments)
+    assert not spy.fitted
+
+
+def test_runner_checks_the_split_and_the_data(tiny):
+    adata, split = tiny
+    spy = _FitSpy()
+    with pytest.raises(TypeError, match=r"not the name 'singles_to_doubles'.*sd.benchmark.singles_to_doubles"):
+        sd.benchmark.run_benchmark(adata, "singles_to_doubles", [spy])
+    with pytest.raises(TypeError, match="split must be a Split"):
+        sd.benchmark.run_benchmark(adata, {"train": None}, [spy])
+    with pytest.raises(TypeError, match=r"split\(0\) must return a Split"):
+        sd.benchmark.run_benchmark(adata, lambda seed: None, [spy])
+    with pytest.raises(ValueError, match="made for data of 780 cells, but adata has 100"):
+        sd.benchmark.run_benchmark(adata[:100].copy(), split, [spy])
+    renamed = adata.copy()
+    renamed.obs = renamed.obs.rename(columns={"perturbation": "condition"})
+    with pytest.raises(ValueError, match=r"columns \['perturbation'\] are not in adata.obs"):
+        sd.benchmark.run_benchmark(renamed, split, [spy])
+    with pytest.raises(TypeError, match="adata must be an AnnData"):
+        sd.benchmark.run_benchmark(adata.X, split, [spy])
+    assert not spy.fitted

@@ -572,3 +572,99 @@ def test_differential_expression_of_predictions_in_scanpys_format():
     assert set(versus_real["group"]) == {"G001", "G002"} and versus_real["pvals_adj"].min() > 1e-6
     with pytest.raises(ValueError, match="include_sources=True"):
         sd.metrics.differential_expression(pred[pred.obs["is_predicted"].to_numpy()].copy())
+
+
+# --- AnnData inputs: genes matched by name; no genes or no cells refused -------------------------------
+
+# Every metric of _distances.py and _change.py, as a function of (pred, real, control).
+_BY_NAME = {
+    "e_distance": lambda p, r, c: e_distance(p, r),
+    "emd": lambda p, r, c: emd(p, r),
+    "mean_rmse": lambda p, r, c: mean_rmse(p, r),
+    "pearson_delta": pearson_delta,
+    "cosine_delta": sd.metrics.cosine_delta,
+    "top_expressed_l2": lambda p, r, c: sd.metrics.top_expressed_l2(p, r, c, n_genes=5),
+}
+
+
+def _conditions():
+    """Control cells, cells of one perturbation and a prediction of them, as AnnData (20 genes)."""
+    adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1, seed=0)
+    labels = adata.obs["perturbation"].astype(str)
+    control = adata[(labels == "control").to_numpy()].copy()
+    real = adata[(labels == "G001").to_numpy()].copy()
+    pred = adata[(labels == "G001+G002").to_numpy()].copy()
+    return pred, real, control
+
+
+@pytest.mark.parametrize("name", list(_BY_NAME))
+def test_anndata_inputs_are_matched_by_gene_name(name):
+    metric = _BY_NAME[name]
+    pred, real, control = _conditions()
+    aligned = metric(pred, real, control)
+    assert np.isfinite(aligned) and aligned != 0
+    order = np.random.default_rng(1).permutation(pred.n_vars)
+    # Any input with its genes in another order (alone, or all of them) scores the same.
+    for args in (
+        (pred, real[:, order].copy(), control),
+        (pred[:, order].copy(), real, control),
+        (pred, real, control[:, order].copy()),
+        (pred[:, order].copy(), real[:, order].copy(), control[:, order[::-1]].copy()),
+    ):
+        assert metric(*args) == pytest.approx(aligned, rel=1e-12, abs=1e-12)
+    # Sparse AnnData too (float32 data: sparse sums round differently from dense means).
+    sparse_real = ad.AnnData(sp.csr_matrix(real.X), var=real.var)[:, order].copy()
+    assert metric(pred, sparse_real, control) == pytest.approx(aligned, rel=1e-6)
+    # Other genes with the same values are not the same cells: refused, whichever input it is.
+    renamed = real.copy()
+    renamed.var_names = [f"other{j}" for j in range(real.n_vars)]
+    with pytest.raises(ValueError, match="same genes"):
+        metric(pred, renamed, control)
+    with pytest.raises(ValueError, match="same genes"):
+        metric(pred, real[:, :10].copy(), control)  # a subset
+    wrong_control = control.copy()
+    wrong_control.var_names = [f"other{j}" for j in range(control.n_vars)]
+    if name in ("pearson_delta", "cosine_delta", "top_expressed_l2"):
+        with pytest.raises(ValueError, match="same genes"):
+            metric(pred, real, wrong_control)
+    # A plain array has no gene names: it is taken column by column, as before.
+    assert metric(pred, real.X, control) == pytest.approx(aligned, rel=1e-12, abs=1e-12)
+
+
+def test_reordered_genes_score_like_aligned_genes_not_like_other_cells():
+    """The reported case: the same cells with their genes in another order scored 0.081, not 0."""
+    _, real, _ = _conditions()
+    shuffled = real[:, np.random.default_rng(0).permutation(real.n_vars)].copy()
+    assert e_distance(real, shuffled) == pytest.approx(0.0, abs=1e-12)
+    assert emd(real, shuffled) == pytest.approx(0.0, abs=1e-12)
+    assert mean_rmse(real, shuffled) == pytest.approx(0.0, abs=1e-12)
+    assert e_distance(real.X, shuffled.X) > 0.01  # what .X alone said
+
+
+@pytest.mark.parametrize("name", list(_BY_NAME))
+@pytest.mark.parametrize("kind", ["dense", "sparse", "anndata"])
+def test_no_genes_or_no_cells_is_an_error_not_a_score(name, kind):
+    metric = _BY_NAME[name]
+
+    def cells(n_cells, n_genes):
+        x = np.ones((n_cells, n_genes))
+        if kind == "sparse":
+            return sp.csr_matrix(x)
+        return ad.AnnData(x) if kind == "anndata" else x
+
+    with pytest.raises(ValueError, match="have no genes"):
+        metric(cells(5, 0), cells(4, 0), cells(3, 0))
+    with pytest.raises(ValueError, match="no cells"):
+        metric(cells(0, 3), cells(4, 3), cells(3, 3))
+    with pytest.raises(ValueError, match="no cells"):
+        metric(cells(5, 3), cells(0, 3), cells(3, 3))
+    if name in ("pearson_delta", "cosine_delta", "top_expressed_l2"):
+        with pytest.raises(ValueError, match="no cells"):
+            metric(cells(5, 3), cells(4, 3), cells(0, 3))
+
+
+def test_e_distance_floor_refuses_no_genes_and_no_cells():
+    with pytest.raises(ValueError, match="has no genes"):
+        sd.metrics.e_distance_floor(np.zeros((5, 0)), n_predicted=3)
+    with pytest.raises(ValueError, match="no cells"):
+        sd.metrics.e_distance_floor(np.zeros((0, 4)), n_predicted=3)

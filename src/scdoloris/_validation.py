@@ -379,3 +379,81 @@ def check_model_args(**sizes: int) -> None:
     """Network sizes and step counts must be positive integers (``n_timesteps`` at least 2)."""
     for name, value in sizes.items():
         check_count(name, value, minimum=2 if name == "n_timesteps" else 1)
+
+
+# Seeds go to numpy's generators and to Lightning's seed_everything, which take 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def check_seeds(*, seeds, name: str = "seeds") -> list[int]:
+    """Seeds as a list of distinct integers from 0 to :data:`MAX_SEED`; one integer is one seed.
+
+    An empty list would run nothing, a repeated seed would count its scores twice, and a negative
+    seed fails only once numpy is handed it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and the bad seeds.
+
+    Examples
+    --------
+    >>> from scdoloris._validation import check_seeds
+    >>> check_seeds(seeds=(0, 1)), check_seeds(seeds=3)
+    ([0, 1], [3])
+    """
+    if isinstance(seeds, int | np.integer) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if seeds is None or isinstance(seeds, str | dict | set | frozenset) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"{name} must be a list of integer seeds, got {seeds!r}.")
+    items = list(seeds)
+    if not items:
+        raise ValueError(f"{name} is empty; give at least one seed.")
+    bad = [s for s in items if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"{name} must be integers from 0 to {MAX_SEED}; got {bad[:5]!r}.")
+    repeated = sorted({int(s) for s in items if items.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{name} repeats {repeated}; each seed once (a repeat would count its scores twice).")
+    return [int(s) for s in items]
+
+
+def check_writable_folder(*, path: str | os.PathLike, name: str) -> None:
+    """``path`` must be a folder one can write in, or one that can be made (nothing is created here).
+
+    Checked before long work that writes its results there at the end, so that the work is not lost
+    to a folder that cannot be made (a path under a regular file) or written to.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, the path and what is in the way.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{name} {path!r} is a file, not a folder.")
+        folder = path
+    else:
+        folder = os.path.dirname(path)
+        while not os.path.exists(folder):  # the nearest existing folder: where the new folders would be made
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{name} {path!r} cannot be made: {folder!r} is a file, not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path!r} cannot be written: no permission to write in {folder!r}.")
+
+
+def check_obs_columns(*, adata: AnnData, **columns: str | None) -> None:
+    """Each of ``columns`` (argument name -> ``obs`` column, ``None`` skipped) must be a column of ``adata.obs``.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, the missing column and the columns there are.
+    """
+    for argument, column in columns.items():
+        if column is not None and column not in adata.obs.columns:
+            raise ValueError(
+                f"{argument}={column!r} is not a column of adata.obs; columns: {list(adata.obs.columns)[:20]}."
+            )

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from . import __version__
 from ._constants import MASK_STRATEGIES
@@ -130,6 +131,30 @@ SPLITS = (
     "unseen_molecules",
     "unseen_drug_cell_dose",
 )
+# What --methods accepts: the names of sd.benchmark.default_methods(doses=True) (a test keeps the two
+# equal), listed here so that argparse refuses an unknown name before anything is imported or loaded.
+METHOD_NAMES = ("doloris", "doloris_paper", "anchor", "no_change", "mean_shift", "additive", "linear", "nearest_dose")
+# Arguments of a single benchmark that --suite, which names its own data sets and splits, would ignore.
+_NOT_WITH_SUITE = (
+    "dataset",
+    "split",
+    "cell_type",
+    "perturbation_key",
+    "control_value",
+    "cell_type_key",
+    "mask_variants",
+)
+# Splits of drugs at doses: they read these obs columns (the split functions' defaults).
+_DOSE_COLUMNS = {"unseen_molecules": ("dose", "smiles"), "unseen_drug_cell_dose": ("dose", "smiles")}
+
+Error = Callable[[str], NoReturn]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2), without the long usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # Written under the tables of `scdoloris benchmark` when they have these columns (see docs/evaluation.md).
@@ -142,7 +167,91 @@ _METRIC_LEGEND = {
 }
 
 
-def _benchmark(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace, error: Error) -> None:
+    """The arguments that need no data, checked before anything heavy is imported, loaded or trained.
+
+    A bad argument ends the command at once with one line on stderr (``error``: the subcommand's
+    ``parser.error``, exit status 2), not with a traceback after a run whose results are then lost.
+    """
+    from ._validation import check_count, check_seeds, check_writable_folder
+
+    try:
+        check_writable_folder(path=args.out, name="--out")
+        check_count("--max-steps", args.max_steps)
+        check_count("--n-cells", args.n_cells)
+        if args.command == "demo":
+            check_seeds(seeds=args.seed, name="--seed")
+            return
+        check_count("--batch-size", args.batch_size)
+        check_count("--jobs", args.jobs)
+        args.seeds = check_seeds(seeds=args.seeds, name="--seeds")
+        if not 0 < args.fraction < 1:
+            raise ValueError(f"--fraction must be in (0, 1), got {args.fraction}.")
+    except ValueError as problem:
+        error(str(problem))
+    if args.suite:
+        given = [f"--{name.replace('_', '-')}" for name in _NOT_WITH_SUITE if getattr(args, name)]
+        if given:
+            error(f"--suite runs its own data sets and splits; {', '.join(given)} cannot be used with it.")
+        from .benchmark._suite import SUITE
+
+        if args.suite != ["all"]:
+            unknown = [name for name in args.suite if name not in SUITE]
+            if unknown:
+                error(f"unknown --suite name(s) {unknown}; choose 'all' or from {list(SUITE)}.")
+            if len(set(args.suite)) < len(args.suite):
+                error(f"--suite names a split more than once: {args.suite}.")
+        return
+    if args.jobs != 1 or args.no_summary:
+        error("--jobs and --no-summary are for --suite.")
+    if not args.dataset or not args.split:
+        error("needs --dataset and --split (or --suite).")
+    if args.split == "unseen_cell_type" and args.cell_type is None:
+        error("--split unseen_cell_type needs --cell-type.")
+    if args.split != "unseen_cell_type" and args.cell_type is not None:
+        error("--cell-type is only used by --split unseen_cell_type.")
+    if args.mask_variants and args.methods and "doloris" not in args.methods:
+        error("--mask-variants scores other samplers of Doloris' model: add doloris to --methods.")
+
+
+def _check_data(adata, keys: dict, split: str, error: Error) -> None:
+    """The data set has the columns and the control label the arguments name (before a split is made)."""
+    from ._validation import check_obs_columns
+
+    hint = " Name the columns with --perturbation-key and --cell-type-key (none: no cell types)."
+    columns = {"--perturbation-key": keys["perturbation_key"], "--cell-type-key": keys["cell_type_key"]}
+    columns |= {f"--split {split} (its {c} column)": c for c in _DOSE_COLUMNS.get(split, ())}
+    try:
+        check_obs_columns(adata=adata, **columns)
+    except ValueError as problem:
+        error(str(problem) + hint)
+    labels = set(adata.obs[keys["perturbation_key"]].astype(str))
+    if keys["control_value"] not in labels:
+        error(
+            f"--control-value {keys['control_value']!r} is not a label of adata.obs[{keys['perturbation_key']!r}] "
+            f"(labels include {sorted(labels)[:10]})."
+        )
+
+
+def _make_split(args: argparse.Namespace, adata, keys: dict):
+    """The split of ``--split`` (a function of the seed for seeded splits)."""
+    import scdoloris as sd
+
+    from .benchmark._datasets import DRUG_PAIRS
+
+    if args.split == "singles_to_doubles":
+        return sd.benchmark.singles_to_doubles(adata, **keys)
+    if args.split == "unseen_perturbations":
+        return lambda seed: sd.benchmark.unseen_perturbations(adata, **keys, fraction=args.fraction, seed=seed)
+    if args.split == "unseen_molecules":
+        held_out = [second for _, second in DRUG_PAIRS] if args.dataset == "synthetic_drugs" else None
+        return sd.benchmark.unseen_molecules(adata, held_out, **keys, fraction=args.fraction)
+    if args.split == "unseen_drug_cell_dose":
+        return lambda seed: sd.benchmark.unseen_drug_cell_dose(adata, **keys, fraction=args.fraction, seed=seed)
+    return sd.benchmark.unseen_cell_type(adata, args.cell_type, **keys)
+
+
+def _benchmark(args: argparse.Namespace, error: Error) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,14 +260,13 @@ def _benchmark(args: argparse.Namespace) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if args.suite:
         return _suite(args)
-    if not args.dataset or not args.split:
-        raise SystemExit("scdoloris benchmark needs --dataset and --split (or --suite).")
-    from .benchmark._datasets import DRUG_PAIRS, load_dataset
+    from .benchmark._datasets import load_dataset
+    from .benchmark._runner import DEFAULT_METRICS, _check_arguments
 
     try:
         data = load_dataset(args.dataset)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
+    except (ValueError, OSError) as problem:  # an unknown name, or a file that is not an .h5ad
+        error(f"--dataset {args.dataset!r}: {problem}")
     adata, keys, gene_graph = data.adata, data.keys, data.gene_graph
     if args.perturbation_key:
         keys["perturbation_key"] = args.perturbation_key
@@ -166,24 +274,17 @@ def _benchmark(args: argparse.Namespace) -> int:
         keys["control_value"] = args.control_value
     if args.cell_type_key:
         keys["cell_type_key"] = None if args.cell_type_key == "none" else args.cell_type_key
-    if args.split == "singles_to_doubles":
-        split = sd.benchmark.singles_to_doubles(adata, **keys)
-    elif args.split == "unseen_perturbations":
-        split = lambda seed: sd.benchmark.unseen_perturbations(adata, **keys, fraction=args.fraction, seed=seed)  # noqa: E731
-    elif args.split == "unseen_molecules":
-        held_out = [second for _, second in DRUG_PAIRS] if args.dataset == "synthetic_drugs" else None
-        split = sd.benchmark.unseen_molecules(adata, held_out, **keys, fraction=args.fraction)
-    elif args.split == "unseen_drug_cell_dose":
-        split = lambda seed: sd.benchmark.unseen_drug_cell_dose(adata, **keys, fraction=args.fraction, seed=seed)  # noqa: E731
-    else:
-        if args.cell_type is None:
-            raise SystemExit("--split unseen_cell_type needs --cell-type.")
-        split = sd.benchmark.unseen_cell_type(adata, args.cell_type, **keys)
-    first = split(args.seeds[0]) if callable(split) else split
+    _check_data(adata, keys, args.split, error)
+    try:
+        split = _make_split(args, adata, keys)
+        first = split(args.seeds[0]) if callable(split) else split
+    except (KeyError, ValueError) as problem:  # e.g. an unknown --cell-type, no combination to hold out
+        error(f"--split {args.split}: {problem.args[0] if problem.args else problem}")
     methods = sd.benchmark.default_methods(
         train_kwargs={"max_steps": args.max_steps, "batch_size": args.batch_size},
         gene_graph=gene_graph,
-        doses=first.dose_key is not None,
+        # Every method named in --methods is kept: one that does not apply to the split is reported as such.
+        doses=first.dose_key is not None or bool(args.methods),
     )
     if args.methods:
         methods = [m for m in methods if m.name in args.methods]
@@ -193,7 +294,25 @@ def _benchmark(args: argparse.Namespace) -> int:
         variants = [doloris.variant(f"doloris_{v}", mask_strategy=v) for v in args.mask_variants]
         at = methods.index(doloris) + 1
         methods[at:at] = variants
+    # run_benchmark's own checks of what the command sets, before it starts (e.g. no --methods that
+    # applies to this split); it runs them again, a moment later.
+    try:
+        _check_arguments(
+            adata,
+            split,
+            methods,
+            seeds=args.seeds,
+            n_cells=args.n_cells,
+            n_de_genes=(),
+            metric_names=DEFAULT_METRICS,
+            progress=True,
+        )
+    except (TypeError, ValueError) as problem:
+        error(str(problem))
     result = sd.benchmark.run_benchmark(adata, split, methods, seeds=args.seeds, n_cells=args.n_cells)
+    if result.scores.empty:
+        reasons = result.failures.groupby("method")["error"].first().to_dict() if len(result.failures) else {}
+        raise SystemExit(f"scdoloris benchmark: no method predicted any held-out condition; errors: {reasons}.")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(
@@ -269,7 +388,7 @@ def _stop_on_sigterm() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scdoloris`` command."""
-    parser = argparse.ArgumentParser(prog="scdoloris", description="Doloris single-cell perturbation prediction.")
+    parser = _Parser(prog="scdoloris", description="Doloris single-cell perturbation prediction.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -308,7 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument(
         "--methods",
         nargs="+",
-        help="Only these methods (doloris doloris_paper anchor no_change mean_shift additive linear nearest_dose).",
+        choices=METHOD_NAMES,
+        metavar="NAME",
+        help=f"Only these methods ({' '.join(METHOD_NAMES)}).",
     )
     bench.add_argument(
         "--mask-variants",
@@ -321,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--control-value", help="Label of control cells (for an .h5ad).")
     bench.add_argument("--cell-type-key", help="obs column of cell types, or 'none' (for an .h5ad).")
     args = parser.parse_args(argv)
+    _check_args(args, bench.error if args.command == "benchmark" else demo.error)
     # Before torch is imported: Lightning raises torch's threads to one per core when this is unset.
     threads = _threads()
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -333,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "benchmark":
-        return _benchmark(args)
+        return _benchmark(args, bench.error)
     return 1  # pragma: no cover
 
 

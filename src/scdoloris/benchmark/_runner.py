@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import baselines, metrics
+from .._validation import check_count, check_flags, check_seeds
 from ..data import to_dense
 from ..metrics._de import wilcoxon_adjusted_pvalues
 from ._splits import SINGLE_CELL_TYPE, Split
@@ -733,16 +734,20 @@ def run_benchmark(
         The whole data set (log1p expression in ``X``).
     split
         A :class:`Split`, or a function of the seed returning one (for seeded splits: every seed
-        gets its own split).
+        gets its own split). Not a name: a split needs the data's keys, so make it with
+        :func:`singles_to_doubles` and the like.
     methods
         Objects with ``name``, ``fit(train, split, *, seed)`` and ``predict(perturbations, *,
-        cell_type, n_cells, seed, dose, smiles)``; :func:`default_methods` by default.
+        cell_type, n_cells, seed, dose, smiles)``, or names of :func:`default_methods` (``"anchor"``,
+        ``"no_change"``, ...; Doloris then trains with its defaults), mixed as needed; names must be
+        distinct. :func:`default_methods` by default.
     seeds
-        Seeds; each refits every method.
+        Seeds, distinct integers from 0 to ``2**32 - 1``; each refits every method. One integer is
+        one seed.
     n_cells
-        Cells generated per condition.
+        Cells generated per condition, a positive integer.
     n_de_genes
-        Sizes of the DE-gene sets scored besides all genes.
+        Sizes of the DE-gene sets scored besides all genes (positive integers; may be empty).
     metric_names
         Metrics to report (see :func:`score_condition`); by default all of them, the paper's four
         (``PAPER_METRICS``) and ``"e_distance_floor"``, ``"e_distance_excess"`` and
@@ -756,6 +761,16 @@ def run_benchmark(
     -------
     BenchmarkResult
         Tidy scores, failures and timings; :meth:`BenchmarkResult.summary` averages them.
+
+    Raises
+    ------
+    TypeError
+        If ``adata`` is not an AnnData, ``split`` is not a split (e.g. a name), or a method is neither
+        a name nor an object with ``name``, ``fit`` and ``predict``.
+    ValueError
+        Before any work, naming the argument: unknown or repeated method names, no method (or none
+        that applies to the split), bad seeds, ``n_cells`` or ``n_de_genes``, unknown or no metrics,
+        a split made for other data or holding out nothing.
 
     Examples
     --------
@@ -775,9 +790,17 @@ def run_benchmark(
     ['gene_set', 'metric', 'method', 'mean', 'std', 'count']
     >>> print(result.to_markdown())  # doctest: +SKIP
     """
-    first = split(seeds[0]) if callable(split) else split
+    seeds, first, methods, n_de_genes, metric_names = _check_arguments(
+        adata,
+        split,
+        methods,
+        seeds=seeds,
+        n_cells=n_cells,
+        n_de_genes=n_de_genes,
+        metric_names=metric_names,
+        progress=progress,
+    )
     has_dose = first.dose_key is not None
-    methods = list(default_methods(doses=has_dose) if methods is None else methods)
     not_applicable = {}
     for method in methods:
         why = method.not_applicable(first) if hasattr(method, "not_applicable") else None
@@ -859,6 +882,113 @@ def run_benchmark(
         result.timings = pd.DataFrame(timings)
     result.not_applicable = not_applicable
     return result
+
+
+# Split functions, named in the error for a split given by name.
+_SPLIT_FUNCTIONS = (
+    "singles_to_doubles",
+    "unseen_perturbations",
+    "unseen_cell_type",
+    "unseen_molecules",
+    "unseen_drug_cell_dose",
+)
+
+
+def _check_arguments(
+    adata, split, methods, *, seeds, n_cells, n_de_genes, metric_names, progress
+) -> tuple[list[int], Split, list, list[int], list[str]]:
+    """:func:`run_benchmark`'s arguments, checked before anything is fitted.
+
+    Returns the seeds, the first seed's split, the methods (names resolved to method objects), the
+    DE-gene set sizes and the metric names, as lists. Without these checks a bad argument showed
+    only later: an ``AttributeError`` for a method name, an ``IndexError`` for no seeds, or no
+    scores at all (and a ``KeyError`` in :meth:`BenchmarkResult.summary`).
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    seeds = check_seeds(seeds=seeds)
+    check_count("n_cells", n_cells)
+    if isinstance(n_de_genes, int | np.integer) and not isinstance(n_de_genes, bool):
+        n_de_genes = [n_de_genes]
+    n_de_genes = list(n_de_genes)
+    for n in n_de_genes:
+        check_count("n_de_genes", n)
+    metric_names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
+    unknown = [name for name in metric_names if name not in DEFAULT_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric_names {unknown}; choose from {list(DEFAULT_METRICS)}.")
+    if not metric_names:
+        raise ValueError(f"metric_names is empty; choose from {list(DEFAULT_METRICS)}.")
+    check_flags(progress=progress)
+    first = _first_split(adata, split, seeds[0])
+    return seeds, first, _resolve_methods(methods, first), n_de_genes, metric_names
+
+
+def _first_split(adata: ad.AnnData, split, seed: int) -> Split:
+    """The split of the first seed, checked against ``adata``."""
+    if isinstance(split, str):
+        hint = f"sd.benchmark.{split}(adata, ...)" if split in _SPLIT_FUNCTIONS else "sd.benchmark.singles_to_doubles"
+        raise TypeError(
+            f"split must be a Split or a function of the seed returning one, not the name {split!r}: a split needs "
+            f"the data's keys; make it with {hint} (or a lambda seed: ... for seeded splits)."
+        )
+    if not isinstance(split, Split) and not callable(split):
+        raise TypeError(f"split must be a Split or a function of the seed returning one, got {type(split).__name__}.")
+    first = split(seed) if callable(split) else split
+    if not isinstance(first, Split):
+        raise TypeError(f"split({seed}) must return a Split, got {type(first).__name__}.")
+    if len(first.train) != adata.n_obs:
+        raise ValueError(
+            f"split was made for data of {len(first.train)} cells, but adata has {adata.n_obs}; "
+            "make the split from adata."
+        )
+    keys = (first.perturbation_key, first.cell_type_key, first.dose_key, first.smiles_key)
+    missing = [key for key in keys if key is not None and key not in adata.obs.columns]
+    if missing:
+        raise ValueError(f"split's columns {missing} are not in adata.obs; columns: {list(adata.obs.columns)[:20]}.")
+    if first.test.empty:
+        raise ValueError(f"split {first.name!r} holds out no condition: there is nothing to score.")
+    return first
+
+
+def _resolve_methods(methods, first: Split) -> list:
+    """``methods`` as method objects: ``None`` is :func:`default_methods`, a name is that method of it."""
+    if methods is None:
+        return default_methods(doses=first.dose_key is not None)
+    if isinstance(methods, str) or hasattr(methods, "fit"):
+        methods = [methods]  # one name or one method
+    if not hasattr(methods, "__iter__"):
+        raise TypeError(f"methods must be a list of methods or method names, got {type(methods).__name__}.")
+    methods = list(methods)
+    known = {method.name: method for method in default_methods(doses=True)}
+    if not methods:
+        raise ValueError(f"methods is empty; pass methods or names among {list(known)}, or None for all of them.")
+    resolved, unknown = [], []
+    for method in methods:
+        if isinstance(method, str):
+            if method in known:
+                resolved.append(known[method])
+            else:
+                unknown.append(method)
+        elif all(hasattr(method, attribute) for attribute in ("name", "fit", "predict")):
+            resolved.append(method)
+        else:
+            raise TypeError(
+                f"methods must hold method names or objects with name, fit and predict; got {type(method).__name__}."
+            )
+    if unknown:
+        raise ValueError(f"Unknown method name(s) {unknown} in methods; choose from {list(known)}.")
+    names = [method.name for method in resolved]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"methods has the name(s) {repeated} more than once; each method's scores are kept under its name."
+        )
+    reasons = {m.name: m.not_applicable(first) for m in resolved if hasattr(m, "not_applicable")}
+    if all(reasons.get(name) is not None for name in names):
+        why = "; ".join(f"{name} ({reasons[name]})" for name in names)
+        raise ValueError(f"No method of methods applies to split {first.name!r}: {why}.")
+    return resolved
 
 
 def _rank_rows(ranked: dict, metric_names: Sequence[str]) -> list[dict]:

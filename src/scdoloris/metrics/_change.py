@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import MatrixLike, as_matrix, check_genes, column_mean
+from ._distances import aligned_matrices
+from ._inputs import MatrixLike, column_mean
 
 
 def _means(pred: MatrixLike, real: MatrixLike, control: MatrixLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean profiles (float64) of ``pred``, ``real`` and ``control``, after checking they share the genes."""
-    mats = {
-        "pred": as_matrix(pred, "pred"),
-        "real": as_matrix(real, "real"),
-        "control": as_matrix(control, "control"),
-    }
-    check_genes(mats)
+    """Mean profiles (float64) of ``pred``, ``real`` and ``control``, on one gene axis of at least one gene."""
+    mats = aligned_matrices({"pred": pred, "real": real, "control": control})
     return column_mean(mats["pred"]), column_mean(mats["real"]), column_mean(mats["control"])
 
 
@@ -42,7 +38,8 @@ def cosine_delta(pred: MatrixLike, real: MatrixLike, control: MatrixLike) -> flo
     real
         Real perturbed cells, shape ``(m, n_genes)``, same kinds as ``pred``.
     control
-        Control (unperturbed) cells, shape ``(k, n_genes)``, same kinds as ``pred``.
+        Control (unperturbed) cells, shape ``(k, n_genes)``, same kinds as ``pred``. AnnData inputs
+        are matched by gene name to the first AnnData among them (different genes are refused).
 
     Returns
     -------
@@ -53,7 +50,8 @@ def cosine_delta(pred: MatrixLike, real: MatrixLike, control: MatrixLike) -> flo
     Raises
     ------
     ValueError
-        If an input is not 2-D, has no cells, or the gene counts differ.
+        If an input is not 2-D or has no cells, there are no genes, the gene counts differ, or
+        AnnData inputs have different genes.
 
     Examples
     --------
@@ -111,7 +109,8 @@ def top_expressed_l2(pred: MatrixLike, real: MatrixLike, control: MatrixLike, *,
         Real perturbed cells, shape ``(m, n_genes)``, same kinds as ``pred``.
     control
         Control (unperturbed) cells, shape ``(k, n_genes)``, same kinds as ``pred``; they choose
-        the genes.
+        the genes. AnnData inputs are matched by gene name to the first AnnData among them
+        (different genes are refused).
     n_genes
         Number of most expressed genes to use (1000 in the paper). With fewer genes in the data,
         all genes are used.
@@ -124,7 +123,8 @@ def top_expressed_l2(pred: MatrixLike, real: MatrixLike, control: MatrixLike, *,
     Raises
     ------
     ValueError
-        If an input is not 2-D, has no cells, the gene counts differ, or ``n_genes`` is not a
+        If an input is not 2-D or has no cells, there are no genes, the gene counts differ,
+        AnnData inputs have different genes, or ``n_genes`` is not a
         positive integer.
 
     Examples

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
+from anndata import AnnData
 from scipy.spatial.distance import cdist, pdist
 
 from ..data import to_dense
@@ -23,6 +25,62 @@ def _rows_per_block(n_genes: int) -> int:
 
 def _blocks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def gene_positions(adata: AnnData, var_names: pd.Index, name: str, reference: str = "pred") -> np.ndarray | None:
+    """Columns of ``adata`` in the order of ``var_names`` (those of ``reference``); ``None`` when already identical.
+
+    Raises
+    ------
+    ValueError
+        If the two gene sets differ, or names are duplicated so that they cannot be matched.
+    """
+    if adata.var_names.equals(var_names):
+        return None
+    if not var_names.is_unique or not adata.var_names.is_unique:
+        raise ValueError(
+            f"`{name}` and `{reference}` have different genes (and gene names are not unique, so cannot align)."
+        )
+    positions = adata.var_names.get_indexer(var_names)
+    missing = var_names[positions < 0]
+    if len(missing) or adata.n_vars != len(var_names):
+        raise ValueError(
+            f"`{name}` and `{reference}` must have the same genes; {len(missing)} genes of `{reference}` are missing "
+            f"from `{name}` (e.g. {list(missing[:5])}) and `{name}` has {adata.n_vars} genes vs {len(var_names)}."
+        )
+    return positions
+
+
+def aligned_matrices(inputs: dict[str, MatrixLike], *, sparse_format: str = "csr") -> dict[str, Matrix]:
+    """The inputs (name -> cells) as matrices on one gene axis, with at least one cell and one gene each.
+
+    When two or more inputs are :class:`~anndata.AnnData`, their genes are matched by name to those
+    of the first one, as :func:`scdoloris.metrics.evaluate` does: ``.X`` alone says nothing of which
+    column is which gene, so the same cells with the genes in another order would otherwise score as
+    different, and different genes with equal values as identical. Other inputs are matched by
+    position (only their number of genes can be checked).
+
+    Raises
+    ------
+    ValueError
+        If an input is not 2-D or has no cells, AnnData inputs have different genes, the numbers of
+        genes differ, or there are no genes: no metric is defined on zero genes, and a value such as
+        an E-distance of 0 would read as a perfect score.
+    """
+    mats = {name: as_matrix(a, name, sparse_format=sparse_format) for name, a in inputs.items()}
+    annotated = [name for name, a in inputs.items() if isinstance(a, AnnData)]
+    if len(annotated) > 1:
+        reference = annotated[0]
+        for name in annotated[1:]:
+            positions = gene_positions(inputs[name], inputs[reference].var_names, name, reference)
+            if positions is not None:
+                mats[name] = mats[name][:, positions]
+    check_genes(mats)
+    if next(iter(mats.values())).shape[1] == 0:
+        names = [f"`{name}`" for name in mats]
+        joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        raise ValueError(f"{joined} {'has' if len(names) == 1 else 'have'} no genes.")
+    return mats
 
 
 def _sum_cross_distances(a: Matrix, b: Matrix) -> float:
@@ -77,7 +135,8 @@ def e_distance(X: MatrixLike, Y: MatrixLike, *, sqrt: bool = False) -> float:
         First set of cells (e.g. predicted), shape ``(n, n_genes)``: a dense array, a scipy sparse
         matrix/array, or an :class:`~anndata.AnnData` (its ``.X`` is used).
     Y
-        Second set of cells (e.g. real), shape ``(m, n_genes)``, same kinds as ``X``.
+        Second set of cells (e.g. real), shape ``(m, n_genes)``, same kinds as ``X``. When both are
+        AnnData, genes are matched by name (their order does not matter; different genes are refused).
     sqrt
         If ``False`` (default) return :math:`E(X, Y)` as defined in the paper (Eq. 20). If
         ``True`` return :math:`\sqrt{E(X, Y)}`, the quantity reported by the published reference
@@ -92,7 +151,8 @@ def e_distance(X: MatrixLike, Y: MatrixLike, *, sqrt: bool = False) -> float:
     Raises
     ------
     ValueError
-        If an input is not 2-D, has no cells, or the gene counts differ.
+        If an input is not 2-D or has no cells, there are no genes, the gene counts differ, or
+        AnnData inputs have different genes.
 
     Examples
     --------
@@ -108,9 +168,8 @@ def e_distance(X: MatrixLike, Y: MatrixLike, *, sqrt: bool = False) -> float:
     >>> bool(np.isclose(sd.metrics.e_distance(x, x + 2.0, sqrt=True), np.sqrt(d)))
     True
     """
-    xa = as_matrix(X, "X")
-    ya = as_matrix(Y, "Y")
-    check_genes({"X": xa, "Y": ya})
+    mats = aligned_matrices({"X": X, "Y": Y})
+    xa, ya = mats["X"], mats["Y"]
     n, m = xa.shape[0], ya.shape[0]
     cross = _sum_cross_distances(xa, ya) / (n * m)
     within_x = _sum_within_distances(xa) / (n * n)
@@ -169,7 +228,7 @@ def e_distance_floor(real: MatrixLike, *, n_predicted: int, n_real: int | None =
     Raises
     ------
     ValueError
-        If ``real`` is not 2-D or has no cells, or ``n_predicted`` or ``n_real`` is below 1.
+        If ``real`` is not 2-D, has no cells or no genes, or ``n_predicted`` or ``n_real`` is below 1.
 
     Examples
     --------
@@ -193,7 +252,7 @@ def e_distance_floor(real: MatrixLike, *, n_predicted: int, n_real: int | None =
     >>> bool(abs(split_half / expected - 1) < 0.05)
     True
     """
-    ya = as_matrix(real, "real")
+    ya = aligned_matrices({"real": real})["real"]
     m = ya.shape[0]
     n_real = m if n_real is None else n_real
     for name, value in (("n_predicted", n_predicted), ("n_real", n_real)):
@@ -224,7 +283,8 @@ def emd(X: MatrixLike, Y: MatrixLike) -> float:
         First set of cells (e.g. predicted), shape ``(n, n_genes)``: a dense array, a scipy sparse
         matrix/array, or an :class:`~anndata.AnnData` (its ``.X`` is used).
     Y
-        Second set of cells (e.g. real), shape ``(m, n_genes)``, same kinds as ``X``.
+        Second set of cells (e.g. real), shape ``(m, n_genes)``, same kinds as ``X``. When both are
+        AnnData, genes are matched by name (their order does not matter; different genes are refused).
 
     Returns
     -------
@@ -234,7 +294,8 @@ def emd(X: MatrixLike, Y: MatrixLike) -> float:
     Raises
     ------
     ValueError
-        If an input is not 2-D, has no cells, or the gene counts differ.
+        If an input is not 2-D or has no cells, there are no genes, the gene counts differ, or
+        AnnData inputs have different genes.
 
     Examples
     --------
@@ -244,13 +305,10 @@ def emd(X: MatrixLike, Y: MatrixLike) -> float:
     >>> round(sd.metrics.emd(x, x + 0.5), 10)
     0.5
     """
-    xa = as_matrix(X, "X", sparse_format="csc")
-    ya = as_matrix(Y, "Y", sparse_format="csc")
-    check_genes({"X": xa, "Y": ya})
+    mats = aligned_matrices({"X": X, "Y": Y}, sparse_format="csc")
+    xa, ya = mats["X"], mats["Y"]
     n, m = xa.shape[0], ya.shape[0]
     n_genes = xa.shape[1]
-    if n_genes == 0:
-        raise ValueError("`X` and `Y` have no genes.")
     # About eight temporaries of this size are alive at once (sorted values, order, CDFs, gaps).
     genes_per_block = max(1, _BLOCK_ENTRIES // (4 * (n + m)))
     total = 0.0
@@ -287,7 +345,8 @@ def mean_rmse(X: MatrixLike, Y: MatrixLike) -> float:
         Predicted cells, shape ``(n, n_genes)``: a dense array, a scipy sparse matrix/array, or an
         :class:`~anndata.AnnData` (its ``.X`` is used).
     Y
-        Real cells, shape ``(m, n_genes)``, same kinds as ``X``.
+        Real cells, shape ``(m, n_genes)``, same kinds as ``X``. When both are AnnData, genes are
+        matched by name (their order does not matter; different genes are refused).
 
     Returns
     -------
@@ -297,7 +356,8 @@ def mean_rmse(X: MatrixLike, Y: MatrixLike) -> float:
     Raises
     ------
     ValueError
-        If an input is not 2-D, has no cells, or the gene counts differ.
+        If an input is not 2-D or has no cells, there are no genes, the gene counts differ, or
+        AnnData inputs have different genes.
 
     Examples
     --------
@@ -307,10 +367,8 @@ def mean_rmse(X: MatrixLike, Y: MatrixLike) -> float:
     >>> sd.metrics.mean_rmse(x, x + 2.0)
     2.0
     """
-    xa = as_matrix(X, "X")
-    ya = as_matrix(Y, "Y")
-    check_genes({"X": xa, "Y": ya})
-    diff = column_mean(xa) - column_mean(ya)
+    mats = aligned_matrices({"X": X, "Y": Y})
+    diff = column_mean(mats["X"]) - column_mean(mats["Y"])
     return float(np.sqrt(np.mean(diff**2)))
 
 
@@ -333,7 +391,8 @@ def pearson_delta(pred: MatrixLike, real: MatrixLike, control: MatrixLike) -> fl
     real
         Real perturbed cells, shape ``(m, n_genes)``, same kinds as ``pred``.
     control
-        Control (unperturbed) cells, shape ``(k, n_genes)``, same kinds as ``pred``.
+        Control (unperturbed) cells, shape ``(k, n_genes)``, same kinds as ``pred``. AnnData inputs
+        are matched by gene name to the first AnnData among them (different genes are refused).
 
     Returns
     -------
@@ -344,7 +403,8 @@ def pearson_delta(pred: MatrixLike, real: MatrixLike, control: MatrixLike) -> fl
     Raises
     ------
     ValueError
-        If an input is not 2-D, has no cells, or the gene counts differ.
+        If an input is not 2-D or has no cells, there are no genes, the gene counts differ, or
+        AnnData inputs have different genes.
 
     Examples
     --------
@@ -358,12 +418,7 @@ def pearson_delta(pred: MatrixLike, real: MatrixLike, control: MatrixLike) -> fl
     >>> sd.metrics.pearson_delta(pred, real, control) > 0.9
     True
     """
-    mats = {
-        "pred": as_matrix(pred, "pred"),
-        "real": as_matrix(real, "real"),
-        "control": as_matrix(control, "control"),
-    }
-    check_genes(mats)
+    mats = aligned_matrices({"pred": pred, "real": real, "control": control})
     mean_control = column_mean(mats["control"])
     mean_pred = column_mean(mats["pred"])
     mean_real = column_mean(mats["real"])

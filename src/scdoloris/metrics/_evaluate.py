@@ -10,27 +10,11 @@ from anndata import AnnData
 
 from ..data import expression_matrix
 from ._de import _obs_column, rank_genes
-from ._distances import e_distance, emd, mean_rmse, pearson_delta
+from ._distances import e_distance, emd, gene_positions, mean_rmse, pearson_delta
 from ._inputs import Matrix
 
 METRICS: tuple[str, ...] = ("e_distance", "emd", "mean_rmse", "pearson_delta")
 COLUMNS: list[str] = ["perturbation", "cell_type", "gene_set", "metric", "value"]
-
-
-def _gene_positions(adata: AnnData, var_names: pd.Index, name: str) -> np.ndarray | None:
-    """Columns of ``adata`` in the order of ``var_names`` (``None`` when already identical)."""
-    if adata.var_names.equals(var_names):
-        return None
-    if not var_names.is_unique or not adata.var_names.is_unique:
-        raise ValueError(f"`{name}` and `pred` have different genes (and gene names are not unique, so cannot align).")
-    positions = adata.var_names.get_indexer(var_names)
-    missing = var_names[positions < 0]
-    if len(missing) or adata.n_vars != len(var_names):
-        raise ValueError(
-            f"`{name}` and `pred` must have the same genes; {len(missing)} genes of `pred` are missing from `{name}`"
-            f" (e.g. {list(missing[:5])}) and `{name}` has {adata.n_vars} genes vs {len(var_names)}."
-        )
-    return positions
 
 
 def _group_rows(adata: AnnData, keys: list[str], name: str) -> dict:
@@ -169,8 +153,8 @@ def evaluate(
     var_names = pred.var_names
     if n_list and max(n_list) > len(var_names):
         raise ValueError(f"Cannot select {max(n_list)} DE genes: the data have only {len(var_names)} genes.")
-    real_cols = _gene_positions(real, var_names, "real")
-    control_cols = _gene_positions(control, var_names, "control")
+    real_cols = gene_positions(real, var_names, "real")
+    control_cols = gene_positions(control, var_names, "control")
     x_pred, x_real, x_control = (expression_matrix(a, layer) for a in (pred, real, control))
 
     keys = [perturbation_key] if cell_type_key is None else [perturbation_key, cell_type_key]
