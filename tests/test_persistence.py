@@ -1,9 +1,13 @@
 """Saved models: tensors and plain data only, loaded without unpickling; exact round trips; older saves."""
 
 import collections
+import errno
 import os
 import pickle
+import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,9 @@ from scdoloris.data import TrainingSummary
 from scdoloris.model import _doloris
 from scdoloris.model._persistence import (
     ModelFileError,
+    ModelWriteError,
     convert_trusted_model,
+    damaged_member,
     legacy_globals,
     read_model,
     write_model,
@@ -295,3 +301,295 @@ def test_load_onto_a_query_with_labels_never_trained(tmp_path):
     assert loaded._cell_is_control().sum() == (query.obs["perturbation"] == "control").sum()
     with pytest.raises(ValueError, match=r"never saw .*G002"):
         loaded.train(max_steps=1, enable_progress_bar=False)
+
+
+# ------------------------------------------------------------------------------------ damaged files
+def _small_adata(n_genes=10):
+    adata = sd.datasets.synthetic_perturbations(
+        n_genes=n_genes, n_perturbed_genes=3, n_cells_per_condition=5, n_control_cells=10, n_doubles=0, seed=0
+    )
+    sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
+    return adata
+
+
+def _small_model(adata, seed=0):
+    model = sd.Doloris(adata, gene_graph=None, **TINY)
+    model.train(max_steps=2, seed=seed, enable_progress_bar=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Two tiny models of the same set-up (other seeds: same shapes, other weights), one with other genes."""
+    root = tmp_path_factory.mktemp("saved")
+    adata = _small_adata()
+    for name, data, seed in [("a", adata, 0), ("b", adata, 1), ("other_genes", _small_adata(12), 0)]:
+        _small_model(data, seed).save(root / name)
+    return root, adata
+
+
+def _members(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def _rewrite_archive(path, members: dict[str, bytes]):
+    """A consistent zip (fresh CRCs, uncompressed as torch writes it) of ``members``."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def _largest_tensor_member(path) -> str:
+    with zipfile.ZipFile(path) as archive:
+        return max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size).filename
+
+
+def _flip_bytes(path, member, n=16):
+    """Flip ``n`` bytes in the middle of ``member``'s data, in place (the zip directory and CRCs unchanged)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(Path(path).read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length + info.file_size // 2 - n // 2
+    data[start : start + n] = bytes(b ^ 0xFF for b in data[start : start + n])
+    Path(path).write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_weight_are_found(saved_models, tmp_path):
+    """16 flipped bytes inside a stored weight: torch loads the file with that weight changed; load refuses it."""
+    root, adata = saved_models
+    shutil.copytree(root / "a", tmp_path / "m")
+    file = tmp_path / "m" / "model.pt"
+    member = _largest_tensor_member(file)
+    _flip_bytes(file, member)
+    # torch alone reads it without complaint, one weight changed: the damage is in a weight.
+    damaged = torch.load(file, weights_only=True)["model_state_dict"]
+    intact = torch.load(root / "a" / "model.pt", weights_only=True)["model_state_dict"]
+    assert sum(not torch.equal(damaged[k], intact[k]) for k in intact) == 1
+    expected = (
+        f"{file} is corrupted or truncated and cannot be read (ValueError: its member '{member}' fails its CRC-32"
+    )
+    with pytest.raises(ModelFileError, match=re.escape(expected)):
+        read_model(file)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        sd.Doloris.load(tmp_path / "m", adata)
+
+
+def _truncate_half(file, other):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _truncate_last_byte(file, other):
+    file.write_bytes(file.read_bytes()[:-1])
+
+
+def _delete_weight_member(file, other):
+    members = _members(file)
+    del members[_largest_tensor_member(file)]
+    _rewrite_archive(file, members)
+
+
+def _swap_weight_member(file, other):
+    """A weight replaced by the same weight of another model (same shape), the zip rewritten with fresh CRCs."""
+    member = _largest_tensor_member(file)
+    members = _members(file)
+    theirs = {name.split("/", 1)[1]: data for name, data in _members(other).items()}
+    assert members[member] != theirs[member.split("/", 1)[1]]
+    members[member] = theirs[member.split("/", 1)[1]]
+    _rewrite_archive(file, members)
+    assert damaged_member(file) is None  # every CRC fits: only the digests written at save time see it
+
+
+def _swap_pickle_member(file, other):
+    """The archive's data.pkl (tensor names, shapes, attributes, digests) taken from another model."""
+    members = _members(file)
+    theirs = {name.split("/", 1)[1]: data for name, data in _members(other).items()}
+    pickled = next(name for name in members if name.endswith("/data.pkl"))
+    members[pickled] = theirs["data.pkl"]
+    _rewrite_archive(file, members)
+
+
+_UNREADABLE = r"is corrupted or truncated and cannot be read "
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_truncate_half, "is corrupted or truncated: it is not a complete model archive"),
+        (_truncate_last_byte, "is corrupted or truncated: it is not a complete model archive"),
+        (_delete_weight_member, _UNREADABLE + r"\(RuntimeError: .*data/\d+"),
+        (_swap_weight_member, _UNREADABLE + r"\(ValueError: tensor '[^']+' of model_state_dict does not match"),
+        (_swap_pickle_member, _UNREADABLE + r"\(ValueError: tensor '[^']+' of \w+ does not match"),
+    ],
+    ids=["truncated to half", "last byte cut", "member deleted", "weight swapped", "data.pkl swapped"],
+)
+def test_damaged_model_files_are_refused(saved_models, tmp_path, damage, expected):
+    root, adata = saved_models
+    shutil.copytree(root / "a", tmp_path / "m")
+    file = tmp_path / "m" / "model.pt"
+    damage(file, root / "b" / "model.pt")
+    with pytest.raises(ValueError, match=re.escape(str(file)) + " " + expected):
+        sd.Doloris.load(tmp_path / "m", adata)
+
+
+def test_a_model_file_of_another_model_is_refused(saved_models, tmp_path):
+    """A whole model.pt swapped in from a model with other genes: its genes are not the data's."""
+    root, adata = saved_models
+    shutil.copytree(root / "a", tmp_path / "m")
+    shutil.copyfile(root / "other_genes" / "model.pt", tmp_path / "m" / "model.pt")
+    with pytest.raises(ValueError, match=r"adata's genes differ from the model's \(12 genes\)"):
+        sd.Doloris.load(tmp_path / "m", adata)
+
+
+def test_saved_files_carry_crcs_and_digests_even_when_torch_crcs_are_off(tmp_path):
+    torch.serialization.set_crc32_options(False)  # process-wide, as a user may have set it
+    try:
+        write_model(tmp_path / "model.pt", {"w": torch.arange(64.0)}, {"a": np.arange(3)}, ["g"])
+        assert torch.serialization.get_crc32_options() is False  # left as the user set it
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(tmp_path / "model.pt") as archive:
+        assert all(info.filename.startswith("model/") for info in archive.infolist())  # named after the file
+        assert all(info.CRC != 0 for info in archive.infolist() if info.file_size)
+        assert archive.testzip() is None
+    content = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(content["sha256"]["model_state_dict"]) == {"w"} and len(content["sha256"]["arrays"]) == 1
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # no staging file left
+
+
+def test_files_without_digests_or_crcs_load_and_crcs_are_checked_without_digests(tmp_path):
+    """Files written before the digests still load; where torch wrote CRCs, damage is still found."""
+    write_model(tmp_path / "model.pt", {"w": torch.arange(256.0)}, {"a": 1}, ["g"])
+    content = torch.load(tmp_path / "model.pt", weights_only=True)
+    del content["sha256"]
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(content, tmp_path / "no_crc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    torch.save(content, tmp_path / "crc_only.pt")
+    for name in ("no_crc.pt", "crc_only.pt"):
+        assert torch.equal(read_model(tmp_path / name).state_dict["w"], torch.arange(256.0)), name
+    _flip_bytes(tmp_path / "crc_only.pt", _largest_tensor_member(tmp_path / "crc_only.pt"))
+    with pytest.raises(ModelFileError, match="fails its CRC-32 check"):
+        read_model(tmp_path / "crc_only.pt")
+
+
+def test_damaged_legacy_model_is_refused(tmp_path):
+    """Models saved by scdoloris 0.1.0 have no digests, but torch wrote CRCs: flipped bytes are found."""
+    assert "sha256" not in torch.load(LEGACY / "model.pt", weights_only=False)
+    shutil.copytree(LEGACY, tmp_path / "m")
+    file = tmp_path / "m" / "model.pt"
+    _flip_bytes(file, _largest_tensor_member(file))
+    with pytest.raises(ValueError, match=re.escape(f"{file} is corrupted or truncated") + ".*fails its CRC-32 check"):
+        sd.Doloris.load(tmp_path / "m", _legacy_adata())
+
+
+# ------------------------------------------------------------------------------------ failed writes
+def _failing_save(error):
+    def save(obj, file, *args, **kwargs):  # half a file, then the disk's error
+        with open(file, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a model")
+        raise error
+
+    return save
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file: unexpected pos"
+        ),
+    ],
+    ids=["ENOSPC", "torch's enforce fail"],
+)
+def test_disk_full_while_saving_is_reported_and_keeps_the_old_model(saved_models, tmp_path, monkeypatch, error):
+    root, adata = saved_models
+    path = tmp_path / "model"
+    shutil.copytree(root / "a", path)
+    original = (path / "model.pt").read_bytes()
+    model = sd.Doloris.load(path, adata)
+    monkeypatch.setattr(torch, "save", _failing_save(error))
+    with pytest.raises(ModelWriteError) as caught:
+        model.save(path, overwrite=True)
+    monkeypatch.undo()
+    message = str(caught.value)
+    # The message names the directory asked for, not the staging file.
+    assert re.fullmatch(
+        r"saving "
+        + re.escape(str(path))
+        + r" failed while writing \("
+        + re.escape(f"{type(error).__name__}: {error}")
+        + r"\); the previous "
+        r"model is kept\. Free some disk space \(or choose another directory\), then save again\.",
+        message,
+    ), message
+    assert isinstance(caught.value, OSError) and caught.value.__cause__ is error
+    assert caught.value.errno == getattr(error, "errno", None)
+    assert (path / "model.pt").read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging directory or file left
+    sd.Doloris.load(path, adata)
+
+
+def test_write_model_names_the_target_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    write_model(tmp_path / "model.pt", {"w": torch.ones(2)}, {}, ["g"])
+    original = (tmp_path / "model.pt").read_bytes()
+    cause = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", _failing_save(cause))
+    with pytest.raises(ModelWriteError) as caught:
+        write_model(tmp_path / "model.pt", {"w": torch.zeros(2)}, {}, ["g"], target=tmp_path / "saved_dir")
+    monkeypatch.undo()
+    assert str(caught.value).startswith(
+        f"saving {tmp_path / 'saved_dir'} failed while writing (OSError: [Errno 28] No space left on device); "
+        "the previous model is kept."
+    )
+    assert caught.value.__cause__ is cause and caught.value.errno == errno.ENOSPC
+    assert (tmp_path / "model.pt").read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    # Errors that are not the disk's are not wrapped: a value that is not data.
+    with pytest.raises(TypeError, match="is not data"):
+        write_model(tmp_path / "model.pt", {}, {"x": object()}, ["g"])
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize(
+    ("n_genes", "other"), [(12, {}), (10, {"n_hidden": 8})], ids=["checkpoint of other genes", "of other arguments"]
+)
+def test_resuming_from_another_models_checkpoint_is_refused(saved_models, tmp_path, n_genes, other):
+    _, adata = saved_models
+    checkpoint = tmp_path / "last.ckpt"
+    first = sd.Doloris(_small_adata(n_genes), gene_graph=None, **{**TINY, **other})
+    first.train(max_steps=2, seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, checkpoint_every_n_steps=1)
+    written = checkpoint.read_bytes()
+    model = sd.Doloris(adata, gene_graph=None, **TINY)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    expected = (
+        re.escape(f"Checkpoint {checkpoint} belongs to another set-up: ") + r"\d+ of its \d+ tensors have other shapes"
+    )
+    with pytest.raises(ValueError, match=expected):
+        model.train(max_steps=3, seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, checkpoint_every_n_steps=1)
+    # Refused before any step: the weights are the initial ones, the checkpoint is untouched.
+    assert all(torch.equal(v, model.module.state_dict()[k]) for k, v in before.items())
+    assert not model.is_trained_ and checkpoint.read_bytes() == written
+    # The same set-up resumes from it.
+    same = sd.Doloris(first.adata, gene_graph=None, **{**TINY, **other})
+    same.train(max_steps=3, seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, checkpoint_every_n_steps=1)
+    assert same.trainer.global_step == 3
+
+
+def test_damaged_checkpoint_is_refused(saved_models, tmp_path):
+    _, adata = saved_models
+    model = sd.Doloris(adata, gene_graph=None, **TINY)
+    model.train(max_steps=2, seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, checkpoint_every_n_steps=1)
+    checkpoint = tmp_path / "last.ckpt"
+    member = _largest_tensor_member(checkpoint)
+    _flip_bytes(checkpoint, member)
+    torch.load(checkpoint, weights_only=False)  # torch reads it as if intact
+    fresh = sd.Doloris(adata, gene_graph=None, **TINY)
+    expected = f"Checkpoint {checkpoint} is corrupted or truncated (its member '{member}' fails its CRC-32 check)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        fresh.train(max_steps=3, seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path)
+    assert not fresh.is_trained_

@@ -21,6 +21,14 @@ dtype, string and object arrays as lists with their dtype, ``DataFrame``, ``Seri
 ``Index`` as their parts, tuples, ``defaultdict`` and dicts with non-text keys as item lists.
 Decoding checks every tag and type, so a damaged or foreign file is an error, never a surprise.
 
+Damage is found before anything is used: torch writes a CRC-32 of every zip member, which
+:func:`read_model` checks (torch does not), and the file also holds ``"sha256"``, the SHA-256
+of each tensor (``{"model_state_dict": {name: hex}, "arrays": {key: hex}}``), checked after
+reading; together they catch flipped bytes, truncation, and a member deleted or swapped in from
+another file. Files written before the digests (no ``"sha256"``) get the CRC check only.
+:func:`write_model` writes into a temporary directory beside ``path`` and renames the file into
+place, so a write that fails (disk full, ...) keeps the previous file and leaves nothing behind.
+
 Models saved before this format (scvi-tools' pickled layout, ``{"model_state_dict",
 "var_names", "attr_dict"}`` with numpy arrays and pandas frames) are read by the same
 restricted unpickler with a short allowlist of numpy and pandas data constructors
@@ -31,8 +39,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import hashlib
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -65,25 +76,125 @@ class ModelFileError(ValueError):
     """A model file that is damaged, foreign, or needs objects that are not data to be read."""
 
 
+class ModelWriteError(OSError):
+    """Writing a model file failed (disk full, I/O error, ...); the file it was to replace is kept.
+
+    An ``OSError`` (the disk's), with the ``errno`` of the error that caused it, which stays
+    chained as ``__cause__``.
+    """
+
+
 # ---------------------------------------------------------------------------------------- writing
-def write_model(path: str, state_dict: dict[str, torch.Tensor], attributes: dict, var_names) -> None:
-    """Write a model file (see the module docstring) to ``path``.
+def write_model(
+    path: str,
+    state_dict: dict[str, torch.Tensor],
+    attributes: dict,
+    var_names,
+    *,
+    target: str | os.PathLike | None = None,
+) -> None:
+    """Write a model file (see the module docstring) to ``path``, replacing it only once complete.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    state_dict
+        The module's weights and buffers.
+    attributes
+        The model's attributes (data only: see the module docstring).
+    var_names
+        The genes, in order.
+    target
+        What is being saved, named in the error when writing fails (``Doloris.save`` writes into a
+        staging directory and passes the directory it saves to); ``path`` by default.
 
     Raises
     ------
     TypeError
         An attribute holds a value that is not data (named by its path), so it cannot be saved safely.
+    ModelWriteError
+        Writing failed (disk full, ...); the file at ``path``, if any, is unchanged.
     """
+    path = os.fspath(path)
     arrays: dict[str, torch.Tensor] = {}
+    state = {str(k): _state_tensor(k, v) for k, v in state_dict.items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_state_dict": {str(k): _state_tensor(k, v) for k, v in state_dict.items()},
+        "model_state_dict": state,
         "var_names": [str(v) for v in var_names],
         "attr_dict": {str(k): _encode(v, arrays, str(k)) for k, v in attributes.items()},
         "arrays": arrays,
     }
-    torch.save(payload, os.fspath(path))
+    # Readers of format 1 without digests ignore this key, so the format version stays.
+    payload["sha256"] = {
+        "model_state_dict": {k: tensor_digest(v) for k, v in state.items()},
+        "arrays": {k: tensor_digest(v) for k, v in arrays.items()},
+    }
+    directory, name = os.path.split(os.path.abspath(path))
+    staging = None
+    try:
+        # The file keeps its name while written: torch names the archive's members after it.
+        staging = tempfile.mkdtemp(prefix=f".{name}.", dir=directory)
+        written = os.path.join(staging, name)
+        with _crc32_on():
+            torch.save(payload, written)
+        with open(written, "rb") as handle:
+            os.fsync(handle.fileno())  # a delayed write error (full disk, NFS) shows here, not after the rename
+        os.replace(written, path)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError ("enforce fail ...")
+        raise _write_failed(target if target is not None else path, error) from error
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_failed(target, error: Exception) -> ModelWriteError:
+    hint = ""
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or "unexpected pos" in str(error):
+        hint = " Free some disk space (or choose another directory), then save again."
+    failure = ModelWriteError(
+        f"saving {os.fspath(target)} failed while writing ({type(error).__name__}: {error}); "
+        f"the previous model is kept.{hint}"
+    )
+    failure.errno = code  # code that tests the disk's error (errno.ENOSPC) still can
+    return failure
+
+
+@contextlib.contextmanager
+def _crc32_on():
+    """Within: ``torch.save`` writes each member's CRC-32, which :func:`read_model` checks.
+
+    torch writes them by default; ``torch.serialization.set_crc32_options(False)`` turns that off
+    for the whole process, and a model saved so could not be checked for damage.
+    """
+    getter = getattr(torch.serialization, "get_crc32_options", None)
+    setter = getattr(torch.serialization, "set_crc32_options", None)
+    if getter is None or setter is None or getter():
+        yield
+        return
+    setter(True)
+    try:
+        yield
+    finally:
+        setter(False)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and values (its bytes in C order), as hex."""
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+    try:
+        array = tensor.numpy()
+    except TypeError:  # dtypes numpy lacks (bfloat16, float8): their bits, as integers of the same size
+        array = tensor.view(_SAME_SIZE_INTEGER[tensor.element_size()]).numpy()
+    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _state_tensor(name: str, value) -> torch.Tensor:
@@ -199,11 +310,18 @@ def read_model(path: str) -> SavedModel:
     Raises
     ------
     ModelFileError
-        The file is damaged or truncated, is not a model file, or needs other objects to be read.
+        The file is damaged or truncated (a zip member fails its CRC-32 check, a tensor its
+        SHA-256, a member is missing), is not a model file, or needs other objects to be read.
     """
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path} is corrupted or truncated: it is not a complete model archive.")
+    try:
+        damaged = damaged_member(path)
+    except Exception as error:  # a damaged zip directory or member header
+        raise _corrupted(path, error) from error
+    if damaged is not None:
+        raise _corrupted(path, ValueError(f"its member {damaged!r} fails its CRC-32 check: its bytes have changed"))
     try:
         payload = _load_weights_only(path, ())
     except pickle.UnpicklingError as error:
@@ -213,6 +331,26 @@ def read_model(path: str) -> SavedModel:
     if isinstance(payload, dict) and "format" in payload:
         return _decode_payload(path, payload)
     return _legacy_model(path, payload)
+
+
+def damaged_member(path: str) -> str | None:
+    """The first member of the zip archive at ``path`` whose bytes fail their CRC-32, or ``None``.
+
+    torch writes a CRC-32 of every member (``torch.save``, Lightning checkpoints) but never checks
+    them when it loads, so flipped bytes inside a tensor load silently as other weights. Archives
+    written with ``torch.serialization.set_crc32_options(False)`` store 0 for every CRC: they are
+    not checked (``None``).
+
+    Raises
+    ------
+    zipfile.BadZipFile, OSError, EOFError
+        The archive's directory or a member's header is damaged.
+    """
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if all(m.CRC == 0 for m in members) and any(m.file_size for m in members):
+            return None  # written without CRCs (an empty member's CRC is 0 as well)
+        return archive.testzip()
 
 
 @contextlib.contextmanager
@@ -296,9 +434,24 @@ def _decode_payload(path: str, payload: dict) -> SavedModel:
         if not isinstance(var_names, list) or not all(isinstance(v, str) for v in var_names):
             raise ValueError("var_names is not a list of gene names")
         attributes = {k: _decode(v, arrays) for k, v in attributes.items()}
+        if "sha256" in payload:  # files written before the digests have none: their CRCs were checked
+            _check_digests(payload["sha256"], {"model_state_dict": state_dict, "arrays": arrays})
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise _corrupted(path, error) from error
     return SavedModel(state_dict, attributes, np.asarray(var_names, dtype=object), legacy=False)
+
+
+def _check_digests(digests, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Each tensor matches the SHA-256 written with it (the same names, no more, no fewer)."""
+    if not isinstance(digests, dict) or set(digests) != set(tensors):
+        raise ValueError("the tensors' checksums are damaged")
+    for group, members in tensors.items():
+        expected = digests[group]
+        if not isinstance(expected, dict) or set(expected) != set(members):
+            raise ValueError(f"the {group} tensors are not those written with the file")
+        for name, tensor in members.items():
+            if tensor_digest(tensor) != expected[name]:
+                raise ValueError(f"tensor {name!r} of {group} does not match the checksum written with it")
 
 
 def _tensor_dict(value) -> dict[str, torch.Tensor]:
@@ -587,13 +740,4 @@ def convert_trusted_model(path: str) -> None:
     path = os.fspath(path)
     content = torch.load(path, map_location="cpu", weights_only=False)
     state_dict = {k: v for k, v in content["model_state_dict"].items() if k != "pyro_param_store"}
-    handle, staging = tempfile.mkstemp(
-        prefix="doloris-convert-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path))
-    )
-    os.close(handle)
-    try:
-        write_model(staging, state_dict, content["attr_dict"], content["var_names"])
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    write_model(path, state_dict, content["attr_dict"], content["var_names"])  # replaces the file once complete

@@ -179,6 +179,23 @@ class DolorisTrainingPlan(pl.LightningModule):
         """
         self.train()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another set-up before its weights are loaded (and before any step).
+
+        Lightning calls this hook before it loads the checkpoint's weights; their load would fail
+        with a size mismatch per tensor that names neither file. A ``last.ckpt`` left in
+        ``checkpoint_dir`` by a model with other genes, perturbations or arguments gets one
+        ``ValueError`` naming it instead.
+        """
+        problem = _checkpoint_mismatch(checkpoint.get("state_dict"), self.state_dict())
+        if problem is not None:
+            path = self.trainer.ckpt_path if self._trainer is not None else None
+            raise ValueError(
+                f"Checkpoint {path or '(being resumed)'} belongs to another set-up: {problem}. It was written by a "
+                "model with other genes, perturbations or arguments (different shapes). Delete it, or pass another "
+                "checkpoint_dir, to train this model from the start."
+            )
+
     def training_step(self, batch, batch_idx):  # noqa: D102
         if self.seed is not None:
             torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
@@ -212,6 +229,30 @@ class DolorisTrainingPlan(pl.LightningModule):
 LAST_CHECKPOINT = "last.ckpt"
 
 
+def _checkpoint_mismatch(saved, mine: dict[str, torch.Tensor]) -> str | None:
+    """How the weights of a checkpoint differ in names or shapes from ``mine``; ``None`` when they fit."""
+    if not isinstance(saved, dict):
+        return "it holds no model weights"
+    shape = {name: tuple(getattr(value, "shape", ())) for name, value in saved.items()}
+    resized = [name for name in mine if name in shape and shape[name] != tuple(mine[name].shape)]
+    missing = [name for name in mine if name not in shape]
+    unexpected = [name for name in shape if name not in mine]
+    if not (resized or missing or unexpected):
+        return None
+    parts = []
+    if resized:
+        name = resized[0]
+        parts.append(
+            f"{len(resized)} of its {len(saved)} tensors have other shapes (e.g. {name}: "
+            f"{list(shape[name])} in the checkpoint, {list(mine[name].shape)} in this model)"
+        )
+    if missing:
+        parts.append(f"it lacks {len(missing)} of this model's tensors (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"it has {len(unexpected)} tensors this model lacks (e.g. {unexpected[0]})")
+    return "; ".join(parts)
+
+
 def checkpointing(checkpoint_dir: str | os.PathLike, every_n_steps: int) -> tuple[ModelCheckpoint, str | None]:
     """A checkpoint callback writing ``checkpoint_dir/last.ckpt`` every ``every_n_steps``, and the file to resume.
 
@@ -232,7 +273,9 @@ def checkpointing(checkpoint_dir: str | os.PathLike, every_n_steps: int) -> tupl
     Raises
     ------
     ValueError
-        ``every_n_steps`` below 1, or a ``last.ckpt`` that is not a complete checkpoint.
+        ``every_n_steps`` below 1, or a ``last.ckpt`` that is not a complete checkpoint or whose
+        bytes fail their CRC-32 check. (A checkpoint of another set-up is refused when training
+        resumes from it, by :meth:`DolorisTrainingPlan.on_load_checkpoint`.)
     """
     check_count("checkpoint_every_n_steps", every_n_steps)
     checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
@@ -243,10 +286,22 @@ def checkpointing(checkpoint_dir: str | os.PathLike, every_n_steps: int) -> tupl
     resume = None
     if os.path.exists(last):
         # torch.save writes a zip archive whose directory comes last: a truncated file is not a zip file.
-        if not zipfile.is_zipfile(last):
+        damage = None if zipfile.is_zipfile(last) else "it is not a complete checkpoint archive"
+        if damage is None:
+            # Imported here: scdoloris.model imports this module. torch never checks the CRCs it writes,
+            # so flipped bytes would resume silently from other weights.
+            from ..model._persistence import damaged_member
+
+            try:
+                member = damaged_member(last)
+            except Exception as error:  # a damaged zip directory or member header
+                damage = f"{type(error).__name__}: {error}"
+            else:
+                damage = None if member is None else f"its member {member!r} fails its CRC-32 check"
+        if damage is not None:
             raise ValueError(
-                f"Checkpoint {last} is corrupted or truncated; delete it (or the whole checkpoint_dir) to train "
-                "from the start."
+                f"Checkpoint {last} is corrupted or truncated ({damage}); delete it (or the whole checkpoint_dir) to "
+                "train from the start."
             )
         resume = last
     callback = ModelCheckpoint(
