@@ -162,5 +162,55 @@ def _drop_empty_tutorial_glob(app, docname: str, source: list[str]) -> None:
         source[0] = text[:start] + _NO_TUTORIALS + text[end + 3 :]
 
 
+# -- Returns sections written as prose ------------------------------------------------------------
+
+_RESULT_SECTIONS = ("Returns", "Yields")
+
+
+def _section_end(lines: list[str], start: int) -> int:
+    """Index of the first line after the numpy section whose body starts at ``start``."""
+    for i in range(start, len(lines) - 1):
+        underline = lines[i + 1].strip()
+        if lines[i].strip() and underline and set(underline) == {"-"} and not lines[i].startswith(" "):
+            return i
+    return len(lines)
+
+
+def prose_returns(lines: list[str]) -> list[str]:
+    """Make a numpy Returns (Yields) section written as prose into one untyped entry.
+
+    numpydoc reads every unindented line of the section as a new ``name : type`` entry: a sentence
+    split over lines becomes one bullet per line, its first words set in bold or italics (where
+    ``literals`` show their backticks). A section with no indented line (no ``type`` line followed by
+    its description) is prose: it becomes ``":"`` (an entry without name or type) followed by the prose
+    indented, which napoleon renders as one paragraph; autodoc adds the annotated return type.
+    """
+    lines = list(lines)
+    i = 0
+    while i < len(lines) - 1:
+        underline = lines[i + 1].strip()
+        if lines[i].strip() in _RESULT_SECTIONS and underline and set(underline) == {"-"}:
+            start, end = i + 2, _section_end(lines, i + 2)
+            body = lines[start:end]
+            text = [line for line in body if line.strip()]
+            if text and not any(line.startswith((" ", "\t")) for line in text):
+                while body and not body[-1].strip():  # keep the blank lines before the next section
+                    body.pop()
+                rewritten = [":"] + ["    " + line if line.strip() else "" for line in body]
+                lines[start : start + len(body)] = rewritten
+                end += len(rewritten) - len(body)
+            i = end
+        else:
+            i += 1
+    return lines
+
+
+def _prose_returns(app, what, name, obj, options, lines: list[str]) -> None:
+    """``autodoc-process-docstring`` hook, before napoleon's: see :func:`prose_returns`."""
+    lines[:] = prose_returns(lines)
+
+
 def setup(app):  # noqa: D103
     app.connect("source-read", _drop_empty_tutorial_glob)
+    # Napoleon connects at the default priority (500); a lower number runs first.
+    app.connect("autodoc-process-docstring", _prose_returns, priority=400)

@@ -376,3 +376,18 @@ def test_additive_names_a_cell_type_without_perturbed_cells():
     additive = sd.baselines.Additive().fit(adata[only_controls_in_ct1].copy(), cell_type_key="cell_type")
     with pytest.raises(ValueError, match="'ct1' had only controls"):
         additive.predict_shift(["G001"], cell_type="ct1")
+
+
+@pytest.mark.parametrize("cell_type_key", [None, "cell_type"])
+def test_linear_names_a_cell_type_only_when_there_is_one(cell_type_key):
+    """Without a cell-type column the one internal cell type "0" is not named in Linear's warning."""
+    adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1, n_cell_types=1)
+    labels = adata.obs["perturbation"].astype(str)
+    labels[labels == "G000"] = "NOTAGENE"
+    adata.obs["perturbation"] = pd.Categorical(labels)
+    linear = sd.baselines.Linear(gene_graph=adata.uns["synthetic"]["edges"])
+    with pytest.warns(UserWarning, match="out of the fit") as caught:
+        linear.fit(adata, perturbation_key="perturbation", control_value="control", cell_type_key=cell_type_key)
+    message = next(str(w.message) for w in caught if "out of the fit" in str(w.message))
+    assert ("cell type" in message) == (cell_type_key is not None)
+    assert "'0'" not in message

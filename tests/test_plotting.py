@@ -135,6 +135,67 @@ def test_top_de_genes_picks_shifted_genes():
     assert top_de_genes(real, control, 2) == ["g7", "g2"]
 
 
+def _medians(ax):
+    """Height of every violin's median line, in drawing order (control, real, predicted; genes within)."""
+    from matplotlib.collections import LineCollection
+
+    return [seg[0][1] for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+
+
+def test_de_gene_violins_reads_a_layer_of_predicted_and_x_of_real(cells):
+    """layer= is read from predicted; real and control cells without it from X, and the legend says so.
+
+    The predicted AnnData is laid out as include_sources=True returns it: its source cells first (the
+    control label, is_predicted False, the layer holding their own expression), which are not
+    predictions: neither a second perturbation to choose from nor predicted violins.
+    """
+    predicted, real, control = cells
+    predicted = predicted[(predicted.obs["perturbation"] == "A").to_numpy()].copy()
+    predicted.layers["doloris_generated"] = predicted.X + 100.0  # unmistakable
+    sources = control[:10].copy()
+    sources.layers["doloris_generated"] = sources.X.copy()
+    pred = ad.concat([sources, predicted])
+    pred.obs["is_predicted"] = np.repeat([False, True], [sources.n_obs, predicted.n_obs])
+    genes = ["g0", "g1"]
+
+    ax = sd.pl.de_gene_violins(pred, real, control=control, genes=genes, layer="doloris_generated", show=False)
+    real_a = real[(real.obs["perturbation"] == "A").to_numpy()]
+    expected = [np.median(data[:, genes].X, axis=0) for data in (control, real_a)]
+    expected.append(np.median(predicted[:, genes].layers["doloris_generated"], axis=0))
+    np.testing.assert_allclose(_medians(ax), np.concatenate(expected), rtol=1e-5)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [
+        f"control ({control.n_obs} cells, X)",
+        f"real ({real_a.n_obs} cells, X)",
+        f"predicted ({predicted.n_obs} cells)",
+    ]
+    assert ax.get_ylabel() == "expression (doloris_generated)"
+
+    # A control AnnData with the layer is read from it; the DE genes are chosen the same way.
+    control.layers["doloris_generated"] = control.X + 50.0
+    ax = sd.pl.de_gene_violins(pred, real, control=control, genes=genes, layer="doloris_generated", show=False)
+    np.testing.assert_allclose(_medians(ax)[:2], expected[0] + 50.0, rtol=1e-5)
+    assert ax.get_legend().get_texts()[0].get_text() == f"control ({control.n_obs} cells)"
+    ax = sd.pl.de_gene_violins(pred, real, control=control, n_genes=3, layer="doloris_generated", show=False)
+    assert len(ax.get_xticklabels()) == 3
+
+    with pytest.raises(KeyError, match="predicted has no layer 'doloris_mask'"):
+        sd.pl.de_gene_violins(pred, real, control=control, genes=genes, layer="doloris_mask", show=False)
+
+
+def test_top_de_genes_reads_x_of_cells_without_the_layer():
+    from scdoloris.plotting._distributions import top_de_genes
+
+    rng = np.random.default_rng(1)
+    control = _cells(100, 10, "control", rng, p_zero=0.0)
+    real = control.copy()
+    real.X[:, 4] += 3.0
+    control.layers["L"] = control.X.copy()
+    control.layers["L"][:, 6] += 9.0  # read from the layer: gene 6 differs most
+    assert top_de_genes(real, control, 1, layer="L") == ["g6"]
+    assert top_de_genes(real, control, 1) == ["g4"]
+
+
 def _calibration_case(probabilities, fractions, n_cells=200):
     """Predicted cells with constant per-gene probabilities; real cells with exact nonzero fractions."""
     n_genes = len(probabilities)

@@ -215,8 +215,10 @@ class Linear(Baseline):
                     f"linked to a measured gene by the gene graph (gene_graph={self._params()['gene_graph']!r})."
                 )
             if skipped:
+                # Without a cell-type column every cell is in one cell type named "0": no name worth giving.
+                of_type = "" if self.cell_type_key_ is None else f" of cell type {cell_type!r}"
                 warnings.warn(
-                    f"Linear leaves {len(skipped)} training perturbation(s) of cell type {cell_type!r} out of the fit: "
+                    f"Linear leaves {len(skipped)} training perturbation(s){of_type} out of the fit: "
                     f"no embedding for their genes (e.g. {skipped[:5]}).",
                     UserWarning,
                     stacklevel=3,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 
@@ -30,6 +32,14 @@ def no_change(
     10
     """
     rng = np.random.default_rng(seed)
+    if n_cells is not None and control.n_obs < n_cells:
+        # As prediction/_sources.draw_controls warns: repeated cells count several times in a metric.
+        warnings.warn(
+            f"n_cells={n_cells} is more than the {control.n_obs} control cells, so the draw repeats cells. "
+            f"Pass n_cells={control.n_obs} or fewer for distinct cells.",
+            UserWarning,
+            stacklevel=2,
+        )
     parts = []
     for p in perturbations:
         rows = np.arange(control.n_obs)

@@ -13,9 +13,18 @@ from ._utils import expression, finish, labels, new_axes, pick_perturbation, sid
 SOURCE_COLOURS = {"control": "#9e9e9e", "real": "#1f77b4", "predicted": "#ff7f0e"}
 
 
+def layer_or_x(adata: ad.AnnData, layer: str | None) -> str | None:
+    """``layer`` when ``adata`` has it, else ``None`` (``X``): real cells have no predicted layers."""
+    return layer if layer is not None and layer in adata.layers else None
+
+
 def top_de_genes(real: ad.AnnData, control: ad.AnnData, n_genes: int, layer: str | None = None) -> list[str]:
-    """The ``n_genes`` genes whose mean differs most between ``real`` and ``control`` cells."""
-    shift = expression(real, layer).mean(axis=0) - expression(control, layer).mean(axis=0)
+    """The ``n_genes`` genes whose mean differs most between ``real`` and ``control`` cells.
+
+    Each AnnData is read from ``layer`` when it has it, else from ``X`` (as :func:`de_gene_violins` draws them).
+    """
+    shift = expression(real, layer_or_x(real, layer)).mean(axis=0)
+    shift = shift - expression(control, layer_or_x(control, layer)).mean(axis=0)
     order = np.argsort(-np.abs(shift), kind="stable")
     return list(real.var_names[order[:n_genes]])
 
@@ -45,7 +54,8 @@ def de_gene_violins(
     Parameters
     ----------
     predicted
-        Output of :meth:`~scdoloris.Doloris.predict_perturbation`.
+        Output of :meth:`~scdoloris.Doloris.predict_perturbation` (with ``include_sources=True`` too:
+        only the predicted cells, ``is_predicted`` ``True``, are drawn as predicted).
     real
         Real cells (only those of ``perturbation`` are used).
     control
@@ -55,11 +65,14 @@ def de_gene_violins(
     n_genes
         Number of DE genes when ``genes`` is ``None``.
     perturbation
-        Perturbation shown; may be omitted when ``predicted`` holds one.
+        Perturbation shown; may be omitted when ``predicted`` holds one (its source cells aside).
     perturbation_key
         ``obs`` column naming the perturbation in ``predicted`` and ``real``.
     layer
-        Layer of all AnnData objects to show; ``X`` by default.
+        Layer to show, e.g. ``"doloris_generated"`` (the paper's cells); ``X`` by default. It must be
+        in ``predicted``; ``real`` and ``control`` are read from it when they have it and from ``X``
+        otherwise (real cells have no predicted layers: compare them with the layer on the same
+        scale as ``X``), which the legend then says (``X``).
     show_zero_fraction
         Write the fraction of zeros above each violin.
     ax, show, save, return_fig
@@ -68,16 +81,23 @@ def de_gene_violins(
 
     Returns
     -------
-    The Figure with ``return_fig=True``; else the Axes when the plot is not shown; else ``None``.
+    matplotlib.figure.Figure or matplotlib.axes.Axes or None
+        The Figure with ``return_fig=True``; else the Axes when the plot is not shown; else ``None``.
 
     Examples
     --------
     >>> import scdoloris as sd  # doctest: +SKIP
-    >>> pred = model.predict_perturbation("KLF1+MAP2K6", n_cells=200)  # doctest: +SKIP
+    >>> pred = model.predict_perturbation("KLF1+MAP2K6", n_cells=100)  # doctest: +SKIP
     >>> sd.pl.de_gene_violins(pred, real, control=controls, n_genes=8, show=False)  # doctest: +SKIP
+    >>> sd.pl.de_gene_violins(pred, real, control=controls, layer="doloris_generated")  # doctest: +SKIP
     """
+    if layer is not None and layer not in predicted.layers:
+        raise KeyError(f"predicted has no layer {layer!r} (layers: {list(predicted.layers)}).")
     perturbation = pick_perturbation(predicted, perturbation, perturbation_key)
-    pred = predicted[(labels(predicted, perturbation_key, "predicted") == perturbation).to_numpy()]
+    chosen = labels(predicted, perturbation_key, "predicted") == perturbation
+    if "is_predicted" in predicted.obs:  # include_sources=True: the source cells are not predictions
+        chosen &= predicted.obs["is_predicted"].astype(bool)
+    pred = predicted[chosen.to_numpy()]
     true = real[(labels(real, perturbation_key, "real") == perturbation).to_numpy()]
     if true.n_obs == 0:
         raise ValueError(f"real has no cells of {perturbation!r} in obs[{perturbation_key!r}].")
@@ -97,7 +117,8 @@ def de_gene_violins(
     width = 0.8 / len(sources)
     fig, ax = new_axes(ax, (max(4.0, 1.1 * len(genes) + 1.5), 4))
     for s, (name, data) in enumerate(sources):
-        values = expression(data[:, genes], layer)
+        shown = layer if name == "predicted" else layer_or_x(data, layer)
+        values = expression(data[:, genes], shown)
         positions = side_by_side(len(genes), s, len(sources), width)
         # A violin needs spread: a constant gene (e.g. all zeros) is drawn as a flat line.
         jitter = np.where(values.std(axis=0) > 0, 0.0, 1e-6)
@@ -115,7 +136,8 @@ def de_gene_violins(
             body.set_alpha(0.7)
             body.set_label(None)
         parts["cmedians"].set_color("black")
-        parts["bodies"][0].set_label(f"{name} ({data.n_obs} cells)")
+        fallback = ", X" if shown != layer else ""  # a real AnnData without the layer
+        parts["bodies"][0].set_label(f"{name} ({data.n_obs} cells{fallback})")
         if show_zero_fraction:
             top = values.max(axis=0)
             for x, y, zero in zip(positions, top, (values == 0).mean(axis=0), strict=True):

@@ -85,8 +85,15 @@ def labels(adata: ad.AnnData, key: str, name: str) -> pd.Series:
 
 
 def pick_perturbation(predicted: ad.AnnData, perturbation: str | None, key: str) -> str:
-    """The one perturbation a plot is about: ``perturbation``, or the only one in ``predicted``."""
-    present = list(dict.fromkeys(labels(predicted, key, "predicted")))
+    """The one perturbation a plot is about: ``perturbation``, or the only one in ``predicted``.
+
+    Source cells (``is_predicted`` ``False``, from ``include_sources=True``) do not count: their
+    control label is not a prediction.
+    """
+    present = labels(predicted, key, "predicted")
+    if "is_predicted" in predicted.obs:
+        present = present[predicted.obs["is_predicted"].astype(bool).to_numpy()]
+    present = list(dict.fromkeys(present))
     if perturbation is None:
         if len(present) != 1:
             raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,8 +49,9 @@ def draw_controls(
 
     Every method draws the same cells for the same seed (Doloris and each baseline start from the
     same controls), so their predictions differ only by what they do to them. Cells are drawn
-    without replacement unless a cell type has fewer controls than ``n_cells``, and sorted within
-    each cell type.
+    without replacement, and sorted within each cell type. A cell type with fewer controls than
+    ``n_cells`` is drawn with replacement, with a UserWarning: its cells repeat, and so do the
+    predictions made from them.
 
     Parameters
     ----------
@@ -63,6 +66,12 @@ def draw_controls(
     rng
         The draw's random stream.
 
+    Warns
+    -----
+    UserWarning
+        When ``n_cells`` exceeds a cell type's controls: naming ``n_cells``, the cell type, its number
+        of controls and how many distinct cells the draw holds.
+
     Examples
     --------
     >>> import anndata as ad, numpy as np
@@ -75,10 +84,37 @@ def draw_controls(
     rows, types = [], []
     for name in cell_types:
         pool = control_rows[name]
-        rows.append(np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells)))
+        drawn = np.sort(rng.choice(pool, n_cells, replace=len(pool) < n_cells))
+        if len(pool) < n_cells:
+            # Repeated sources give repeated (or near-identical) predictions: islands of duplicates
+            # in a UMAP, and metrics that count one cell several times.
+            warnings.warn(
+                f"n_cells={n_cells} is more than the {len(pool)} control cells of cell type {name!r}, so the "
+                f"draw repeats cells ({len(np.unique(drawn))} distinct of {n_cells}). Pass n_cells={len(pool)} "
+                "or fewer for distinct source cells.",
+                UserWarning,
+                stacklevel=_caller_level(),
+            )
+        rows.append(drawn)
         types += [name] * n_cells
     rows = np.concatenate(rows)
     return Sources(rows, list(adata.obs_names[rows]), types, adata)
+
+
+# Modules whose frames a warning skips to reach the user's call.
+_INTERNAL = {"scdoloris", "torch", "contextlib"}
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first caller outside scdoloris (and torch's ``no_grad`` wrapper).
+
+    Called from the function that warns: the warning then names the user's line, however deep the
+    package's own calls (Doloris, a baseline, the benchmark) were.
+    """
+    frame, level = sys._getframe(2), 2  # the warning function's caller
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_source_cells(adata) -> None:
