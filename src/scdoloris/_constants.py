@@ -12,6 +12,8 @@ REGISTRY_KEYS = _RegistryKeys()
 
 # Mask samplers of predict_perturbation, the default first (module/_mask_sampling.py).
 MASK_STRATEGIES = ("matched", "reference", "bernoulli")
+# How preset="anchored" makes its cells (scdoloris.model._anchoring.anchored_cells); the first is the default.
+ANCHORED_CELLS = ("shifted", "generated", "sources")
 
 # Prediction presets of Doloris, the default first (model/_anchoring.py): "paper" is the published method.
 PRESETS = ("anchored", "paper")

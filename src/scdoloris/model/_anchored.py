@@ -80,10 +80,22 @@ class AnchoredMixin:
             self._anchor_cache = cached = (state, anchor)
         return cached[1]
 
-    def _anchored(self, request: Request, sources: Sources, source_x: np.ndarray, generated: np.ndarray, renamed: dict):
+    def _anchored(
+        self,
+        request: Request,
+        sources: Sources,
+        source_x: np.ndarray,
+        generated: np.ndarray,
+        renamed: dict,
+        cells: str,
+        rng: np.random.Generator,
+        probabilities: np.ndarray | None = None,
+        continuous: np.ndarray | None = None,
+    ):
         """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
 
-        ``renamed`` maps genes asked by another symbol to the model's name for them.
+        ``renamed`` maps genes asked by another symbol to the model's name for them; ``cells`` is how the
+        cells are made (:func:`~scdoloris.model._anchoring.anchored_cells`), with ``rng``.
         """
         anchor = self._anchor()
         gates = self.__dict__.get("calibration_", {}).get("gates", {})
@@ -100,5 +112,5 @@ class AnchoredMixin:
                 anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
-        cells, _ = anchored_cells(source_x, generated, group_of, anchors, weights)
-        return cells.astype(np.float32), pd.DataFrame(used)
+        out, _ = anchored_cells(source_x, generated, group_of, anchors, weights, cells, rng, probabilities, continuous)
+        return out.astype(np.float32), pd.DataFrame(used)

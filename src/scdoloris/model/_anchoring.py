@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .._constants import ANCHORED_CELLS
+
 # Share of the training steps run before the held-out perturbations are predicted for calibration.
 CALIBRATION_PHASE = 0.8
 # Share of the perturbation labels held out in that phase, and the fewest labels that make a fold.
@@ -32,9 +34,15 @@ CALIBRATION_CONDITION_FRACTION = 0.1
 MIN_CALIBRATION_CONDITIONS = 10
 # Conditions of one kind needed to fit its gate (fewer: the gate stays 0, the anchor alone).
 MIN_GATE_CONDITIONS = 2
+# Relative drop of the leave-one-condition-out error a validated gate must achieve to be kept.
+MIN_GATE_GAIN = 0.01
 # Cells per held-out condition: conditions with fewer real cells are not used, and the cells predicted.
 CALIBRATION_MIN_CELLS = 10
 CALIBRATION_CELLS = 50
+# "generated": the largest factor a gene's nonzero values are rescaled by (or its inverse); beyond it
+# the number of cells expressing the gene changes instead (a sparse gene's mean is mostly how many
+# cells express it).
+MAX_RESCALE = 2.0
 
 
 def dosed_label(label: str, dose_text: str) -> str:
@@ -85,6 +93,26 @@ def calibration_conditions(conditions: np.ndarray, seed: int) -> np.ndarray:
     return conditions[chosen]
 
 
+def gate_statistics(true_shifts: np.ndarray, anchors: np.ndarray, model_shifts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per held-out condition, what a gate's fit and error need: ``<s - a, r>``, ``||r||^2``, ``||s - a||^2``.
+
+    ``s`` the real shift, ``a`` the anchor, ``r = d - a`` the model's residual over the anchor. The
+    error of gate ``g`` on a condition is ``||s - a - g r||^2 = c - 2 g p + g^2 q`` (``p, q, c`` below),
+    so gates and their held-out errors are computed from these three numbers alone.
+
+    Returns
+    -------
+    ``{"product": p, "residual": q, "error_at_zero": c}``, one value per condition.
+    """
+    target = np.asarray(true_shifts, dtype=np.float64) - anchors
+    residual = np.asarray(model_shifts, dtype=np.float64) - anchors
+    return {
+        "product": (target * residual).sum(axis=1),
+        "residual": (residual**2).sum(axis=1),
+        "error_at_zero": (target**2).sum(axis=1),
+    }
+
+
 def fit_gates(
     true_shifts: np.ndarray, anchors: np.ndarray, model_shifts: np.ndarray, kinds: Sequence[str]
 ) -> tuple[dict[str, float], dict[str, int]]:
@@ -110,18 +138,38 @@ def fit_gates(
     >>> fit_gates(s, a, 2.0 * s, ["unseen", "unseen"])[0]  # twice the truth: take half of it
     {'unseen': 0.5}
     """
+    return gates_from_statistics(gate_statistics(true_shifts, anchors, model_shifts), kinds)
+
+
+def gates_from_statistics(
+    statistics: dict, kinds: Sequence[str], validate: bool = False
+) -> tuple[dict[str, float], dict[str, int]]:
+    """:func:`fit_gates` from :func:`gate_statistics`; with ``validate``, a gate must hold out to be kept.
+
+    With ``validate``, each condition of a kind is predicted with the gate fitted on the others of
+    that kind (leave one out); the gate is kept only when that lowers the summed error of gate 0
+    (the anchor alone) by more than ``MIN_GATE_GAIN``, as the Anchor keeps its own shrinkage.
+    """
     kinds = np.asarray(kinds, dtype=object)
+    product = np.asarray(statistics["product"], dtype=np.float64)
+    residual = np.asarray(statistics["residual"], dtype=np.float64)
+    at_zero = np.asarray(statistics["error_at_zero"], dtype=np.float64)
     gates, counts = {}, {}
     for kind in sorted(set(kinds)):
         rows = kinds == kind
-        residual = model_shifts[rows] - anchors[rows]
-        target = true_shifts[rows] - anchors[rows]
         counts[kind] = int(rows.sum())
-        denominator = float((residual**2).sum())
-        if counts[kind] < MIN_GATE_CONDITIONS or denominator == 0.0:
+        p, q, c = product[rows], residual[rows], at_zero[rows]
+        if counts[kind] < MIN_GATE_CONDITIONS or q.sum() == 0.0:
             gates[kind] = 0.0
-        else:
-            gates[kind] = float(np.clip((target * residual).sum() / denominator, 0.0, 1.0))
+            continue
+        gates[kind] = float(np.clip(p.sum() / q.sum(), 0.0, 1.0))
+        if validate:
+            rest_q = q.sum() - q
+            with np.errstate(divide="ignore", invalid="ignore"):
+                left_out = np.where(rest_q > 0, np.clip((p.sum() - p) / rest_q, 0.0, 1.0), 0.0)
+            error = float((c - 2 * left_out * p + left_out**2 * q).sum())
+            if not error < (1.0 - MIN_GATE_GAIN) * float(c.sum()):
+                gates[kind] = 0.0
     return gates, counts
 
 
@@ -131,8 +179,12 @@ def anchored_cells(
     source_groups: np.ndarray,
     anchors: Mapping[tuple[int, int], np.ndarray],
     gates: Mapping[tuple[int, int], float],
+    cells: str = ANCHORED_CELLS[0],
+    rng: np.random.Generator | None = None,
+    probabilities: np.ndarray | None = None,
+    continuous: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
-    """Source cells moved by ``anchor + g * (generated shift - anchor)``, per entry and group of sources.
+    """Cells whose mean moves by ``anchor + g * (generated shift - anchor)``, per entry and group of sources.
 
     Parameters
     ----------
@@ -144,12 +196,23 @@ def anchored_cells(
         ``(n_sources,)`` group (cell type) of each source; shifts are per entry and group.
     anchors, gates
         The anchor shift and the gate of each ``(entry, group)``.
+    cells
+        ``"shifted"``: each source cell moved by the shift (clipped at 0, as log1p expression is;
+        a gene's zeros become the shift). ``"generated"``: the generated cells, each gene's mean
+        moved to the sources' mean plus the shift without filling zeros: rescaled when that takes
+        a factor within ``MAX_RESCALE``, else by changing how many cells express it
+        (:func:`_matched_to_mean`). ``"sources"``: the same with the source cells in place of the
+        generated ones.
+    rng
+        The values drawn for cells switched on, and ``"sources"``' choice of cells (seed 0 when not given).
+    probabilities, continuous
+        ``"generated"``: the mask model's probabilities and the bridge's values before the mask, both
+        like ``generated``; cells are then switched on in order of probability, at their bridge value.
 
     Returns
     -------
     cells, shifts
-        ``(n_entries * n_sources, genes)`` anchored cells (clipped at 0, as log1p expression is), and
-        the shift applied to each ``(entry, group)``.
+        ``(n_entries * n_sources, genes)`` anchored cells and the shift aimed at for each ``(entry, group)``.
 
     Examples
     --------
@@ -166,15 +229,98 @@ def anchored_cells(
     >>> anchored_cells(sources, generated, groups, {(0, 0): np.array([1.0, 0.0])}, {(0, 0): 1.0})[0]
     array([[1.5, 0.5],
            [3.5, 2.5]])
+
+    ``"generated"`` moves each gene's mean without filling zeros: the second gene is rescaled (x2),
+    the first needs x3, so one more cell expresses it:
+
+    >>> generated = np.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> anchored_cells(sources, generated, groups, {(0, 0): np.array([1.0, 0.0])}, {(0, 0): 0.0}, "generated")[0]
+    array([[3., 0.],
+           [3., 2.]])
     """
+    if cells not in ANCHORED_CELLS:
+        raise ValueError(f"cells must be one of {ANCHORED_CELLS}, got {cells!r}.")
+    rng = np.random.default_rng(0) if rng is None else rng
     n_sources = len(sources)
-    cells = np.empty_like(generated)
+    out = np.empty_like(generated)
     shifts = {}
     for (entry, group), anchor in anchors.items():
         rows = np.flatnonzero(source_groups == group)
         block = generated[entry * n_sources + rows]
-        residual = block.mean(axis=0) - sources[rows].mean(axis=0) - anchor
+        source_mean = sources[rows].mean(axis=0)
+        residual = block.mean(axis=0) - source_mean - anchor
         shift = anchor + gates[(entry, group)] * residual
-        cells[entry * n_sources + rows] = np.clip(sources[rows] + shift, 0.0, None)
+        if cells == "shifted":
+            out[entry * n_sources + rows] = np.clip(sources[rows] + shift, 0.0, None)
+        else:
+            cells_in = block if cells == "generated" else sources[rows]
+            guide = {}
+            if cells == "generated" and probabilities is not None:
+                guide = {"order": probabilities[entry * n_sources + rows], "fill": continuous[entry * n_sources + rows]}
+            out[entry * n_sources + rows] = _matched_to_mean(cells_in, sources[rows], source_mean + shift, rng, **guide)
         shifts[(entry, group)] = shift
-    return cells, shifts
+    return out, shifts
+
+
+def _matched_to_mean(
+    block: np.ndarray,
+    sources: np.ndarray,
+    target: np.ndarray,
+    rng: np.random.Generator,
+    order: np.ndarray | None = None,
+    fill: np.ndarray | None = None,
+) -> np.ndarray:
+    """``block`` with each gene's mean moved to ``target`` (clipped at 0) without filling its zeros.
+
+    A gene whose generated mean is within a factor ``MAX_RESCALE`` of the target has its nonzero
+    values rescaled (its zeros, and its shape, kept). Otherwise the number of cells expressing it
+    changes: about ``n * target / mu`` cells are on, ``mu`` the mean of its nonzero values in
+    ``block`` (else in ``sources``, else each cell's smallest nonzero value, about one count in
+    that cell); cells are switched off, or on with values drawn from those nonzero values (or
+    their ``fill`` value where it is positive), and the result rescaled to the target. Which cells:
+    the highest ``order`` first to switch on and last to switch off, at random without it. A target
+    below half of one such cell's share leaves the gene silent.
+    """
+    target = np.clip(target, 0.0, None)
+    n = len(block)
+    mean = block.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(mean > 0, target / mean, np.inf)
+    rescaled = (factor <= MAX_RESCALE) & (factor >= 1.0 / MAX_RESCALE)
+    out = np.zeros_like(block)
+    out[:, rescaled] = block[:, rescaled] * factor[rescaled]
+    lowest = np.where(block > 0, block, np.inf).min(axis=1)
+    one_count = lowest[np.isfinite(lowest)]
+    for gene in np.flatnonzero(~rescaled & (target > 0)):
+        column = block[:, gene]
+        on = column > 0
+        pool = column[on]
+        if pool.size == 0:
+            start = sources[:, gene]
+            pool = start[start > 0] if (start > 0).any() else one_count
+            on = np.zeros(n, dtype=bool)
+        if pool.size == 0:  # nothing in the block is expressed at all
+            continue
+        wanted = int(min(n, round(n * target[gene] / pool.mean())))
+        if wanted == 0:
+            continue
+        cells = np.where(on, column, 0.0)
+        if wanted > on.sum():
+            off = np.flatnonzero(~on)
+            if order is None:
+                switched = rng.choice(off, wanted - on.sum(), replace=False)
+            else:  # the cells the mask model finds likeliest to express it
+                switched = off[np.argsort(-order[off, gene], kind="stable")[: wanted - on.sum()]]
+            values = rng.choice(pool, len(switched))
+            if fill is not None:  # the value the bridge gave that cell, where it gave one
+                values = np.where(fill[switched, gene] > 0, fill[switched, gene], values)
+            cells[switched] = values
+        elif wanted < on.sum():
+            on_rows = np.flatnonzero(on)
+            if order is None:
+                silenced = rng.choice(on_rows, on.sum() - wanted, replace=False)
+            else:
+                silenced = on_rows[np.argsort(order[on_rows, gene], kind="stable")[: on.sum() - wanted]]
+            cells[silenced] = 0.0
+        out[:, gene] = cells * (target[gene] / cells.mean())
+    return out

@@ -27,7 +27,8 @@ from ._anchoring import (
     CALIBRATION_PHASE,
     calibration_conditions,
     calibration_fold,
-    fit_gates,
+    gate_statistics,
+    gates_from_statistics,
 )
 from ._inputs import module_inputs
 
@@ -212,7 +213,7 @@ class CalibrationMixin:
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         doses = self._doses()
         labels = self._registered_labels()
-        true, anchors, model, kinds = [], [], [], []
+        true, anchors, model, kinds, names_seen, types_seen = [], [], [], [], [], []
         rng = np.random.default_rng(seed)
         conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
         conditions["dose"] = 0.0 if doses is None else doses
@@ -231,10 +232,16 @@ class CalibrationMixin:
             model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))
             anchors.append(anchor.predict_shift([name], cell_type=cell_type).to_numpy()[0])
             kinds.append(anchor.kind(name, cell_type))
+            names_seen.append(str(name))
+            types_seen.append(str(cell_type))
         if not kinds:
             return {"gates": {}, "n_conditions": {}, "held_out": fold}
-        gates, counts = fit_gates(np.array(true), np.array(anchors), np.array(model), kinds)
+        statistics = gate_statistics(np.array(true), np.array(anchors), np.array(model))
+        gates, counts = gates_from_statistics(statistics, kinds)
         logger.info("Calibrated on %d held-out conditions: gates %s", len(kinds), gates)
-        return {"gates": gates, "n_conditions": counts, "held_out": fold}
+        # Per condition, what any gate rule needs (its kind and three numbers), for the record.
+        record = {"name": names_seen, "cell_type": types_seen, "kind": list(kinds)}
+        record |= {key: [float(v) for v in values] for key, values in statistics.items()}
+        return {"gates": gates, "n_conditions": counts, "held_out": fold, "conditions": record}
 
     # ------------------------------------------------------------------ prediction

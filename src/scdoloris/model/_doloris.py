@@ -17,13 +17,14 @@ import scvi
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
+from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import track
 
-from .._constants import MASK_STRATEGIES, PRESETS, REGISTRY_KEYS
+from .._constants import ANCHORED_CELLS, MASK_STRATEGIES, PRESETS, REGISTRY_KEYS
 from .._validation import (
     check_count,
     check_doses,
@@ -520,6 +521,8 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
                 "which it can predict from but not train on. Build a new model to train on these labels."
             )
         self._check_train_args(max_epochs, max_steps, batch_size, train_size, validation_size)
+        # The AnnData may have been edited since the model was built (NaN would train to NaN weights).
+        check_expression(self.adata, self._setup_args.get("layer"))
         checkpoint, resume_from = (None, None)
         if checkpoint_dir is not None:
             checkpoint, resume_from = checkpointing(checkpoint_dir, checkpoint_every_n_steps)
@@ -556,6 +559,9 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         if checkpoint is not None:
             callbacks.append(checkpoint)
         total_steps = max_steps if max_steps > 0 else max_epochs * steps_per_epoch
+        # What a failed run restores (the calibration swaps the summary's statistics in and out).
+        start = {name: value.detach().clone() for name, value in self.module.state_dict().items()}
+        start_summary, was_trained = self._summary, self.is_trained_
         calibration = self._calibration(seed, total_steps, world_size)
         if calibration is not None:
             # The fold's perturbations count for nothing until the calibration step (see _Calibration).
@@ -593,11 +599,17 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
                 early_stopping=early_stopping,
                 **trainer_kwargs,
             )
+            failed = True
             try:
                 result = runner()
+                failed = False
             finally:
                 if calibration is not None:
                     calibration.end()
+                if failed:  # no half-updated weights: a same-seed retry starts where this run did
+                    self.module.load_state_dict(start)
+                    self._set_summary(start_summary)
+                    self.is_trained_ = was_trained
         if self.preset == "anchored":
             self.anchor_ = self._fit_anchor(np.ones(self.adata.n_obs, dtype=bool)).state()
             if calibration is not None and calibration.result is not None:
@@ -612,8 +624,12 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         scvi-tools keeps the codes it reads in ``adata.obs``; a second ``setup_anndata`` with another
         column (or relabelled cells) rewrites them, and the model would read perturbed cells as controls.
         """
-        latest = type(self)._get_most_recent_anndata_manager(self.adata)
-        if latest is None or latest is self.adata_manager:
+        # scvi-tools' class-wide store is keyed by the uuid in ``uns``, which a copy shares: after
+        # ``setup_anndata(adata.copy())`` the entry holds the copy's manager. Only a manager of this
+        # very object tells that it was set up again.
+        uuid = self.adata.uns.get(_SCVI_UUID_KEY)
+        latest = type(self)._setup_adata_manager_store.get(uuid) if uuid is not None else None
+        if latest is None or latest is self.adata_manager or latest.adata is not self.adata:
             return
         mine, theirs = self.adata_manager, latest
         changed = [
@@ -744,6 +760,7 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         mask_strategy: str = MASK_STRATEGIES[0],
         mask_thresholds: tuple[float, float] = (0.05, 0.95),
         mask_reference_conditions: int = 1,
+        anchored_cells: str = ANCHORED_CELLS[0],
         progress_bar: bool | None = None,
         include_sources: bool = False,
     ) -> AnnData | None:
@@ -760,7 +777,8 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
             Cell type(s) to predict in; ``None``: every training cell type (all have controls).
         n_cells
             Generated cells per perturbation and cell type, from that cell type's training controls
-            (drawn with ``seed``; with replacement only when there are fewer controls).
+            (drawn with ``seed``; with replacement, and a UserWarning, only when a cell type has
+            fewer controls).
         adata
             Control cells to use instead: one counterfactual per given cell and perturbation. Their
             cell type comes from the registered cell-type column when present, else ``cell_type``.
@@ -798,13 +816,24 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
             ``(low, high)`` probabilities that force a gene off / on.
         mask_reference_conditions
             Number of nearest training conditions forming the reference subset.
+        anchored_cells
+            ``preset="anchored"``: how its cells are made around the anchored mean. ``"shifted"``
+            (default): each source control cell moved by the anchored shift (a gene's zeros become
+            the shift). ``"generated"``: the generated cells of ``layers["doloris_generated"]``,
+            each gene moved to the anchored mean without filling zeros (rescaled, or expressed in
+            more or fewer cells: those the mask model finds likeliest, at the bridge's values).
+            ``"sources"``: the source cells moved the same way. See docs/method.md, "The anchored
+            prediction".
         progress_bar
             Show progress bars of the inversion and the generation; ``None``: only for long calls
             (more than 20,000 cell-steps, a few seconds on a CPU, i.e. cells x perturbations x ``n_steps``).
         include_sources
             Put the source control cells first in the result (their control label, ``is_predicted``
-            ``False``; ``X`` and ``obs`` only), so that one plot shows both:
-            ``sc.pl.umap(pred, color="perturbation")``. Not with ``inplace``.
+            ``False``), with a row in every layer and obsm: their own expression in the expression
+            layers (``doloris_continuous``, ``doloris_generated``), ``expression != 0`` in
+            ``doloris_mask``, their own latent in ``obsm["doloris_latent"]`` and NaN in
+            ``obsm["doloris_activation_prob"]`` (they were not predicted under any perturbation). One
+            plot then shows both: ``sc.pl.umap(pred, color="perturbation")``. Not with ``inplace``.
 
         Returns
         -------
@@ -816,7 +845,8 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         (see the ``preset`` parameter of :class:`Doloris`), ``layers["doloris_generated"]`` holds the
         paper's generated cells (``mask * continuous``, Eq. 17), and ``uns["doloris_anchoring"]`` says
         for each perturbation and cell type which estimate anchored it (``kind``) and the share of the
-        model's own shift taken (``gate``).
+        model's own shift taken (``gate``). With ``include_sources=True`` the source cells come first,
+        with a row in every layer and obsm (see ``include_sources``).
         """
         self._check_if_trained(warn=True)
         self._check_registration()
@@ -829,6 +859,8 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         check_flags(inplace=inplace, overwrite=overwrite, include_sources=include_sources)
         check_flags(progress_bar=progress_bar, allow_none=True)
         self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
+        if anchored_cells not in ANCHORED_CELLS:
+            raise ValueError(f"anchored_cells must be one of {ANCHORED_CELLS}, got {anchored_cells!r}.")
         rng = np.random.default_rng(_resolve_seed(seed))
         request = resolve_request(perturbations, self.control_values, dose=dose)
         inputs = self._perturbation_inputs(request, smiles)
@@ -855,7 +887,15 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         if anchored:
             arrays["generated"] = arrays["prediction"]
             arrays["prediction"], used = self._anchored(
-                request, sources, arrays["source"], arrays["generated"], inputs.renamed
+                request,
+                sources,
+                arrays["source"],
+                arrays["generated"],
+                inputs.renamed,
+                anchored_cells,
+                rng,
+                arrays["probs"],
+                arrays["continuous"],
             )
         if inplace:
             write_inplace(adata, request.names, keys, arrays, {"latent": latents})
@@ -953,7 +993,10 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         check_expression(adata, self._setup_args.get("layer"))
         sources = given_cells(adata, self._setup_args.get("cell_type_key"), cell_type, self.cell_types)
         if indices is not None:
-            rows = np.arange(adata.n_obs)[np.asarray(indices)]
+            selected = np.asarray(indices)
+            if selected.size == 0 and selected.dtype != bool:
+                selected = selected.astype(np.int64)  # [] reads as float, which numpy refuses as an index
+            rows = np.arange(adata.n_obs)[selected]
             sources = Sources(rows, [sources.names[i] for i in rows], [sources.cell_types[i] for i in rows], adata)
         module, device = self.module, self.device
         module.eval()
@@ -962,6 +1005,8 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
             module.encode_latent(x, codes, n_steps).cpu()
             for x, codes in _SourceBatches(self, sources, type_codes, batch_size, device)
         ]
+        if not latents:  # no cell selected: an empty (0, genes) array, as indexing gives
+            return np.zeros((0, self.adata.n_vars), dtype=np.float32)
         return torch.cat(latents).numpy().astype(np.float32)
 
     def _generate(self, request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar):
@@ -1076,7 +1121,9 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
             # scvi-tools' convention: the attributes to save are those whose names end in "_".
             attributes = {name: value for name, value in self._get_user_attributes() if name.endswith("_")}
             var_names = self.adata.var_names.astype(str)
-            write_model(os.path.join(new, f"{prefix}model.pt"), self.module.state_dict(), attributes, var_names)
+            write_model(
+                os.path.join(new, f"{prefix}model.pt"), self.module.state_dict(), attributes, var_names, target=dir_path
+            )
             if os.path.exists(dir_path):
                 old = os.path.join(staging, "previous")
                 os.replace(dir_path, old)

@@ -67,8 +67,10 @@ def predicted_anndata(
         the result has these columns too, so that it concatenates with the training data.
     source_x
         ``(sources, genes)`` expression of the source cells: when given, they come first in the
-        result, as ``control_label`` cells with ``is_predicted`` ``False`` (``X`` and ``obs`` only: the
-        layers and obsm of predicted cells have no counterpart for them and are left out).
+        result, as ``control_label`` cells with ``is_predicted`` ``False``, with rows in every layer
+        and obsm of the predicted cells: their own expression in expression layers, ``expression != 0``
+        in a ``*mask`` layer, their own row in a ``*latent`` obsm, NaN in any other obsm (a
+        per-perturbation quantity such as activation probabilities).
     control_label
         Perturbation label of the source cells.
 
@@ -105,13 +107,63 @@ def predicted_anndata(
     counter = pd.Series(name_column).groupby([name_column, type_column]).cumcount().to_numpy()
     obs.index = [f"{p}_{t}_{i}" for p, t, i in zip(name_column, type_column, counter, strict=True)]
     result = AnnData(X=X, obs=obs, var=var.copy())
-    if source_x is None:  # the sources have no counterpart of the predicted cells' layers and obsm
-        for key, value in cells.layers.items():
-            result.layers[key] = value
-        for key, value in cells.obsm.items():
-            result.obsm[key] = value
+    for slot, arrays in (("layers", cells.layers), ("obsm", cells.obsm)):
+        for key, value in arrays.items():
+            if source_x is not None:  # every layer and obsm has the sources' rows too, first
+                value = np.concatenate([source_rows(slot, key, value, source_x), np.asarray(value)])
+            getattr(result, slot)[key] = value
     result.uns.update(cells.uns)
     return result
+
+
+def source_rows(slot: str, key: str, predicted: np.ndarray, source_x: np.ndarray) -> np.ndarray:
+    """The rows of the source cells in ``slot[key]``, an array of the predicted cells.
+
+    A source cell is its own unperturbed outcome, so each array gets what it would hold for it:
+
+    - a layer named ``*mask`` (e.g. ``doloris_mask``): ``source_x != 0``, the genes the cell expresses;
+    - any other layer (expression on the input scale: ``doloris_continuous``, ``doloris_generated``):
+      the source cell's own expression;
+    - an obsm named ``*latent`` (one row per source, the same for every perturbation, e.g.
+      ``doloris_latent``): the source cell's own row;
+    - any other obsm (a per-perturbation quantity, e.g. ``doloris_activation_prob``): NaN, since a
+      source cell was not predicted under any perturbation.
+
+    Parameters
+    ----------
+    slot
+        ``"layers"`` or ``"obsm"``.
+    key
+        The array's key.
+    predicted
+        The array of the predicted cells, entries outermost, one block of ``len(source_x)`` rows each.
+    source_x
+        ``(sources, genes)`` expression of the source cells.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(sources, ...)`` rows, of the predicted array's dtype (floating, where NaN is needed).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scdoloris.prediction._output import source_rows
+    >>> x = np.array([[0.0, 2.0]], dtype=np.float32)
+    >>> source_rows("layers", "doloris_mask", np.ones((3, 2), np.float32), x)
+    array([[0., 1.]], dtype=float32)
+    >>> source_rows("obsm", "doloris_activation_prob", np.ones((3, 2), np.float32), x)
+    array([[nan, nan]], dtype=float32)
+    """
+    predicted = np.asarray(predicted)
+    n_sources = len(source_x)
+    if slot == "layers":
+        own = np.asarray(source_x) != 0 if key.endswith("mask") else np.asarray(source_x)
+        return own.astype(predicted.dtype)
+    if key.endswith("latent"):  # entries outermost: the first entry's block is every source once
+        return predicted[:n_sources].copy()
+    dtype = predicted.dtype if np.issubdtype(predicted.dtype, np.floating) else np.float32
+    return np.full((n_sources, *predicted.shape[1:]), np.nan, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -185,6 +237,8 @@ def check_keys_free(adata: AnnData, names: Sequence[str], keys: InplaceKeys, ove
         if key in getattr(adata, slot)
     ]
     taken += [f"{slot}[{key!r}]" for slot, key in keys.shared().values() if key in getattr(adata, slot)]
+    if f"{keys.key_added}_keys" in adata.uns:  # the index of what was written, a user's entry too
+        taken.append(f"uns[{keys.key_added + '_keys'!r}]")
     if taken:
         raise ValueError(f"adata already has {taken}; pass overwrite=True or another key_added.")
 
@@ -194,7 +248,8 @@ def write_inplace(
 ) -> None:
     """Write each entry's rows of ``per_entry`` arrays (entries outermost) and the ``shared`` arrays into ``adata``.
 
-    ``uns[f"{key_added}_keys"]`` then lists each entry and the layer of its first array.
+    ``uns[f"{key_added}_keys"]`` then lists each entry and the layer of its first array (with the
+    entries an earlier call listed there).
     """
     n = adata.n_obs
     for i, name in enumerate(names):
@@ -203,8 +258,9 @@ def write_inplace(
             getattr(adata, slot)[key] = per_entry[array][rows].astype(np.float32)
     for array, (slot, key) in keys.shared().items():
         getattr(adata, slot)[key] = np.asarray(shared[array]).astype(np.float32)
-    # Which layer holds which entry (the keys write '/' as '_').
-    adata.uns[f"{keys.key_added}_keys"] = {
-        "entry": [str(name) for name in names],
-        "layer": [keys.of_entry(name)[next(iter(keys.layers))][1] for name in names],
-    }
+    # Which layer holds which entry (the keys write '/' as '_'); entries of an earlier call stay listed.
+    index = {str(name): keys.of_entry(name)[next(iter(keys.layers))][1] for name in names}
+    earlier = adata.uns.get(f"{keys.key_added}_keys")
+    if isinstance(earlier, Mapping) and set(earlier) == {"entry", "layer"}:
+        index = dict(zip(map(str, earlier["entry"]), map(str, earlier["layer"]), strict=True)) | index
+    adata.uns[f"{keys.key_added}_keys"] = {"entry": list(index), "layer": list(index.values())}

@@ -1,0 +1,257 @@
+"""How the anchored default makes its cells: shifted controls vs the model's generated cells at the anchored mean.
+
+One trained default model per split and seed predicts in several ways (no second training):
+
+- ``doloris``: today's default, source control cells moved by the anchored shift;
+- ``doloris_generated_cells``: ``anchored_cells="generated"``, the generated cells rescaled per gene
+  to the anchored mean, zeros kept;
+- ``doloris_generated``: the generated cells themselves (``layers["doloris_generated"]``, the paper's
+  cells from the calibrated model),
+- ``doloris_sources_cells``: ``anchored_cells="sources"``, the source control cells moved to the
+  anchored mean the same way, zeros kept;
+- ``min5_generated_cells``: ``"generated"`` with the gates fitted on fewer than 5 calibration
+  conditions set to 0 (the gates ``gates_from_statistics(..., validate=True)`` would keep are
+  recorded beside them),
+
+beside the Anchor, mean shift and no change. It prints the mean over held-out conditions of the
+E-distance (all genes, DE20), EMD on DE20, the zero fraction of the predicted and real cells, the
+per-gene zero-fraction error, the spread ratio on DE20 and the DE calls, per split.
+
+Development seeds only (docs/evaluation.md): this script is where the design was chosen.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/anchored_cells.py --splits norman_doubles kang_CD4T --seeds 0 \
+        --out benchmarks/results/anchored_cells
+    python benchmarks/anchored_cells.py --summarize --out benchmarks/results/anchored_cells
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scdoloris import baselines
+from scdoloris.benchmark import BaselineMethod, DolorisMethod, run_benchmark
+from scdoloris.benchmark._datasets import load_dataset
+from scdoloris.benchmark._splits import SINGLE_CELL_TYPE
+from scdoloris.benchmark._suite import SUITE, RunSettings, make_split, source_fingerprint
+from scdoloris.data import to_dense
+from scdoloris.model._anchoring import gates_from_statistics
+
+COLUMNS = [
+    ("e_distance", "all"),
+    ("e_distance", "DE20"),
+    ("emd", "DE20"),
+    ("zero_fraction_error", "all"),
+    ("spread_ratio", "DE20"),
+    ("n_de_predicted", "all"),
+    ("n_de_real", "all"),
+    ("de_overlap", "all"),
+    ("rank_e_distance", "all"),
+    ("rank_mse", "all"),
+]
+
+
+class Recorded:
+    """A method whose predictions' zero fractions are recorded (and, optionally, whose X is a layer)."""
+
+    def __init__(self, method, name: str | None = None, layer: str | None = None):
+        self.method = method
+        self.name = name or method.name
+        self.layer = layer
+        self.zeros: list[float] = []
+
+    def fit(self, train, split, *, seed):
+        self.method.fit(train, split, seed=seed)
+        return self
+
+    def predict(self, perturbations, **kwargs):
+        predicted = self.method.predict(perturbations, **kwargs)
+        if self.layer is not None:
+            predicted = predicted.copy()
+            predicted.X = predicted.layers[self.layer]
+            predicted.uns.pop("doloris_anchoring", None)
+        n = kwargs["n_cells"]
+        x = to_dense(predicted.X)
+        self.zeros.extend(float((x[i * n : (i + 1) * n] == 0).mean()) for i in range(len(perturbations)))
+        return predicted
+
+
+class OtherGates:
+    """The parent's trained model predicting with other gates: those resting on ``min_conditions`` or more.
+
+    A gate fitted on 2-4 held-out conditions is mostly noise (Norman's unseen singles at seed 0:
+    ``unseen`` 1.00 on 3 conditions); this variant sets such gates to 0 (the anchor alone).
+    """
+
+    def __init__(self, parent: DolorisMethod, name: str, min_conditions: int = 5, **predict_kwargs):
+        self.parent, self.name, self.min_conditions = parent, name, min_conditions
+        self.predict_kwargs = predict_kwargs
+        self.gates: dict = {}
+
+    def fit(self, train, split, *, seed):
+        return self
+
+    def predict(self, perturbations, *, cell_type, n_cells, seed, dose=None, smiles=None):
+        model = self.parent.model
+        saved = model.calibration_
+        counts = saved["n_conditions"]
+        self.gates = {k: g if counts.get(k, 0) >= self.min_conditions else 0.0 for k, g in saved["gates"].items()}
+        model.calibration_ = {**saved, "gates": self.gates}
+        try:
+            kwargs = {**self.parent.predict_kwargs, **self.predict_kwargs}
+            return self.parent._predict(perturbations, cell_type, n_cells, seed, dose, smiles, kwargs)
+        finally:
+            model.calibration_ = saved
+
+
+def run(name: str, seed: int, settings: RunSettings) -> tuple[pd.DataFrame, dict]:
+    entry = SUITE[name]
+    data = load_dataset(entry.dataset)
+    split = make_split(entry, data)
+    current = split(seed) if callable(split) else split
+    doloris = DolorisMethod(
+        {"gene_graph": data.gene_graph},
+        {"max_steps": settings.max_steps, "batch_size": settings.batch_size},
+    )
+    methods = [
+        Recorded(doloris),
+        Recorded(doloris.variant("doloris_generated_cells", anchored_cells="generated")),
+        Recorded(doloris.variant("doloris_sources_cells", anchored_cells="sources")),
+        Recorded(OtherGates(doloris, "min5_generated_cells", anchored_cells="generated")),
+        Recorded(doloris.variant("doloris_generated_layer"), name="doloris_generated", layer="doloris_generated"),
+        Recorded(BaselineMethod("anchor", baselines.Anchor)),
+        Recorded(BaselineMethod("mean_shift", baselines.MeanShift)),
+        Recorded(BaselineMethod("no_change", baselines.NoChange)),
+    ]
+    start = time.perf_counter()
+    result = run_benchmark(data.adata, current, methods, seeds=[seed], n_cells=settings.n_cells, progress=False)
+    real = []
+    for record in current.test.to_dict("records"):
+        ct = None if record["cell_type"] == SINGLE_CELL_TYPE else record["cell_type"]
+        cells = current.cells(data.adata, record["perturbation"], ct, record.get("dose"))
+        real.append(float((to_dense(cells.X) == 0).mean()))
+    zeros = {m.name: float(np.mean(m.zeros)) for m in methods} | {"real": float(np.mean(real))}
+    scores = result.scores
+    rows = []
+    for method in scores["method"].unique():
+        row = {"split": name, "seed": seed, "method": method, "zeros": zeros.get(method)}
+        for metric, gene_set in COLUMNS:
+            chosen = scores[(scores.method == method) & (scores.metric == metric) & (scores.gene_set == gene_set)]
+            values = chosen["value"].to_numpy(dtype=float)
+            row[f"{metric}:{gene_set}"] = float(
+                np.nanmedian(values) if metric.startswith("n_de") else np.nanmean(values)
+            )
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["real_zeros"] = zeros["real"]
+    calibration = doloris.model.calibration_
+    record = calibration.get("conditions")
+    info = {
+        "seconds": time.perf_counter() - start,
+        "source": source_fingerprint(),
+        "gates": calibration["gates"],
+        "min5_gates": methods[3].method.gates,
+        "validated_gates": gates_from_statistics(record, record["kind"], validate=True)[0] if record else {},
+        "n_conditions": calibration["n_conditions"],
+        "conditions": calibration.get("conditions"),
+    }
+    return table, info
+
+
+SHORT = {
+    "doloris": "shifted (default)",
+    "doloris_generated_cells": "generated",
+    "doloris_sources_cells": "sources",
+    "min5_generated_cells": "generated, min-5 gates",
+    "doloris_generated": "generated layer",
+    "anchor": "anchor",
+    "mean_shift": "mean shift",
+    "no_change": "no change",
+}
+
+
+def summarize(out: Path) -> str:
+    """Markdown tables of every ``<split>_seed<s>.csv`` under ``out``: distances, then distributions."""
+    tables = sorted(out.glob("*_seed*.csv"))
+    if not tables:
+        raise SystemExit(f"No results under {out}.")
+    results = pd.concat([pd.read_csv(path) for path in tables])
+    sources = {json.loads(path.with_suffix(".json").read_text())["source"] for path in tables}
+    methods = [m for m in SHORT if m in set(results["method"])]
+    lines = [f"Source fingerprint(s): {', '.join(sorted(sources))}; {len(tables)} runs.", ""]
+    for title, metric, lower in [
+        ("E-distance, all genes", "e_distance:all", True),
+        ("E-distance, DE20", "e_distance:DE20", True),
+        ("EMD, DE20", "emd:DE20", True),
+    ]:
+        lines += [f"**{title}** (mean over the held-out conditions; bold: the strictly lowest)", ""]
+        lines += ["| split | seed | " + " | ".join(SHORT[m] for m in methods) + " |"]
+        lines += ["|---|---|" + "---:|" * len(methods)]
+        for (split, seed), rows in results.groupby(["split", "seed"], sort=False):
+            values = rows.set_index("method")[metric]
+            rounded = {m: round(float(values[m]), 3) for m in methods}
+            best = min(rounded.values()) if lower else max(rounded.values())
+            bold = [m for m in methods if rounded[m] == best]
+            cells = [f"**{rounded[m]:.3f}**" if len(bold) == 1 and m in bold else f"{rounded[m]:.3f}" for m in methods]
+            lines.append(f"| {split} | {seed} | " + " | ".join(cells) + " |")
+        lines.append("")
+    shown = ["doloris", "doloris_generated_cells", "doloris_sources_cells", "doloris_generated", "anchor"]
+    columns = [
+        ("zeros", "zero fraction"),
+        ("zero_fraction_error:all", "zero-fraction error"),
+        ("spread_ratio:DE20", "spread ratio, DE20"),
+        ("n_de_predicted:all", "DE genes found (median)"),
+        ("de_overlap:all", "DE overlap"),
+        ("rank_e_distance:all", "rank (E-distance)"),
+    ]
+    lines += ["**Distributions** (per method: " + ", ".join(SHORT[m] for m in shown) + ")", ""]
+    lines += ["| split | seed | real zeros | real DE genes | " + " | ".join(t for _, t in columns) + " |"]
+    lines += ["|---|---|---:|---:|" + "---|" * len(columns)]
+    for (split, seed), rows in results.groupby(["split", "seed"], sort=False):
+        rows = rows.set_index("method")
+        cells = []
+        for column, _ in columns:
+            values = [rows.loc[m, column] for m in shown if m in rows.index]
+            digits = 0 if column.startswith("n_de") else 3
+            cells.append(" / ".join("–" if pd.isna(v) else f"{v:.{digits}f}" for v in values))
+        real_de = rows["n_de_real:all"].iloc[0]
+        lines.append(
+            f"| {split} | {seed} | {rows['real_zeros'].iloc[0]:.3f} | {real_de:.0f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--splits", nargs="+")
+    parser.add_argument("--summarize", action="store_true", help="Print the tables of the results under --out.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--out", default="benchmarks/results/anchored_cells")
+    parser.add_argument("--max-steps", type=int, default=RunSettings.max_steps)
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.summarize:
+        print(summarize(out), end="")
+        return
+    if not args.splits:
+        parser.error("--splits is required (or --summarize).")
+    settings = RunSettings(max_steps=args.max_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.splits:
+        for seed in args.seeds:
+            table, info = run(name, seed, settings)
+            table.to_csv(out / f"{name}_seed{seed}.csv", index=False)
+            (out / f"{name}_seed{seed}.json").write_text(json.dumps(info, indent=1, default=str))
+            with pd.option_context("display.width", 250, "display.max_columns", 30):
+                print(table.round(3).to_string(index=False), flush=True)
+
+
+if __name__ == "__main__":
+    main()
