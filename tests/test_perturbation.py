@@ -325,3 +325,17 @@ def test_neighbourhood_reused_for_same_nodes_and_dropped_when_edges_change():
     flipped = graph.neighbourhood(torch.tensor([1, 2]), 2)
     assert flipped is not changed
     assert sorted(flipped.subset[flipped.sources].tolist()) == [0, 1, 2]
+
+
+def test_a_dosed_combination_keeps_the_dose_on_every_component():
+    """One spelling of (label, dose) for the model's anchor and the runner: "A@100+B@100", not "A+B@100"."""
+    from scdoloris.baselines._dose import split_dose
+    from scdoloris.benchmark._runner import _dosed
+    from scdoloris.perturbation import dosed_label, split_perturbation
+
+    for label in (dosed_label("A+B", 100.0), _dosed("A+B", 100.0)):
+        assert [split_dose(c) for c in split_perturbation(label)] == [("A", 100.0), ("B", 100.0)]
+    assert dosed_label("A+B", [10, 100]) == "A@10+B@100"
+    assert dosed_label("ctrl+A", 5, control_values=["ctrl"]) == "A@5"
+    with pytest.raises(ValueError, match="3 doses for the 2 components"):
+        dosed_label("A+B", [1, 2, 3])

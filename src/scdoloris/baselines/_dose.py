@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..perturbation import DOSE_SEPARATOR
+
 #: The estimates, in the order of a pattern's weights.
 FEATURES = ("dose", "lower_dose", "higher_dose", "cell_type", "population", "average")
 # The estimates made of the drug's own measurements (the others are averages over other drugs).
@@ -42,7 +44,7 @@ def split_dose(component: str) -> tuple[str, float | None]:
     >>> split_dose("drug@100"), split_dose("KLF1"), split_dose("a@b")
     (('drug', 100.0), ('KLF1', None), ('a@b', None))
     """
-    name, separator, text = component.rpartition("@")
+    name, separator, text = component.rpartition(DOSE_SEPARATOR)
     if not separator or not name:
         return component, None
     try:

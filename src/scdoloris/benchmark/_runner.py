@@ -15,6 +15,7 @@ from .. import baselines, metrics
 from .._validation import check_count, check_flags, check_seeds
 from ..data import to_dense
 from ..metrics._de import wilcoxon_adjusted_pvalues
+from ..perturbation import dosed_label
 from ._splits import SINGLE_CELL_TYPE, Split
 
 # The four metrics of the paper's tables; :data:`DEFAULT_METRICS` adds the floor columns, the centred
@@ -301,7 +302,8 @@ DOSED_LABEL = "_perturbation_at_dose"
 
 
 def _dosed(perturbation: str, dose: float) -> str:
-    return f"{perturbation}@{float(dose):g}"
+    """The label of ``perturbation`` at ``dose``, each component dosed (``"A@100+B@100"``), as the model's anchor."""
+    return dosed_label(perturbation, float(dose))
 
 
 def _dosed_labels(adata: ad.AnnData, split: Split) -> pd.Categorical:

@@ -13,9 +13,9 @@ from anndata import AnnData
 from .._constants import REGISTRY_KEYS
 from ..baselines import Anchor
 from ..data import expression_matrix, is_in_memory, read_rows
-from ..perturbation import split_perturbation
-from ..prediction import Request, Sources, dose_text
-from ._anchoring import anchored_cells, dosed_label
+from ..perturbation import dosed_label
+from ..prediction import Request, Sources
+from ._anchoring import anchored_cells
 
 
 class AnchoredMixin:
@@ -44,13 +44,9 @@ class AnchoredMixin:
         """``label`` with its dose on each component (``"A@100+B@100"``), as the anchor names conditions."""
         if self._setup_args.get("dose_key") is None or dose is None:
             return label
-        components = split_perturbation(label, self.control_values)
-        per_component = np.atleast_1d(np.asarray(dose, dtype=np.float64))
-        if not per_component.any():  # dose 0: unperturbed, as in training
+        if not np.atleast_1d(np.asarray(dose, dtype=np.float64)).any():  # dose 0: unperturbed, as in training
             return self.control_values[0]
-        if len(per_component) == 1:
-            per_component = np.repeat(per_component, len(components))
-        return "+".join(dosed_label(c, dose_text(d)) for c, d in zip(components, per_component, strict=True))
+        return dosed_label(label, dose, self.control_values)
 
     def _fit_anchor(self, keep: np.ndarray) -> Anchor:
         """The anchor fitted on the model's cells where ``keep`` (its training cells, or all but a fold)."""

@@ -45,11 +45,6 @@ CALIBRATION_CELLS = 50
 MAX_RESCALE = 2.0
 
 
-def dosed_label(label: str, dose_text: str) -> str:
-    """The anchor's name of a perturbation at a dose: ``"drug@100"`` (the label alone without a dose)."""
-    return label if not dose_text else f"{label}@{dose_text}"
-
-
 def calibration_fold(labels: Sequence[str], seed: int) -> list[str]:
     """Perturbation labels held out of the first training phase (seeded), or none when there are too few.
 

@@ -9,7 +9,8 @@ from ._aliases import align_prior, resolve_names, symbol_candidates
 from ._gene_graph import GeneGraph, coexpression_edges, freeze_prior, go_edges, resolve_gene_graph, thaw_prior
 from ._molecules import MoleculeFeatures, morgan_fingerprints
 from ._vocabulary import COMBINATION_SEPARATOR as COMBINATION_SEPARATOR  # used by sibling packages
-from ._vocabulary import PerturbationVocabulary, split_perturbation
+from ._vocabulary import DOSE_SEPARATOR as DOSE_SEPARATOR
+from ._vocabulary import PerturbationVocabulary, dosed_label, split_perturbation
 
 # Public names defined in scdoloris.module (torch), resolved lazily by __getattr__.
 _TORCH_NAMES = ("MoleculeEncoder", "PerturbationEncoder", "dose_scale")
@@ -25,6 +26,7 @@ __all__ = [
     "freeze_prior",
     "thaw_prior",
     "split_perturbation",
+    "dosed_label",
     "symbol_candidates",
     "align_prior",
     "resolve_names",

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 
 COMBINATION_SEPARATOR = "+"
+# Between a component and its dose in the dosed labels of the baselines and the anchor ("drug@100").
+DOSE_SEPARATOR = "@"
 
 
 def split_perturbation(label: str, control_values: Iterable[str] = ()) -> list[str]:
@@ -24,6 +26,40 @@ def split_perturbation(label: str, control_values: Iterable[str] = ()) -> list[s
     controls = set(control_values)
     parts = [part.strip() for part in str(label).split(COMBINATION_SEPARATOR)]
     return [part for part in parts if part and part not in controls]
+
+
+def dosed_label(label: str, dose, control_values: Iterable[str] = ()) -> str:
+    """``label`` with its dose on each component: ``"A@100+B@100"``; ``label`` itself without a dose.
+
+    The one spelling of a (perturbation, dose) condition as a label, for the baselines that take
+    labels and the anchor of :class:`~scdoloris.Doloris`: every component carries its dose, so a
+    combination read back by :func:`split_perturbation` keeps it on each component.
+
+    Parameters
+    ----------
+    label
+        Perturbation label (``"A"`` or ``"A+B"``).
+    dose
+        ``None``, one number for every component, or one number per component.
+    control_values
+        Control labels dropped as components (as :func:`split_perturbation` does).
+
+    Examples
+    --------
+    >>> dosed_label("A+B", 100.0)
+    'A@100+B@100'
+    >>> dosed_label("A+B", [100, 10]), dosed_label("A", None), dosed_label("A", 0.5)
+    ('A@100+B@10', 'A', 'A@0.5')
+    """
+    if dose is None:
+        return label
+    components = split_perturbation(label, control_values)
+    doses = np.atleast_1d(np.asarray(dose, dtype=np.float64))
+    if len(doses) == 1:
+        doses = np.repeat(doses, len(components))
+    if len(doses) != len(components):
+        raise ValueError(f"{len(doses)} doses for the {len(components)} components of {label!r}.")
+    return COMBINATION_SEPARATOR.join(f"{c}{DOSE_SEPARATOR}{d:g}" for c, d in zip(components, doses, strict=True))
 
 
 @dataclass
