@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import Callback
 
-from .._constants import MASK_STRATEGIES, REGISTRY_KEYS
+from .._constants import (
+    MASK_REFERENCE_CONDITIONS,
+    MASK_STRATEGIES,
+    MASK_THRESHOLDS,
+    PREDICTION_BATCH_SIZE,
+    PREDICTION_N_STEPS,
+    REGISTRY_KEYS,
+)
 from ..data import TrainingSummary, expression_matrix, read_rows
 from ..data._summary import summarize_without
 from ..perturbation import split_perturbation
@@ -225,8 +232,10 @@ class CalibrationMixin:
             request = resolve_request([label], self.control_values, dose=None if doses is None else float(dose))
             inputs = self._perturbation_inputs(request, None)
             sources = self._sources(None, cell_type, CALIBRATION_CELLS, rng)
-            sampling = (MASK_STRATEGIES[0], (0.05, 0.95), 1)
-            arrays, _ = self._generate(request, inputs, sources, 50, 1024, sampling, rng, False)
+            sampling = (MASK_STRATEGIES[0], MASK_THRESHOLDS, MASK_REFERENCE_CONDITIONS)
+            arrays, _ = self._generate(
+                request, inputs, sources, PREDICTION_N_STEPS, PREDICTION_BATCH_SIZE, sampling, rng, False
+            )
             control_mean = anchor.control_means_.loc[cell_type].to_numpy()
             true.append(read_rows(X, np.sort(np.asarray(rows))).mean(axis=0) - control_mean)
             model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))

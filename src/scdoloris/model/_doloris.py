@@ -24,7 +24,16 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import track
 
-from .._constants import ANCHORED_CELLS, MASK_STRATEGIES, PRESETS, REGISTRY_KEYS
+from .._constants import (
+    ANCHORED_CELLS,
+    MASK_REFERENCE_CONDITIONS,
+    MASK_STRATEGIES,
+    MASK_THRESHOLDS,
+    PREDICTION_BATCH_SIZE,
+    PREDICTION_N_STEPS,
+    PRESETS,
+    REGISTRY_KEYS,
+)
 from .._validation import (
     check_count,
     check_doses,
@@ -754,12 +763,12 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         overwrite: bool = False,
         dose=None,
         smiles: dict[str, str] | None = None,
-        n_steps: int = 50,
+        n_steps: int = PREDICTION_N_STEPS,
         seed: int | None = None,
-        batch_size: int = 1024,
+        batch_size: int = PREDICTION_BATCH_SIZE,
         mask_strategy: str = MASK_STRATEGIES[0],
-        mask_thresholds: tuple[float, float] = (0.05, 0.95),
-        mask_reference_conditions: int = 1,
+        mask_thresholds: tuple[float, float] = MASK_THRESHOLDS,
+        mask_reference_conditions: int = MASK_REFERENCE_CONDITIONS,
         anchored_cells: str = ANCHORED_CELLS[0],
         progress_bar: bool | None = None,
         include_sources: bool = False,
@@ -942,8 +951,8 @@ class Doloris(CalibrationMixin, AnchoredMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         *,
         cell_type: str | None = None,
-        n_steps: int = 50,
-        batch_size: int = 1024,
+        n_steps: int = PREDICTION_N_STEPS,
+        batch_size: int = PREDICTION_BATCH_SIZE,
     ) -> np.ndarray:
         """The shared Gaussian latent of cells: their DDIM inversion with the control model (paper Eq. 15).
 
