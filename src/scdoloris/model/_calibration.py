@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from .._constants import (
@@ -28,6 +29,7 @@ from ..data import TrainingSummary, expression_matrix, read_rows
 from ..data._summary import summarize_without
 from ..perturbation import split_perturbation
 from ..prediction import resolve_request
+from ..train import in_fold
 from ._anchoring import (
     CALIBRATION_CELLS,
     CALIBRATION_MIN_CELLS,
@@ -162,13 +164,15 @@ class CalibrationMixin:
 
     def _held_out_cells(self, codes: list[int], conditions: np.ndarray) -> np.ndarray:
         """Cells of the fold: those of its perturbation ``codes`` and of its ``conditions`` (code, cell type, dose)."""
-        cell_codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
-        held_out = np.isin(cell_codes, codes)
-        if len(conditions):
-            cells = np.stack([cell_codes, self._codes(REGISTRY_KEYS.CELL_TYPE_KEY), self._doses()], axis=1)
-            for condition in conditions:
-                held_out |= np.all(np.isclose(cells, condition, rtol=1e-5, atol=0.0), axis=1)
-        return held_out
+        doses = self._doses()
+        held_out = in_fold(
+            torch.as_tensor(self._codes(REGISTRY_KEYS.PERTURBATION_KEY)),
+            torch.as_tensor(self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)),
+            None if doses is None else torch.as_tensor(doses),
+            torch.as_tensor(list(codes), dtype=torch.long),
+            torch.as_tensor(np.asarray(conditions, dtype=np.float64).reshape(-1, 3)),
+        )
+        return held_out.numpy()
 
     @contextlib.contextmanager
     def _summary_swapped(self, summary: TrainingSummary):

@@ -6,5 +6,6 @@ from ._quiet import quiet_lightning as quiet_lightning  # used by scdoloris.mode
 from ._training_plan import DolorisTrainingPlan
 from ._training_plan import ResumableDataSplitter as ResumableDataSplitter  # used by scdoloris.model
 from ._training_plan import checkpointing as checkpointing  # used by scdoloris.model
+from ._training_plan import in_fold as in_fold  # used by scdoloris.model
 
 __all__ = ["DolorisTrainingPlan"]

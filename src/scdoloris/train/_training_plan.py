@@ -37,6 +37,40 @@ def fused_adamw_supported(parameters: list[torch.nn.Parameter]) -> bool:
     return bool(parameters) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
 
 
+def in_fold(
+    perturbation: torch.Tensor,
+    cell_type: torch.Tensor | None,
+    dose: torch.Tensor | None,
+    codes: torch.Tensor,
+    conditions: torch.Tensor,
+) -> torch.Tensor:
+    """Which cells belong to a calibration fold: its perturbation ``codes``, or its ``conditions``.
+
+    The one rule, used by the training plan on each batch (their loss weight) and by the model on
+    all its cells (what the fold-free summary leaves out). ``conditions`` rows are ``(perturbation
+    code, cell type code, dose)``; doses match to a relative 1e-5 (they are stored as float32 in one
+    place and float64 in another).
+
+    Examples
+    --------
+    >>> import torch
+    >>> p, t, d = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 0, 1]), torch.tensor([0.0, 10.0, 100.0, 100.0])
+    >>> in_fold(p, t, d, torch.tensor([1]), torch.tensor([[2.0, 1.0, 100.0]])).tolist()
+    [False, True, False, True]
+    """
+    perturbation = perturbation.reshape(-1)
+    held = torch.isin(perturbation, codes.to(perturbation.device))
+    if len(conditions):
+        conditions = conditions.to(device=perturbation.device, dtype=torch.float64)
+        same = (
+            (perturbation.reshape(-1, 1).to(torch.float64) == conditions[:, 0])
+            & (cell_type.reshape(-1, 1).to(torch.float64) == conditions[:, 1])
+            & torch.isclose(dose.reshape(-1, 1).to(torch.float64), conditions[:, 2], rtol=1e-5, atol=0.0)
+        )
+        held |= same.any(dim=1)
+    return held
+
+
 class DolorisTrainingPlan(pl.LightningModule):
     """Optimises the diffusion model and the mask model of Doloris together.
 
@@ -158,17 +192,9 @@ class DolorisTrainingPlan(pl.LightningModule):
         """0 for the cells of the calibration fold (perturbations and conditions), 1 for the others."""
         if not len(self.excluded_perturbations) and not len(self.excluded_conditions):
             return None
-        kept = ~torch.isin(perturbation, self.excluded_perturbations.to(perturbation.device))
-        if len(self.excluded_conditions):
-            excluded = self.excluded_conditions.to(perturbation.device)
-            cell_type = batch[REGISTRY_KEYS.CELL_TYPE_KEY].reshape(-1, 1).to(excluded.dtype)
-            dose = batch[REGISTRY_KEYS.DOSE_KEY].reshape(-1, 1).to(excluded.dtype)
-            same = (
-                (perturbation.reshape(-1, 1).to(excluded.dtype) == excluded[:, 0])
-                & (cell_type == excluded[:, 1])
-                & torch.isclose(dose, excluded[:, 2], rtol=1e-5, atol=0.0)
-            )
-            kept &= ~same.any(dim=1)
+        cell_type = batch.get(REGISTRY_KEYS.CELL_TYPE_KEY)
+        dose = batch.get(REGISTRY_KEYS.DOSE_KEY)
+        kept = ~in_fold(perturbation, cell_type, dose, self.excluded_perturbations, self.excluded_conditions)
         return kept.to(batch[REGISTRY_KEYS.X_KEY].dtype)
 
     def on_fit_start(self) -> None:
