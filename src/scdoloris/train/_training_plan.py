@@ -48,8 +48,8 @@ def in_fold(
 
     The one rule, used by the training plan on each batch (their loss weight) and by the model on
     all its cells (what the fold-free summary leaves out). ``conditions`` rows are ``(perturbation
-    code, cell type code, dose)``; doses match to a relative 1e-5 (they are stored as float32 in one
-    place and float64 in another).
+    code, cell type code, dose)``, compared in float32; doses match to a relative 1e-5 (they are
+    stored as float32 in one place and float64 in another).
 
     Examples
     --------
@@ -61,11 +61,13 @@ def in_fold(
     perturbation = perturbation.reshape(-1)
     held = torch.isin(perturbation, codes.to(perturbation.device))
     if len(conditions):
-        conditions = conditions.to(device=perturbation.device, dtype=torch.float64)
+        # float32 on the batch's device, every training step: MPS has no float64, and codes below 2^24
+        # are exact in float32 (doses match to a relative 1e-5 anyway).
+        conditions = conditions.to(device=perturbation.device, dtype=torch.float32)
         same = (
-            (perturbation.reshape(-1, 1).to(torch.float64) == conditions[:, 0])
-            & (cell_type.reshape(-1, 1).to(torch.float64) == conditions[:, 1])
-            & torch.isclose(dose.reshape(-1, 1).to(torch.float64), conditions[:, 2], rtol=1e-5, atol=0.0)
+            (perturbation.reshape(-1, 1).to(torch.float32) == conditions[:, 0])
+            & (cell_type.reshape(-1, 1).to(torch.float32) == conditions[:, 1])
+            & torch.isclose(dose.reshape(-1, 1).to(torch.float32), conditions[:, 2], rtol=1e-5, atol=0.0)
         )
         held |= same.any(dim=1)
     return held
