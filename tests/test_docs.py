@@ -59,6 +59,9 @@ def test_docs_build_without_warnings(tmp_path):
     # Returns sections written as prose render as prose: no literal double backticks left over.
     assert "``" not in page
     assert "AnnData of predicted cells" in page
+    # The model's verbs are documented on its page, whichever file of the model room defines them.
+    for verb in ("train", "predict_perturbation", "get_latent_representation", "save", "load"):
+        assert f'id="scdoloris.Doloris.{verb}"' in page, verb
 
 
 def _conf() -> dict:
