@@ -125,9 +125,14 @@ def test_generated_cells_keep_their_zeros_and_take_the_anchored_mean():
     _, shifted = anchored_cells(sources, generated, groups, anchors, gates, "shifted")
     for key in shifts:
         np.testing.assert_allclose(shifts[key], shifted[key])
-    # Seeded: the cells switched on or off are drawn from rng.
-    again, _ = anchored_cells(sources, generated, groups, anchors, gates, "generated", np.random.default_rng(0))
+    # Seeded: the cells switched on or off are drawn from each block's stream, the same again; and
+    # a block's cells do not depend on the other blocks' streams.
+    again, _ = anchored_cells(sources, generated, groups, anchors, gates, "generated")
     np.testing.assert_array_equal(cells, again)
+    streams = {(0, 0): np.random.default_rng(5), (1, 0): np.random.default_rng([1, 0])}
+    other, _ = anchored_cells(sources, generated, groups, anchors, gates, "generated", streams)
+    np.testing.assert_array_equal(other[n:], cells[n:])
+    assert (other[:n] != cells[:n]).any()
 
 
 def test_generated_cells_without_expression_take_one_count_or_stay_silent():

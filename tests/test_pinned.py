@@ -28,12 +28,12 @@ def paper_model(synthetic_two_types, held_out_gene):
 def test_doloris_prediction_is_pinned(paper_model, held_out_gene):
     pred = paper_model.predict_perturbation(["G000+G003", held_out_gene], n_cells=8, seed=7, n_steps=10)
     assert held_out_gene == "U001"
-    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 1666.3578806221485, rtol=1e-6)
+    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 1600.0094142854214, rtol=1e-6)
     np.testing.assert_allclose(
         pred.X[[0, 9], :6],
         [
-            [1.4511873722076416, 0.0, 0.0, 2.2596700191497803, 0.0, 0.0],
-            [1.974687099456787, 0.0, 3.254163980484009, 1.425446629524231, 2.136167526245117, 0.0],
+            [1.451187252998352, 1.6274405717849731, 0.0, 2.2596702575683594, 2.120872735977173, 1.2181626558303833],
+            [0.0, 0.0, 3.254164218902588, 1.425446629524231, 0.0, 0.0],
         ],
         rtol=1e-5,
         atol=1e-6,
@@ -50,7 +50,7 @@ def test_doloris_prediction_is_pinned(paper_model, held_out_gene):
         ],
         rtol=1e-5,
     )
-    assert abs(float(pred.layers["doloris_mask"].sum()) - 877.0) <= 2
+    assert abs(float(pred.layers["doloris_mask"].sum()) - 842.0) <= 2
     assert list(pred.obs_names[:2]) == ["G000+G003_ct0_0", "G000+G003_ct0_1"]
     assert list(pred.obs["control_cell"][:3]) == ["cell00027", "cell00067", "cell00071"]
 
@@ -86,17 +86,22 @@ def default_model(synthetic_two_types, held_out_gene):
 
 
 def test_default_prediction_and_gates_are_pinned(default_model, held_out_gene):
-    """What users get by default: X and the gates, computed at 3f72306 (after the leakage fix)."""
+    """What users get by default: X and the gates, computed at 3f72306 (after the leakage fix).
+
+    Re-pinned when each condition got its own random stream (issue 24, item 4): the calibration's
+    masks were drawn anew, and the ``unseen`` gate, 0.011 before, is now 0: every condition here is
+    the Anchor baseline's.
+    """
     calibration = default_model.calibration_
     assert calibration["held_out"] == ["G005", "G006"] and calibration["n_conditions"] == {"unseen": 4}
     assert set(calibration["gates"]) == {"unseen"}
-    assert calibration["gates"]["unseen"] == pytest.approx(0.011032465397634965, abs=2e-3)
+    assert calibration["gates"]["unseen"] == pytest.approx(0.0, abs=2e-3)
     perturbations = ["G000+G003", held_out_gene, "G001"]
     pred = default_model.predict_perturbation(perturbations, n_cells=8, seed=7, n_steps=10)
     anchoring = pred.uns["doloris_anchoring"]
     assert anchoring["kind"] == ["combination", "combination", "unseen", "unseen", "seen", "seen"]
     assert anchoring["gate"][:2] == [0.0, 0.0] and anchoring["gate"][4:] == [0.0, 0.0]
-    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 2420.2258261547468, rtol=1e-4)
+    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 2419.591883939138, rtol=1e-4)
     np.testing.assert_allclose(
         pred.X[[0, 9, 17], :6],
         [
@@ -109,7 +114,7 @@ def test_default_prediction_and_gates_are_pinned(default_model, held_out_gene):
                 0.23646950721740723,
                 2.287576198577881,
             ],
-            [1.9964488744735718, 1.7913939952850342, 1.4657574892044067, 1.7119320631027222, 0.0, 0.7455434203147888],
+            [1.999198317527771, 1.7913382053375244, 1.4635039567947388, 1.7020761966705322, 0.0, 0.7419577240943909],
         ],
         rtol=1e-4,
         atol=2e-4,
@@ -120,6 +125,4 @@ def test_default_prediction_and_gates_are_pinned(default_model, held_out_gene):
     )
     baseline = anchor.predict(perturbations, n_cells=8, seed=7)
     np.testing.assert_array_equal(baseline.obs["control_cell"].to_numpy(), pred.obs["control_cell"].to_numpy())
-    gate_zero = ~pred.obs["perturbation"].isin([held_out_gene]).to_numpy()
-    np.testing.assert_allclose(pred.X[gate_zero], baseline.X[gate_zero], atol=1e-5)
-    assert np.abs(pred.X[~gate_zero] - baseline.X[~gate_zero]).max() > 1e-3  # the unseen gene's gate is not 0
+    np.testing.assert_allclose(pred.X, baseline.X, atol=1e-5)

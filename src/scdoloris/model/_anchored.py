@@ -14,7 +14,7 @@ from .._constants import REGISTRY_KEYS
 from ..baselines import Anchor
 from ..data import expression_matrix, is_in_memory, read_rows
 from ..perturbation import dosed_label
-from ..prediction import Request, Sources
+from ..prediction import Request, Sources, condition_stream
 from ._anchoring import anchored_cells
 
 
@@ -84,21 +84,22 @@ class AnchoredMixin:
         generated: np.ndarray,
         renamed: dict,
         cells: str,
-        rng: np.random.Generator,
+        seed: int,
         probabilities: np.ndarray | None = None,
         continuous: np.ndarray | None = None,
     ):
         """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
 
         ``renamed`` maps genes asked by another symbol to the model's name for them; ``cells`` is how the
-        cells are made (:func:`~scdoloris.model._anchoring.anchored_cells`), with ``rng``.
+        cells are made (:func:`~scdoloris.model._anchoring.anchored_cells`), each ``(condition, cell type)``
+        block drawing from its own stream of ``seed`` (:func:`~scdoloris.prediction.condition_stream`).
         """
         anchor = self._anchor()
         gates = self.__dict__.get("calibration_", {}).get("gates", {})
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
         group_of = np.array([groups[t] for t in types])
-        anchors, weights, used = {}, {}, []
+        anchors, weights, streams, used = {}, {}, {}, []
         for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
             name = self._anchor_label("+".join(renamed.get(c, c) for c in components), dose)
             control = name in self.control_values  # at dose 0: no shift, the source cells themselves
@@ -107,6 +108,9 @@ class AnchoredMixin:
                 kind = "control" if control else anchor.kind(name, t)
                 anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
+                streams[(e, g)] = condition_stream(seed, request.conditions[e], str(t), "cells")
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
-        out, _ = anchored_cells(source_x, generated, group_of, anchors, weights, cells, rng, probabilities, continuous)
+        out, _ = anchored_cells(
+            source_x, generated, group_of, anchors, weights, cells, streams, probabilities, continuous
+        )
         return out.astype(np.float32), pd.DataFrame(used)

@@ -175,7 +175,7 @@ def anchored_cells(
     anchors: Mapping[tuple[int, int], np.ndarray],
     gates: Mapping[tuple[int, int], float],
     cells: str = ANCHORED_CELLS[0],
-    rng: np.random.Generator | None = None,
+    streams: Mapping[tuple[int, int], np.random.Generator] | None = None,
     probabilities: np.ndarray | None = None,
     continuous: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
@@ -198,8 +198,9 @@ def anchored_cells(
         a factor within ``MAX_RESCALE``, else by changing how many cells express it
         (:func:`_matched_to_mean`). ``"sources"``: the same with the source cells in place of the
         generated ones.
-    rng
-        The values drawn for cells switched on, and ``"sources"``' choice of cells (seed 0 when not given).
+    streams
+        The random generator of each ``(entry, group)``: the values drawn for cells switched on, and
+        ``"sources"``' choice of cells (without it, ``numpy.random.default_rng([entry, group])``).
     probabilities, continuous
         ``"generated"``: the mask model's probabilities and the bridge's values before the mask, both
         like ``generated``; cells are then switched on in order of probability, at their bridge value.
@@ -235,7 +236,6 @@ def anchored_cells(
     """
     if cells not in ANCHORED_CELLS:
         raise ValueError(f"cells must be one of {ANCHORED_CELLS}, got {cells!r}.")
-    rng = np.random.default_rng(0) if rng is None else rng
     n_sources = len(sources)
     out = np.empty_like(generated)
     shifts = {}
@@ -252,6 +252,7 @@ def anchored_cells(
             guide = {}
             if cells == "generated" and probabilities is not None:
                 guide = {"order": probabilities[entry * n_sources + rows], "fill": continuous[entry * n_sources + rows]}
+            rng = np.random.default_rng([entry, group]) if streams is None else streams[(entry, group)]
             out[entry * n_sources + rows] = _matched_to_mean(cells_in, sources[rows], source_mean + shift, rng, **guide)
         shifts[(entry, group)] = shift
     return out, shifts

@@ -238,7 +238,7 @@ class CalibrationMixin:
             sources = self._sources(None, cell_type, CALIBRATION_CELLS, rng)
             sampling = (MASK_STRATEGIES[0], MASK_THRESHOLDS, MASK_REFERENCE_CONDITIONS)
             arrays, _ = self._generate(
-                request, inputs, sources, PREDICTION_N_STEPS, PREDICTION_BATCH_SIZE, sampling, rng, False
+                request, inputs, sources, PREDICTION_N_STEPS, PREDICTION_BATCH_SIZE, sampling, seed, False
             )
             control_mean = anchor.control_means_.loc[cell_type].to_numpy()
             true.append(read_rows(X, np.sort(np.asarray(rows))).mean(axis=0) - control_mean)

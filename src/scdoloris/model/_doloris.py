@@ -60,6 +60,7 @@ from ..prediction import (
     Sources,
     check_keys_free,
     check_source_cells,
+    condition_stream,
     draw_controls,
     given_cells,
     predicted_anndata,
@@ -867,7 +868,7 @@ class Doloris(CalibrationMixin, AnchoredMixin, SaveLoadMixin, BaseModelClass):
         self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
         if anchored_cells not in ANCHORED_CELLS:
             raise ValueError(f"anchored_cells must be one of {ANCHORED_CELLS}, got {anchored_cells!r}.")
-        rng = np.random.default_rng(_resolve_seed(seed))
+        seed = _resolve_seed(seed)
         request = resolve_request(perturbations, self.control_values, dose=dose)
         inputs = self._perturbation_inputs(request, smiles)
         anchored = self.preset == "anchored"
@@ -883,13 +884,13 @@ class Doloris(CalibrationMixin, AnchoredMixin, SaveLoadMixin, BaseModelClass):
             10 if anchored else 8,
             hint=f"{lower}, or predict fewer perturbations per call.",
         )
-        sources = self._sources(adata, cell_type, n_cells, rng)
+        sources = self._sources(adata, cell_type, n_cells, np.random.default_rng(seed))
         keys = _inplace_keys(key_added, anchored)
         if inplace:
             check_keys_free(adata, request.names, keys, overwrite)
 
         sampling = (mask_strategy, mask_thresholds, mask_reference_conditions)
-        arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar)
+        arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, seed, progress_bar)
         if anchored:
             arrays["generated"] = arrays["prediction"]
             arrays["prediction"], used = self._anchored(
@@ -899,7 +900,7 @@ class Doloris(CalibrationMixin, AnchoredMixin, SaveLoadMixin, BaseModelClass):
                 arrays["generated"],
                 inputs.renamed,
                 anchored_cells,
-                rng,
+                seed,
                 arrays["probs"],
                 arrays["continuous"],
             )
@@ -1015,36 +1016,51 @@ class Doloris(CalibrationMixin, AnchoredMixin, SaveLoadMixin, BaseModelClass):
             return np.zeros((0, self.adata.n_vars), dtype=np.float32)
         return torch.cat(latents).numpy().astype(np.float32)
 
-    def _generate(self, request, inputs, sources, n_steps, batch_size, sampling, rng, progress_bar):
-        """The paper's generated cells for every entry and source (numpy, float32) and the sources' latents."""
+    def _generate(self, request, inputs, sources, n_steps, batch_size, sampling, seed, progress_bar):
+        """The paper's generated cells for every entry and source (numpy, float32) and the sources' latents.
+
+        The network runs in batches of ``batch_size`` pairs; the masks are drawn afterwards, per
+        ``(condition, cell type)`` block from its own stream (:func:`~scdoloris.prediction.condition_stream`),
+        so a condition's cells are the same whatever else is asked and however the pairs were batched.
+        """
         module, device = self.module, self.device
         module.eval()
         embedding, mask_embedding = module.embed(*inputs.to(device))  # GAT once per call
         type_codes = torch.as_tensor([self.cell_types.index(t) for t in sources.cell_types], device=device)
         batches = _SourceBatches(self, sources, type_codes, batch_size, device)
-        mask_strategy, (low, high), mask_reference_conditions = sampling
-        reference = self._mask_reference()
-
-        def sample_mask(probabilities, cell_type, groups):
-            return sample_activation_mask(
-                probabilities, cell_type, reference, rng, mask_strategy, high, low, mask_reference_conditions, groups
-            )
-
         show = len(sources) * len(request.perturbations) * n_steps > 20_000 if progress_bar is None else progress_bar
 
         def progress(iterable, description):
             return track(iterable, description=description, disable=not show, style="tqdm")
 
-        cells = module.generate(batches, embedding, mask_embedding, sample_mask, n_steps, batch_size, progress)
-        arrays = {
-            "prediction": cells.prediction,
-            "continuous": cells.continuous,
-            "mask": cells.mask,
-            "probs": cells.probabilities,
-            "source": cells.source,
-        }
-        arrays = {name: value.cpu().numpy().astype(np.float32) for name, value in arrays.items()}
-        return arrays, cells.latent.cpu().numpy().astype(np.float32)
+        cells = module.generate(batches, embedding, mask_embedding, n_steps, batch_size, progress)
+        continuous = cells.continuous.cpu().numpy().astype(np.float32)
+        probabilities = cells.probabilities.cpu().float()
+        mask = self._sample_masks(request, sources, probabilities, sampling, seed)
+        return {
+            "prediction": mask * continuous,
+            "continuous": continuous,
+            "mask": mask,
+            "probs": probabilities.numpy(),
+            "source": cells.source.cpu().numpy().astype(np.float32),
+        }, cells.latent.cpu().numpy().astype(np.float32)
+
+    def _sample_masks(self, request, sources, probabilities: torch.Tensor, sampling, seed: int) -> np.ndarray:
+        """0/1 masks (float32) drawn from ``probabilities``, one stream per ``(condition, cell type)`` block."""
+        mask_strategy, (low, high), mask_reference_conditions = sampling
+        reference = self._mask_reference()
+        types = np.asarray(sources.cell_types, dtype=object)
+        n_sources = len(types)
+        mask = np.empty(tuple(probabilities.shape), dtype=np.float32)
+        for entry, condition in enumerate(request.conditions):
+            for cell_type in dict.fromkeys(types):
+                rows = entry * n_sources + np.flatnonzero(types == cell_type)
+                codes = torch.full((len(rows),), self.cell_types.index(cell_type), dtype=torch.long)
+                stream = condition_stream(seed, condition, str(cell_type), "mask")
+                mask[rows] = sample_activation_mask(
+                    probabilities[rows], codes, reference, stream, mask_strategy, high, low, mask_reference_conditions
+                ).numpy()
+        return mask
 
     def _check_prediction_args(
         self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose

@@ -30,14 +30,14 @@ def _no_progress(iterable: Iterable, description: str) -> Iterable:
 class GeneratedCells:
     """Output of :meth:`DolorisModule.generate`, one row per ``(perturbation, source cell)``, perturbations outermost.
 
+    The mask is not drawn here: the caller draws it from ``probabilities`` (Eq. 17,
+    :func:`~scdoloris.module.sample_activation_mask`), one random stream per condition, so that the
+    cells of a condition do not depend on the batches they were computed in.
+
     Attributes
     ----------
-    prediction
-        The masked prediction ``M_hat * x_bridge`` (Eq. 17), log1p scale.
     continuous
         The bridge output before the mask, log1p scale, clipped at 0.
-    mask
-        The sampled 0/1 activation mask.
     probabilities
         The mask model's activation probabilities.
     latent
@@ -46,9 +46,7 @@ class GeneratedCells:
         ``(sources, genes)`` the source control cells, log1p scale.
     """
 
-    prediction: torch.Tensor
     continuous: torch.Tensor
-    mask: torch.Tensor
     probabilities: torch.Tensor
     latent: torch.Tensor
     source: torch.Tensor
@@ -423,16 +421,16 @@ class DolorisModule(nn.Module):
         sources: Iterable[tuple[torch.Tensor, torch.Tensor]],
         embedding: torch.Tensor,
         mask_embedding: torch.Tensor,
-        mask_sampler: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         n_steps: int = 50,
         batch_size: int = 1024,
         progress: Progress = _no_progress,
     ) -> GeneratedCells:
-        """Predicted cells of every source cell under every perturbation: inversion, bridge, mask.
+        """Predicted cells of every source cell under every perturbation: inversion, bridge, mask probabilities.
 
         Each source cell is inverted once (Eq. 15; its latent does not depend on the perturbation,
         paper A.4), then every ``(perturbation, source)`` pair is bridged under the target
-        conditioning (Eq. 16) and masked (Eq. 17), ``batch_size`` pairs per network call. Input and
+        conditioning (Eq. 16) and given its activation probabilities (Eq. 17's ``M_hat`` is drawn
+        from them by the caller), ``batch_size`` pairs per network call. Input and
         output are on the log1p scale: the division by ``x_max`` and the multiplication back both
         happen here.
 
@@ -442,10 +440,6 @@ class DolorisModule(nn.Module):
             Batches of ``(log1p control expression, cell-type codes)`` on this module's device.
         embedding, mask_embedding
             ``(perturbations, n_perturbation)`` embeddings from :meth:`embed`.
-        mask_sampler
-            ``mask_sampler(probabilities, cell_type, groups)`` returns the 0/1 mask of a batch;
-            ``groups`` numbers the ``(perturbation, cell type)`` of each row (see
-            :func:`~scdoloris.module.sample_activation_mask`).
         n_steps
             DDIM steps of the inversion and of the sampling.
         batch_size
@@ -460,20 +454,15 @@ class DolorisModule(nn.Module):
             latents.append(self.encode_latent(x, cell_type, n_steps))
         controls, cell_types, latents = torch.cat(controls), torch.cat(cell_types), torch.cat(latents)
 
-        n_sources, n_cell_types = controls.shape[0], self.control_mean.shape[0]
+        n_sources = controls.shape[0]
         n_jobs = n_sources * embedding.shape[0]
-        outputs: dict[str, list[torch.Tensor]] = {"continuous": [], "mask": [], "probabilities": []}
+        outputs: dict[str, list[torch.Tensor]] = {"continuous": [], "probabilities": []}
         for start in progress(range(0, n_jobs, batch_size), "Generating"):
             jobs = torch.arange(start, min(start + batch_size, n_jobs), device=controls.device)
             p_index, s_index = jobs // n_sources, jobs % n_sources
             x_c, cell_type = controls[s_index], cell_types[s_index]
             continuous = self.bridge(latents[s_index], x_c, cell_type, embedding[p_index], n_steps)
-            probabilities = self.activation_probabilities(x_c, cell_type, mask_embedding[p_index])
-            # One group per (perturbation, cell type).
-            mask = mask_sampler(probabilities, cell_type, p_index * n_cell_types + cell_type)
             outputs["continuous"].append(continuous.clamp(min=0.0) * self.x_max)
-            outputs["mask"].append(mask.to(continuous.dtype))
-            outputs["probabilities"].append(probabilities)
-        continuous, mask = torch.cat(outputs["continuous"]), torch.cat(outputs["mask"])
-        probabilities = torch.cat(outputs["probabilities"])
-        return GeneratedCells(mask * continuous, continuous, mask, probabilities, latents, controls)
+            outputs["probabilities"].append(self.activation_probabilities(x_c, cell_type, mask_embedding[p_index]))
+        continuous, probabilities = torch.cat(outputs["continuous"]), torch.cat(outputs["probabilities"])
+        return GeneratedCells(continuous, probabilities, latents, controls)

@@ -10,6 +10,7 @@ diffusion bridge for Doloris.
 from ._output import InplaceKeys, PredictedCells, check_keys_free, predicted_anndata, write_inplace
 from ._request import Request, dose_text, resolve_cell_types, resolve_request
 from ._sources import Sources, check_source_cells, draw_controls, given_cells
+from ._streams import condition_stream
 
 __all__ = [
     "InplaceKeys",
@@ -18,6 +19,7 @@ __all__ = [
     "Sources",
     "check_keys_free",
     "check_source_cells",
+    "condition_stream",
     "dose_text",
     "draw_controls",
     "given_cells",

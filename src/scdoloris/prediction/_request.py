@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._validation import label_list, perturbation_label_problem
-from ..perturbation import split_perturbation
+from ..perturbation import COMBINATION_SEPARATOR, DOSE_SEPARATOR, split_perturbation
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,30 @@ class Request:
         return [p if d is None else f"{p}_{dose_text(d)}" for p, d in zip(self.perturbations, self.doses, strict=True)]
 
     @property
+    def conditions(self) -> list[str]:
+        """Canonical spelling of each entry's condition: its dosed components, sorted.
+
+        ``"B+A"`` and ``"A+B"`` are one condition; the spelling keys the entry's random streams
+        (:func:`~scdoloris.prediction.condition_stream`).
+
+        Examples
+        --------
+        >>> from scdoloris.prediction import resolve_request
+        >>> resolve_request(["B+A", "A+B"], ["control"]).conditions
+        ['A+B', 'A+B']
+        >>> resolve_request(["B+A"], ["control"], dose=[[10, 100]]).conditions
+        ['A@100+B@10']
+        """
+        conditions = []
+        for components, dose in zip(self.components, self.doses, strict=True):
+            doses = [None] * len(components) if dose is None else np.broadcast_to(dose, len(components)).tolist()
+            parts = [
+                c if d is None else f"{c}{DOSE_SEPARATOR}{dose_text(d)}" for c, d in zip(components, doses, strict=True)
+            ]
+            conditions.append(COMBINATION_SEPARATOR.join(sorted(parts)))
+        return conditions
+
+    @property
     def has_doses(self) -> bool:
         """Whether any entry carries a dose."""
         return any(d is not None for d in self.doses)
@@ -49,7 +73,8 @@ def dose_text(dose) -> str:
 
 def _per_entry_doses(dose, perturbations: list[str]) -> list:
     """``dose`` as one entry per perturbation: ``None``, a number, or one number per component."""
-    if dose is None or np.ndim(dose) == 0:
+    # A list may be ragged (a combination's doses beside single numbers), which np.ndim refuses.
+    if dose is None or isinstance(dose, str) or not hasattr(dose, "__len__") or getattr(dose, "ndim", 1) == 0:
         doses = [dose] * len(perturbations)
     else:
         doses = list(dose)
