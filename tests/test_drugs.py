@@ -7,6 +7,7 @@ import torch
 from conftest import SMALL, TRAIN_KWARGS
 
 import scdoloris as sd
+from scdoloris.prediction import resolve_request
 
 DRUGS = {
     "entinostat": "Nc1ccccc1NC(=O)c1ccc(CNC(=O)OCc2cccnc2)cc1",
@@ -82,7 +83,8 @@ def test_predict_seen_unseen_molecule_and_dose(drug_model):
 
 
 def test_dose_changes_the_embedding_and_vanishes_at_zero(drug_model):
-    resolved = drug_model._resolve_perturbations(["entinostat", "entinostat", "entinostat"], dose=[0.0, 10.0, 5000.0])
+    request = resolve_request(["entinostat"] * 3, drug_model.control_values, dose=[0.0, 10.0, 5000.0])
+    resolved = drug_model._perturbation_inputs(request, None)
     embedding, _ = drug_model.module.embed(
         resolved.recipes, resolved.graph, resolved.molecules, resolved.molecule_doses, resolved.molecule_features
     )

@@ -235,9 +235,6 @@ class DolorisModule(nn.Module):
         old = getattr(owner, name)
         setattr(owner, name, value.to(device=old.device, dtype=old.dtype).clone())
 
-    def on_load(self, model, **kwargs):
-        """Hook called by scvi-tools' ``load``; nothing to restore beyond the state dict."""
-
     def _condition(self, cell_type, is_target, perturbation, control) -> DenoiserCondition:
         """The denoiser's condition of these rows, with each row's skip-parametrization prior.
 
