@@ -224,6 +224,24 @@ def test_predict_given_control_cells(train, doubles):
         additive.predict(doubles[:1], adata=controls[:, 1:].copy())
 
 
+def test_given_cells_follow_the_rules_of_doloris(train, doubles):
+    """One set of rules for cells a user gives: the fitted genes in their order, log1p values, counts."""
+    controls = train[train.obs["perturbation"] == "control"][:7].copy()
+    additive = Additive().fit(train)
+    reordered = controls[:, controls.var_names[::-1]].copy()
+    with pytest.raises(ValueError, match="the same genes in another order"):
+        additive.predict(doubles[:1], adata=reordered)
+    counts = controls.copy()
+    counts.X = np.round(np.expm1(_dense(counts.X)) * 50)
+    with pytest.raises(ValueError, match="raw counts|log1p"):
+        additive.predict(doubles[:1], adata=counts)
+    for bad in [2.5, 0, -1]:
+        with pytest.raises(ValueError, match="n_cells must be a positive integer"):
+            additive.predict(doubles[:1], n_cells=bad)
+    with pytest.raises(ValueError, match="seed"):
+        additive.predict(doubles[:1], n_cells=3, seed=-1)
+
+
 # ---------------------------------------------------------------------- linear
 def test_linear_reproduces_training_pseudobulk(linear, train, singles):
     control = real_mean(train, "control")

@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._validation import check_count
 from ..data import expression_matrix, is_in_memory, read_rows
 from ..perturbation import split_perturbation
 from ..prediction import (
@@ -245,21 +246,17 @@ class Baseline(ABC):
 
     def _source_cells(self, adata, cell_type, n_cells, seed) -> tuple[Sources, np.ndarray]:
         """The source cells (the same draw as :meth:`scdoloris.Doloris.predict_perturbation`) and their expression."""
+        check_count("seed", seed, minimum=0)
         if adata is None:
-            if int(n_cells) < 1:
-                raise ValueError(f"n_cells must be at least 1, got {n_cells}.")
+            check_count("n_cells", n_cells)
             types = resolve_cell_types(cell_type, self.cell_types_)
             sources = draw_controls(self.adata_, self.control_rows_, types, n_cells, np.random.default_rng(seed))
             return sources, read_rows(expression_matrix(self.adata_, self.layer_), sources.rows)
-        if not isinstance(adata, AnnData):
-            raise ValueError(f"adata must be an AnnData of control cells, got {type(adata).__name__}.")
-        missing = self.genes_.difference(adata.var_names)
-        if len(missing):
-            raise ValueError(f"adata lacks {len(missing)} of the training genes, e.g. {list(missing[:5])}.")
-        if self.layer_ is not None and self.layer_ not in adata.layers:
-            raise ValueError(f"adata has no layer {self.layer_!r}, which the baseline was fitted on.")
-        sources = given_cells(adata, self.cell_type_key_, cell_type, self.cell_types_)
-        return sources, read_rows(expression_matrix(adata[:, self.genes_], self.layer_), sources.rows)
+        # The rules of Doloris for cells a user gives: the fitted genes in their order, log1p values.
+        sources = given_cells(
+            adata, self.cell_type_key_, cell_type, self.cell_types_, genes=self.genes_, layer=self.layer_
+        )
+        return sources, read_rows(expression_matrix(adata, self.layer_), sources.rows)
 
     def predict(
         self,

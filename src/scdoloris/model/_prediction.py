@@ -98,11 +98,23 @@ class PredictionMixin:
     def _sources(self, adata: AnnData | None, cell_type, n_cells: int, rng: np.random.Generator) -> Sources:
         """The control cells to start from: ``adata``'s cells, or a seeded draw of training controls."""
         if adata is not None:  # genes, layer and values checked by _check_prediction_args
-            return given_cells(adata, self._setup_args.get("cell_type_key"), cell_type, self.cell_types)
+            return self._given_cells(adata, cell_type)
         type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
         is_control = self._cell_is_control()
         control_rows = {name: np.flatnonzero(is_control & (type_codes == i)) for i, name in enumerate(self.cell_types)}
         return draw_controls(self.adata, control_rows, resolve_cell_types(cell_type, self.cell_types), n_cells, rng)
+
+    def _given_cells(self, adata: AnnData, cell_type) -> Sources:
+        """``adata``'s cells as sources, by the rules for given cells (:func:`~scdoloris.prediction.given_cells`)."""
+        setup = self._setup_args
+        return given_cells(
+            adata,
+            setup.get("cell_type_key"),
+            cell_type,
+            self.cell_types,
+            genes=self.adata.var_names,
+            layer=setup.get("layer"),
+        )
 
     def _mask_reference(self) -> MaskReference:
         """The summary's reference cells, built once per summary.
@@ -364,12 +376,8 @@ class PredictionMixin:
         for name, value in {"n_steps": n_steps, "batch_size": batch_size}.items():
             check_count(name, value)
         if adata is None:
-            adata = self.adata
-        else:
-            check_source_cells(adata)
-            check_same_genes(adata, self.adata.var_names)
-        check_expression(adata, self._setup_args.get("layer"))
-        sources = given_cells(adata, self._setup_args.get("cell_type_key"), cell_type, self.cell_types)
+            adata = self.adata  # its values are checked again: it may have been edited since it was set up
+        sources = self._given_cells(adata, cell_type)
         if indices is not None:
             selected = np.asarray(indices)
             if selected.size == 0 and selected.dtype != bool:
@@ -456,8 +464,8 @@ class PredictionMixin:
             )
         if smiles is not None and not isinstance(smiles, dict):
             raise ValueError(f"smiles= must be a dict {{molecule name: SMILES}}, got {type(smiles).__name__}.")
-        if adata is not None:
+        if adata is not None:  # its values are checked with the draw of sources (given_cells)
             check_source_cells(adata)
             check_same_genes(adata, self.adata.var_names)
-        # The model's own AnnData too: it may have been edited since it was set up.
-        check_expression(self.adata if adata is None else adata, self._setup_args.get("layer"))
+        else:  # the model's own AnnData: it may have been edited since it was set up
+            check_expression(self.adata, self._setup_args.get("layer"))

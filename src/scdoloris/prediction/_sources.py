@@ -8,8 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
+from .._validation import check_expression, check_same_genes
 from ._request import resolve_cell_types
 
 
@@ -126,9 +128,19 @@ def check_source_cells(adata) -> None:
 
 
 def given_cells(
-    adata: AnnData, cell_type_key: str | None, cell_type: str | Sequence[str] | None, known: Sequence[str]
+    adata: AnnData,
+    cell_type_key: str | None,
+    cell_type: str | Sequence[str] | None,
+    known: Sequence[str],
+    *,
+    genes: pd.Index,
+    layer: str | None = None,
 ) -> Sources:
     """The user's control cells as sources; their cell types from ``cell_type_key`` or ``cell_type``.
+
+    The one set of rules for cells a user gives, for :class:`~scdoloris.Doloris` and every baseline:
+    an AnnData with cells, exactly the model's genes in its order (no silent subsetting: a prediction
+    from other genes would be misread), log1p expression in the fitted layer.
 
     Parameters
     ----------
@@ -140,14 +152,23 @@ def given_cells(
         The cell type of all cells, when ``adata`` has no such column.
     known
         The model's cell types.
+    genes
+        The model's genes.
+    layer
+        The layer the model was fitted on (``None``: ``X``).
 
     Raises
     ------
     ValueError
-        No cells; a cell type not in ``known``; no column and no ``cell_type`` with several known
-        cell types.
+        Not an AnnData or no cells; other genes or another gene order; expression that is not
+        log1p (:func:`~scdoloris.pp.check_expression`); a cell type not in ``known``; no column and
+        no ``cell_type`` with several known cell types.
+    KeyError
+        When ``adata`` lacks ``layer``.
     """
     check_source_cells(adata)
+    check_same_genes(adata, genes)
+    check_expression(adata, layer)
     if cell_type_key is not None and cell_type_key in adata.obs:
         types = adata.obs[cell_type_key].astype(str).to_numpy()
         resolve_cell_types(sorted(set(types)), known)
