@@ -381,6 +381,69 @@ def check_model_args(**sizes: int) -> None:
         check_count(name, value, minimum=2 if name == "n_timesteps" else 1)
 
 
+def check_init_args(*, preset: str, presets: Sequence[str], dropout: float, **sizes: int) -> None:
+    """``Doloris(...)``'s arguments: sizes (:func:`check_model_args`), a known preset, dropout in ``[0, 1)``."""
+    check_model_args(**sizes)
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {tuple(presets)}, got {preset!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+
+
+def check_train_args(*, max_epochs, max_steps, batch_size, train_size, validation_size) -> None:
+    """``train()``'s run arguments: refuse a run that would train on nothing (and must not mark the model trained)."""
+    for name, value in {"max_epochs": max_epochs, "max_steps": max_steps}.items():
+        if value is not None:
+            check_count(name, value)
+    check_count("batch_size", batch_size)
+    if isinstance(train_size, bool) or not isinstance(train_size, int | float) or not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must be a number in (0, 1], got {train_size!r}.")
+    if validation_size is not None and (
+        isinstance(validation_size, bool)
+        or not isinstance(validation_size, int | float)
+        or not 0.0 <= validation_size < 1.0
+    ):
+        raise ValueError(f"validation_size must be a number in [0, 1) or None, got {validation_size!r}.")
+    if validation_size is not None and train_size + validation_size > 1.0 + 1e-9:
+        raise ValueError(f"train_size + validation_size must be at most 1, got {train_size} + {validation_size}.")
+
+
+def check_prediction_args(
+    *,
+    n_cells,
+    n_steps,
+    batch_size,
+    mask_strategy: str,
+    mask_strategies: Sequence[str],
+    mask_thresholds,
+    cells_given: bool,
+    dose,
+    dosed_model: bool,
+    smiles,
+) -> None:
+    """``predict_perturbation``'s arguments, before any network call (``n_cells`` only when no cells are given)."""
+    counts = {"n_steps": n_steps, "batch_size": batch_size}
+    if not cells_given:
+        counts["n_cells"] = n_cells  # with cells given, they are the sources
+    for name, value in counts.items():
+        check_count(name, value)
+    if mask_strategy not in mask_strategies:
+        raise ValueError(f"mask_strategy must be one of {tuple(mask_strategies)}, got {mask_strategy!r}.")
+    thresholds = f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}."
+    if np.ndim(mask_thresholds) != 1 or len(mask_thresholds) != 2:
+        raise ValueError(thresholds)
+    low, high = mask_thresholds
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(thresholds)
+    if dose is not None and not dosed_model:
+        raise ValueError(
+            "dose= was given, but this model was trained without doses; set it up with "
+            "setup_anndata(..., dose_key=...) to predict doses."
+        )
+    if smiles is not None and not isinstance(smiles, dict):
+        raise ValueError(f"smiles= must be a dict {{molecule name: SMILES}}, got {type(smiles).__name__}.")
+
+
 # Seeds go to numpy's generators and to Lightning's seed_everything, which take 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
 

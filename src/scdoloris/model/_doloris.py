@@ -24,11 +24,11 @@ from .._constants import (
     REGISTRY_KEYS,
 )
 from .._validation import (
-    check_count,
     check_doses,
     check_expression,
-    check_model_args,
+    check_init_args,
     check_setup,
+    check_train_args,
     drop_unused_categories,
     label_list,
 )
@@ -61,6 +61,17 @@ logger = logging.getLogger(__name__)
 def _as_list(labels: str | Sequence[str]) -> list[str]:
     """Control labels as str (an integer-coded column's ``0`` is the label ``"0"``)."""
     return label_list(labels, "control_value", numbers=True)
+
+
+def _check_init_args(args: dict) -> None:
+    """``Doloris(...)``'s arguments as ``init_params_`` holds them (:func:`~scdoloris._validation.check_init_args`)."""
+    sizes = ("n_hidden", "n_blocks", "n_hidden_mask", "n_blocks_mask", "n_perturbation", "n_timesteps")
+    check_init_args(
+        preset=args["preset"],
+        presets=PRESETS,
+        dropout=args["dropout"],
+        **{name: args[name] for name in (*sizes, "mask_reference_cells")},
+    )
 
 
 class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, BaseModelClass):
@@ -139,7 +150,7 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
         if not isinstance(adata, AnnData) and hasattr(adata, "mod"):  # MuData: its modality set up by setup_mudata
             adata = registered_modality(adata, lambda mod: self._get_most_recent_anndata_manager(mod) is not None)
         init_params = self._get_init_params(locals())
-        self._check_init_args(init_params["non_kwargs"])
+        _check_init_args(init_params["non_kwargs"])
         super().__init__(adata)
         summary = self._summarize(gene_graph, mask_reference_cells, molecule_table)
         self._build_from_summary(summary, init_params)
@@ -161,20 +172,11 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
         if unknown:
             raise TypeError(f"{cls.__name__} has no argument(s) {unknown}.")
         params = {"kwargs": {}, "non_kwargs": {**defaults, **init_params}}
-        cls._check_init_args(params["non_kwargs"])
+        _check_init_args(params["non_kwargs"])
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, adata)
         model._build_from_summary(summary, params)
         return model
-
-    @staticmethod
-    def _check_init_args(args: dict) -> None:
-        sizes = ("n_hidden", "n_blocks", "n_hidden_mask", "n_blocks_mask", "n_perturbation", "n_timesteps")
-        check_model_args(**{name: args[name] for name in (*sizes, "mask_reference_cells")})
-        if args["preset"] not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, got {args['preset']!r}.")
-        if not 0.0 <= args["dropout"] < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {args['dropout']!r}.")
 
     def _build_from_summary(self, summary: TrainingSummary, init_params: dict) -> None:
         """Everything derived from the training summary: the module, ``summary_`` and the description."""
@@ -463,7 +465,13 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
                 f"This model's AnnData holds labels its training never saw ({new}): it was loaded onto a query set, "
                 "which it can predict from but not train on. Build a new model to train on these labels."
             )
-        self._check_train_args(max_epochs, max_steps, batch_size, train_size, validation_size)
+        check_train_args(
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            train_size=train_size,
+            validation_size=validation_size,
+        )
         # The AnnData may have been edited since the model was built (NaN would train to NaN weights).
         check_expression(self.adata, self._setup_args.get("layer"))
         checkpoint, resume_from = (None, None)
@@ -593,23 +601,6 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
                 f"Doloris.setup_anndata(adata, **{mine.registry['setup_args']!r}) again before using this model, "
                 "or set up a copy (adata.copy()) for the other use."
             )
-
-    def _check_train_args(self, max_epochs, max_steps, batch_size, train_size, validation_size) -> None:
-        """Refuse a run that would train on nothing (and so must not mark the model trained)."""
-        for name, value in {"max_epochs": max_epochs, "max_steps": max_steps}.items():
-            if value is not None:
-                check_count(name, value)
-        check_count("batch_size", batch_size)
-        if isinstance(train_size, bool) or not isinstance(train_size, int | float) or not 0.0 < train_size <= 1.0:
-            raise ValueError(f"train_size must be a number in (0, 1], got {train_size!r}.")
-        if validation_size is not None and (
-            isinstance(validation_size, bool)
-            or not isinstance(validation_size, int | float)
-            or not 0.0 <= validation_size < 1.0
-        ):
-            raise ValueError(f"validation_size must be a number in [0, 1) or None, got {validation_size!r}.")
-        if validation_size is not None and train_size + validation_size > 1.0 + 1e-9:
-            raise ValueError(f"train_size + validation_size must be at most 1, got {train_size} + {validation_size}.")
 
     # ------------------------------------------------------------------ anchoring (preset="anchored")
     @property

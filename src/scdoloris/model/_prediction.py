@@ -30,6 +30,7 @@ from .._validation import (
     check_expression,
     check_flags,
     check_output_size,
+    check_prediction_args,
     check_same_genes,
 )
 from ..data import expression_matrix, read_rows
@@ -97,7 +98,7 @@ class PredictionMixin:
 
     def _sources(self, adata: AnnData | None, cell_type, n_cells: int, rng: np.random.Generator) -> Sources:
         """The control cells to start from: ``adata``'s cells, or a seeded draw of training controls."""
-        if adata is not None:  # genes, layer and values checked by _check_prediction_args
+        if adata is not None:  # genes checked by predict_perturbation, values by given_cells
             return self._given_cells(adata, cell_type)
         type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
         is_control = self._cell_is_control()
@@ -248,7 +249,23 @@ class PredictionMixin:
             )
         check_flags(inplace=inplace, overwrite=overwrite, include_sources=include_sources)
         check_flags(progress_bar=progress_bar, allow_none=True)
-        self._check_prediction_args(adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose)
+        check_prediction_args(
+            n_cells=n_cells,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            mask_strategy=mask_strategy,
+            mask_strategies=MASK_STRATEGIES,
+            mask_thresholds=mask_thresholds,
+            cells_given=adata is not None,
+            dose=dose,
+            dosed_model=self._setup_args.get("dose_key") is not None,
+            smiles=smiles,
+        )
+        if adata is not None:  # its values are checked with the draw of sources (given_cells)
+            check_source_cells(adata)
+            check_same_genes(adata, self.adata.var_names)
+        else:  # the model's own AnnData: it may have been edited since it was set up
+            check_expression(self.adata, self._setup_args.get("layer"))
         if anchored_cells not in ANCHORED_CELLS:
             raise ValueError(f"anchored_cells must be one of {ANCHORED_CELLS}, got {anchored_cells!r}.")
         seed = resolve_seed(seed)
@@ -440,32 +457,3 @@ class PredictionMixin:
                     probabilities[rows], codes, reference, stream, mask_strategy, high, low, mask_reference_conditions
                 ).numpy()
         return mask
-
-    def _check_prediction_args(
-        self, adata, n_cells, n_steps, batch_size, mask_strategy, mask_thresholds, smiles, dose
-    ) -> None:
-        """Checks of ``predict_perturbation``'s arguments, before any network call."""
-        counts = {"n_steps": n_steps, "batch_size": batch_size}
-        if adata is None:
-            counts["n_cells"] = n_cells  # with adata, its cells are the sources
-        for name, value in counts.items():
-            check_count(name, value)
-        if mask_strategy not in MASK_STRATEGIES:
-            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}.")
-        if np.ndim(mask_thresholds) != 1 or len(mask_thresholds) != 2:
-            raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
-        low, high = mask_thresholds
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"mask_thresholds must be (low, high), 0 <= low <= high <= 1; got {mask_thresholds!r}.")
-        if dose is not None and self._setup_args.get("dose_key") is None:
-            raise ValueError(
-                "dose= was given, but this model was trained without doses; set it up with "
-                "setup_anndata(..., dose_key=...) to predict doses."
-            )
-        if smiles is not None and not isinstance(smiles, dict):
-            raise ValueError(f"smiles= must be a dict {{molecule name: SMILES}}, got {type(smiles).__name__}.")
-        if adata is not None:  # its values are checked with the draw of sources (given_cells)
-            check_source_cells(adata)
-            check_same_genes(adata, self.adata.var_names)
-        else:  # the model's own AnnData: it may have been edited since it was set up
-            check_expression(self.adata, self._setup_args.get("layer"))
