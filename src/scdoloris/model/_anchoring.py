@@ -39,6 +39,9 @@ MIN_GATE_GAIN = 0.01
 # Cells per held-out condition: conditions with fewer real cells are not used, and the cells predicted.
 CALIBRATION_MIN_CELLS = 10
 CALIBRATION_CELLS = 50
+# Held-out conditions generated per call (from the same sources): 64 x 50 cells is 3,200 pairs, about
+# 100 MB per array at 8,000 genes.
+CALIBRATION_CONDITIONS_PER_CALL = 64
 # "generated": the largest factor a gene's nonzero values are rescaled by (or its inverse); beyond it
 # the number of cells expressing the gene changes instead (a sparse gene's mean is mostly how many
 # cells express it).

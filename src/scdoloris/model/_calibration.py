@@ -32,6 +32,7 @@ from ..prediction import resolve_request
 from ..train import in_fold
 from ._anchoring import (
     CALIBRATION_CELLS,
+    CALIBRATION_CONDITIONS_PER_CALL,
     CALIBRATION_MIN_CELLS,
     CALIBRATION_PHASE,
     calibration_conditions,
@@ -211,6 +212,41 @@ class CalibrationMixin:
         labels, types = self._summary.perturbation_labels, self.cell_types
         return [[labels[int(p)], str(types[int(t)]), float(d)] for p, t, d in conditions]
 
+    def _calibration_shifts(self, held: pd.DataFrame, chosen: dict, seed: int) -> dict:
+        """The model's pseudobulk shift of each held-out ``(name, cell type)``, generated from control cells.
+
+        One draw of ``CALIBRATION_CELLS`` sources per cell type (seeded), shared by its conditions,
+        which are generated ``CALIBRATION_CONDITIONS_PER_CALL`` at a time: each source is inverted
+        once per call and the bridge runs in full batches, instead of one small call per condition.
+        """
+        rng = np.random.default_rng(seed)
+        sampling = (MASK_STRATEGIES[0], MASK_THRESHOLDS, MASK_REFERENCE_CONDITIONS)
+        dosed = self._doses() is not None
+        is_control, type_codes = self._cell_is_control(), self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
+        shifts = {}
+        for cell_type in sorted({t for _, t in chosen}):
+            names = [name for name, t in chosen if t == cell_type]
+            # At most the cell type's controls: a draw with replacement would only repeat cells (and warn).
+            n_controls = int((is_control & (type_codes == self.cell_types.index(cell_type))).sum())
+            sources = self._sources(None, cell_type, min(CALIBRATION_CELLS, n_controls), rng)
+            for start in range(0, len(names), CALIBRATION_CONDITIONS_PER_CALL):
+                part = names[start : start + CALIBRATION_CONDITIONS_PER_CALL]
+                first = [chosen[(name, cell_type)][0] for name in part]
+                labels = held.loc[first, "label"].tolist()
+                doses = [float(d) for d in held.loc[first, "dose"]] if dosed else None
+                request = resolve_request(labels, self.control_values, dose=doses)
+                assert len(request.perturbations) == len(part)  # one (label, dose) per name: one entry each
+                inputs = self._perturbation_inputs(request, None)
+                arrays, _ = self._generate(
+                    request, inputs, sources, PREDICTION_N_STEPS, PREDICTION_BATCH_SIZE, sampling, seed, False
+                )
+                n = len(sources)
+                source_mean = arrays["source"].mean(axis=0)
+                for entry, name in enumerate(part):
+                    generated = arrays["prediction"][entry * n : (entry + 1) * n]
+                    shifts[(name, cell_type)] = generated.mean(axis=0) - source_mean
+        return shifts
+
     def _calibrate(self, fold: list[str], held_out: np.ndarray, seed: int) -> dict:
         """Gates per kind of condition, from the fold's perturbations predicted by a model that never saw them.
 
@@ -224,29 +260,21 @@ class CalibrationMixin:
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         doses = self._doses()
         labels = self._registered_labels()
-        true, anchors, model, kinds, names_seen, types_seen = [], [], [], [], [], []
-        rng = np.random.default_rng(seed)
         conditions = pd.DataFrame({"name": names, "type": types, "label": labels})
         conditions["dose"] = 0.0 if doses is None else doses
         held = conditions[held_out & ~np.isin(names, self.control_values)]  # fold cells at dose 0 are controls
-        for (name, cell_type), rows in held.groupby(["name", "type"], sort=True).groups.items():
-            if len(rows) < CALIBRATION_MIN_CELLS:
-                continue
-            label, dose = held.loc[rows[0], "label"], held.loc[rows[0], "dose"]
-            request = resolve_request([label], self.control_values, dose=None if doses is None else float(dose))
-            inputs = self._perturbation_inputs(request, None)
-            sources = self._sources(None, cell_type, CALIBRATION_CELLS, rng)
-            sampling = (MASK_STRATEGIES[0], MASK_THRESHOLDS, MASK_REFERENCE_CONDITIONS)
-            arrays, _ = self._generate(
-                request, inputs, sources, PREDICTION_N_STEPS, PREDICTION_BATCH_SIZE, sampling, seed, False
-            )
+        chosen = {key: rows for key, rows in held.groupby(["name", "type"], sort=True).groups.items()}
+        chosen = {key: rows for key, rows in chosen.items() if len(rows) >= CALIBRATION_MIN_CELLS}
+        model_shifts = self._calibration_shifts(held, chosen, seed)
+        true, anchors, model, kinds = [], [], [], []
+        for (name, cell_type), rows in chosen.items():
             control_mean = anchor.control_means_.loc[cell_type].to_numpy()
             true.append(read_rows(X, np.sort(np.asarray(rows))).mean(axis=0) - control_mean)
-            model.append(arrays["prediction"].mean(axis=0) - arrays["source"].mean(axis=0))
+            model.append(model_shifts[(name, cell_type)])
             anchors.append(anchor.predict_shift([name], cell_type=cell_type).to_numpy()[0])
             kinds.append(anchor.kind(name, cell_type))
-            names_seen.append(str(name))
-            types_seen.append(str(cell_type))
+        names_seen = [str(name) for name, _ in chosen]
+        types_seen = [str(cell_type) for _, cell_type in chosen]
         if not kinds:
             return {"gates": {}, "n_conditions": {}, "held_out": fold}
         statistics = gate_statistics(np.array(true), np.array(anchors), np.array(model))
