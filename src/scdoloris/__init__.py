@@ -7,13 +7,9 @@ command line's ``--help`` do not wait for torch, scvi-tools and scanpy.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("scdoloris")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from ._version import __version__ as __version__
 
 # Public name -> module it lives in (relative to this package).
 _SUBMODULES = {

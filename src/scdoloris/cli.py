@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
 from ._constants import MASK_STRATEGIES
+from ._version import __version__
 
 DEMO_STEPS = 4000
 

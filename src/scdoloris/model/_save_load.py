@@ -17,6 +17,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._validation import check_same_genes
+from .._version import __version__
 from ..data import TrainingSummary
 from ._persistence import read_model, write_model
 
@@ -53,8 +54,6 @@ class SaveLoadMixin:
         **kwargs
             Passed to :meth:`anndata.AnnData.write` (with ``save_anndata``).
         """
-        from .. import __version__
-
         dir_path = os.path.abspath(os.fspath(dir_path))
         prefix = prefix or ""
         if os.path.exists(dir_path):
@@ -168,8 +167,6 @@ class SaveLoadMixin:
     @classmethod
     def _read_saved_model(cls, dir_path: str, prefix: str | None) -> tuple[dict, np.ndarray, dict]:
         """The attributes, genes and weights of a saved model, with clear errors for what cannot be loaded."""
-        from .. import __version__
-
         model_path = os.path.join(dir_path, f"{prefix or ''}model.pt")
         if not os.path.isfile(model_path):
             raise ValueError(
