@@ -265,3 +265,33 @@ def test_continued_training_keeps_the_gates(synthetic_two_types):
     model.calibration_ = {**first, "gates": {"unseen": 0.5}}  # a marker a recalibration would replace
     model.train(max_steps=20, seed=1, **TRAIN_KWARGS)
     assert model.calibration_["gates"] == {"unseen": 0.5}
+
+
+def _calibrated(synthetic_two_types, monkeypatch, **constants):
+    from scdoloris.model import _calibration
+
+    for name, value in constants.items():
+        monkeypatch.setattr(_calibration, name, value)
+    train = training_subset(synthetic_two_types)
+    model = sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], **SMALL)
+    model.train(max_steps=20, seed=0, **TRAIN_KWARGS)
+    return model.calibration_
+
+
+def test_calibration_conditions_do_not_depend_on_how_they_are_batched(synthetic_two_types, monkeypatch):
+    """The held-out conditions are generated together; one per call gives the same shifts (issue 26)."""
+    together = _calibrated(synthetic_two_types, monkeypatch)
+    one_by_one = _calibrated(synthetic_two_types, monkeypatch, CALIBRATION_CONDITIONS_PER_CALL=1)
+    assert together["conditions"]["name"] == one_by_one["conditions"]["name"]
+    assert len(together["conditions"]["name"]) >= 3
+    for key in ("product", "residual", "error_at_zero"):
+        np.testing.assert_allclose(together["conditions"][key], one_by_one["conditions"][key], rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_samples_at_most_its_cap_of_conditions(synthetic_two_types, monkeypatch):
+    full = _calibrated(synthetic_two_types, monkeypatch)
+    capped = _calibrated(synthetic_two_types, monkeypatch, CALIBRATION_MAX_CONDITIONS=2)
+    assert len(capped["conditions"]["name"]) == 2
+    pairs = set(zip(full["conditions"]["name"], full["conditions"]["cell_type"], strict=True))
+    assert set(zip(capped["conditions"]["name"], capped["conditions"]["cell_type"], strict=True)) < pairs
+    assert sum(capped["n_conditions"].values()) == 2

@@ -42,6 +42,10 @@ CALIBRATION_CELLS = 50
 # Held-out conditions generated per call (from the same sources): 64 x 50 cells is 3,200 pairs, about
 # 100 MB per array at 8,000 genes.
 CALIBRATION_CONDITIONS_PER_CALL = 64
+# Most held-out conditions generated for the gates (a seeded sample beyond it): a genome-scale screen
+# holds out thousands, and the gates, a handful of numbers, need far fewer; this keeps the
+# calibration's cost bounded in P.
+CALIBRATION_MAX_CONDITIONS = 256
 # "generated": the largest factor a gene's nonzero values are rescaled by (or its inverse); beyond it
 # the number of cells expressing the gene changes instead (a sparse gene's mean is mostly how many
 # cells express it).

@@ -33,6 +33,7 @@ from ..train import in_fold
 from ._anchoring import (
     CALIBRATION_CELLS,
     CALIBRATION_CONDITIONS_PER_CALL,
+    CALIBRATION_MAX_CONDITIONS,
     CALIBRATION_MIN_CELLS,
     CALIBRATION_PHASE,
     calibration_conditions,
@@ -265,6 +266,10 @@ class CalibrationMixin:
         held = conditions[held_out & ~np.isin(names, self.control_values)]  # fold cells at dose 0 are controls
         chosen = {key: rows for key, rows in held.groupby(["name", "type"], sort=True).groups.items()}
         chosen = {key: rows for key, rows in chosen.items() if len(rows) >= CALIBRATION_MIN_CELLS}
+        if len(chosen) > CALIBRATION_MAX_CONDITIONS:
+            keys = list(chosen)
+            keep = np.random.default_rng([seed, 1]).choice(len(keys), CALIBRATION_MAX_CONDITIONS, replace=False)
+            chosen = {keys[i]: chosen[keys[i]] for i in np.sort(keep)}
         model_shifts = self._calibration_shifts(held, chosen, seed)
         true, anchors, model, kinds = [], [], [], []
         for (name, cell_type), rows in chosen.items():
