@@ -1,7 +1,9 @@
-"""Shared fixtures: small synthetic data sets and small trained Doloris models.
+"""Shared fixtures: small synthetic data sets, small trained Doloris models, and the suite's settings.
 
 Trained models are session-scoped so that every test file reuses them; tests must not change them
-(predicting, saving and in-place writes into *copies* of their data are fine).
+(predicting, saving and in-place writes into *copies* of their data are fine). The settings and helpers
+are fixtures too (``small_model_kwargs``, ``train_kwargs``, ``training_subset``, ...); the module-level
+names they return stay importable for code that cannot take fixtures (a test's subprocess).
 """
 
 import os
@@ -25,7 +27,9 @@ torch.set_num_threads(1)
 scvi.settings.seed = 0
 
 SMALL = {"n_hidden": 64, "n_hidden_mask": 64, "n_perturbation": 32}
+TINY = {"n_hidden": 16, "n_hidden_mask": 16, "n_perturbation": 8, "n_blocks": 1, "n_blocks_mask": 1}
 TRAIN_KWARGS = {"enable_progress_bar": False}
+PREDICT_N_STEPS = 10  # DDIM steps in ``predict`` where the number does not matter
 
 
 def subset_cells(adata, keep):
@@ -82,3 +86,93 @@ def trained_model(synthetic_two_types, held_out_gene):
 def held_out_doubles(synthetic_two_types):
     obs = synthetic_two_types.obs
     return sorted(obs.loc[obs["condition_type"] == "double", "perturbation"].unique())
+
+
+# ------------------------------------------------------------------------------- settings and helpers
+@pytest.fixture(scope="session")
+def small_model_kwargs():
+    """Doloris arguments of a small model: quick to train, large enough to learn the synthetic data."""
+    return dict(SMALL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_kwargs():
+    """Doloris arguments of the smallest model: for checks that need a model, not a good one."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def train_kwargs():
+    """Keyword arguments every test's ``train`` call gets (no progress bar)."""
+    return dict(TRAIN_KWARGS)
+
+
+@pytest.fixture(name="training_subset", scope="session")
+def _training_subset():
+    """The function ``training_subset(adata, exclude=())``: controls and singles, registered."""
+    return training_subset
+
+
+@pytest.fixture(name="subset_cells", scope="session")
+def _subset_cells():
+    """The function ``subset_cells(adata, keep)``: a copy of some cells, without unused categories."""
+    return subset_cells
+
+
+@pytest.fixture(scope="session")
+def make_small_adata():
+    """A function making a small synthetic AnnData (10 genes, 2 perturbations, no doubles), not set up."""
+
+    def _small_adata(n_cell_types: int = 1):
+        return sd.datasets.synthetic_perturbations(
+            n_genes=10,
+            n_perturbed_genes=2,
+            n_cells_per_condition=5,
+            n_control_cells=10,
+            n_doubles=0,
+            n_cell_types=n_cell_types,
+            seed=0,
+        )
+
+    return _small_adata
+
+
+@pytest.fixture(scope="session")
+def setup_adata():
+    """``Doloris.setup_anndata`` with the synthetic data's keys; keyword arguments override them."""
+
+    def _setup(adata, **kwargs):
+        kwargs = {
+            "perturbation_key": "perturbation",
+            "control_value": "control",
+            "cell_type_key": "cell_type",
+            **kwargs,
+        }
+        sd.Doloris.setup_anndata(adata, **kwargs)
+
+    return _setup
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(make_small_adata, setup_adata, tiny_model_kwargs, train_kwargs):
+    """A function setting up ``adata`` (default: ``make_small_adata()``) and training a tiny Doloris 2 steps on it."""
+
+    def _tiny_model(adata=None, **setup):
+        adata = make_small_adata() if adata is None else adata
+        setup_adata(adata, **setup)
+        model = sd.Doloris(adata, gene_graph=None, **tiny_model_kwargs)
+        model.train(max_steps=2, seed=0, **train_kwargs)
+        return model
+
+    return _tiny_model
+
+
+@pytest.fixture(scope="session")
+def predict():
+    """A function ``predict(model, perturbations, **kwargs)``: 12 cells, 10 DDIM steps and seed 0 unless given."""
+
+    def _predict(model, perturbations, **kwargs):
+        kwargs = {"n_cells": 12, "n_steps": PREDICT_N_STEPS, "seed": 0, **kwargs}
+        return model.predict_perturbation(perturbations, **kwargs)
+
+    return _predict

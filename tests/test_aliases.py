@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
-from conftest import TRAIN_KWARGS
 
 import scdoloris as sd
 from scdoloris.perturbation import align_prior, go_edges, resolve_names, symbol_candidates
@@ -27,7 +26,7 @@ def test_symbol_candidates_and_alignment():
 
 
 @pytest.fixture(scope="module")
-def old_symbol_model():
+def old_symbol_model(train_kwargs):
     """A screen that perturbs MARCH1 (now MARCHF1) and measures GO neighbours of MARCHF1 and SEPTIN7."""
     go = go_edges()
     near = lambda g: sorted(set(go.loc[go["target"] == g, "source"]) | set(go.loc[go["source"] == g, "target"]))  # noqa: E731
@@ -40,7 +39,7 @@ def old_symbol_model():
     adata.var_names = genes
     sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
     model = sd.Doloris(adata, **TINY)  # gene_graph="auto" picks GO: MARCH1 is an old GO symbol
-    model.train(max_steps=3, seed=0, **TRAIN_KWARGS)
+    model.train(max_steps=3, seed=0, **train_kwargs)
     return model
 
 

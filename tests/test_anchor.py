@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
-from conftest import subset_cells as _subset
 
 import scdoloris as sd
 from scdoloris.baselines import Additive, Anchor, MeanShift, NoChange
@@ -52,11 +51,11 @@ def synthetic():
 
 
 @pytest.fixture(scope="module")
-def singles_fit(synthetic):
+def singles_fit(synthetic, subset_cells):
     """Anchor and Additive trained on controls and singles, minus two held-out singles."""
     held = ["G002", "G005"]
     keep = (synthetic.obs["condition_type"] != "double") & ~synthetic.obs["perturbation"].isin(held)
-    train = _subset(synthetic, keep)
+    train = subset_cells(synthetic, keep)
     return train, held, Anchor().fit(train), Additive().fit(train), MeanShift().fit(train)
 
 
@@ -271,7 +270,7 @@ def _plain(value):
     return value is None or isinstance(value, str | bool | int | float | np.ndarray)
 
 
-def test_state_round_trip_gives_identical_predictions():
+def test_state_round_trip_gives_identical_predictions(subset_cells):
     rng = np.random.default_rng(6)
     base, beta = rng.normal(size=(6, 30)), rng.normal(0.0, 0.5, 30)
 
@@ -279,7 +278,7 @@ def test_state_round_trip_gives_identical_predictions():
         return base[i] + beta * (controls[f"T{j}"] - np.mean([controls[f"T{k}"] for k in range(4)], axis=0))
 
     adata, _ = _cell_type_data(shift_of, n_keys=6, n_types=4, n_genes=30, seed=6)
-    adata = _subset(adata, ~((adata.obs["perturbation"] == "P5") & (adata.obs["cell_type"] == "T0")).to_numpy())
+    adata = subset_cells(adata, ~((adata.obs["perturbation"] == "P5") & (adata.obs["cell_type"] == "T0")).to_numpy())
     anchor = Anchor().fit(adata, cell_type_key="cell_type")
     assert anchor.transfer_ == "per_gene"
     state = anchor.state()
@@ -313,7 +312,7 @@ def test_fit_needs_perturbed_conditions():
 
 
 # ---------------------------------------------------------------------- honest held-out comparison
-def test_unseen_singles_error_is_no_worse_than_mean_shift_or_no_change():
+def test_unseen_singles_error_is_no_worse_than_mean_shift_or_no_change(subset_cells):
     """Held-out singles of synthetic data: mean squared shift error over all held-out conditions of
     six random splits (the same splits and truths for every baseline)."""
     errors = {"Anchor": [], "MeanShift": [], "NoChange": []}
@@ -321,7 +320,7 @@ def test_unseen_singles_error_is_no_worse_than_mean_shift_or_no_change():
         adata = sd.datasets.synthetic_perturbations(n_genes=60, n_perturbed_genes=24, n_doubles=0, seed=seed)
         singles = [p for p in adata.obs["perturbation"].cat.categories if p != "control"]
         held = list(np.random.default_rng(seed).choice(singles, size=len(singles) // 3, replace=False))
-        train = _subset(adata, ~adata.obs["perturbation"].isin(held))
+        train = subset_cells(adata, ~adata.obs["perturbation"].isin(held))
         truth = real_shifts(adata, held)
         for model in [Anchor, MeanShift, NoChange]:
             pred = model().fit(train).predict_shift(held).to_numpy()
@@ -330,13 +329,13 @@ def test_unseen_singles_error_is_no_worse_than_mean_shift_or_no_change():
     assert mean["Anchor"] <= mean["MeanShift"] and mean["Anchor"] <= mean["NoChange"], mean
 
 
-def test_new_cell_type_error_is_no_worse_than_mean_shift_or_no_change():
+def test_new_cell_type_error_is_no_worse_than_mean_shift_or_no_change(subset_cells):
     """Synthetic responses are shared by cell types: transferring them to a cell type seen only as
     controls beats both simple answers (gamma is calibrated on the two perturbed cell types)."""
     for seed in range(2):
         adata = sd.datasets.synthetic_perturbations(n_cell_types=3, n_doubles=2, seed=seed)
         is_new = (adata.obs["cell_type"] == "ct2") & (adata.obs["perturbation"] != "control")
-        train = _subset(adata, ~is_new.to_numpy())
+        train = subset_cells(adata, ~is_new.to_numpy())
         labels = [p for p in adata.obs["perturbation"].cat.categories if p != "control"]
         truth = real_shifts(adata, labels, "ct2")
         errors = {}

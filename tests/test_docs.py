@@ -42,6 +42,7 @@ def test_api_reference_lists_every_public_name(module):
     assert not missing, f"docs/api.md lacks {module} names {missing}"
 
 
+@pytest.mark.slow
 def test_docs_build_without_warnings(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_nb")

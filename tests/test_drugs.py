@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, TRAIN_KWARGS
 
 import scdoloris as sd
 from scdoloris.prediction import resolve_request
@@ -56,10 +55,10 @@ def _registered(drug_data):
 
 
 @pytest.fixture(scope="module")
-def drug_model(drug_data):
+def drug_model(drug_data, small_model_kwargs, train_kwargs):
     adata = _registered(drug_data)
-    model = sd.Doloris(adata, **SMALL)
-    model.train(max_steps=60, seed=0, **TRAIN_KWARGS)
+    model = sd.Doloris(adata, **small_model_kwargs)
+    model.train(max_steps=60, seed=0, **train_kwargs)
     return model
 
 
@@ -131,7 +130,7 @@ def test_drug_model_save_load(drug_model, tmp_path):
     np.testing.assert_array_equal(a.X, b.X)
 
 
-def test_precomputed_molecule_table(drug_data, tmp_path):
+def test_precomputed_molecule_table(drug_data, tmp_path, small_model_kwargs, train_kwargs):
     """Doloris(molecule_table=...) embeds molecules from a user table, indexed by name or by SMILES."""
     rng = np.random.default_rng(3)
     # Entinostat by name, the others by (non-canonical spellings of) their SMILES; mocetinostat only in the table.
@@ -139,13 +138,13 @@ def test_precomputed_molecule_table(drug_data, tmp_path):
     index = ["entinostat", dacinostat, busulfan, "mocetinostat"]
     table = pd.DataFrame(rng.normal(size=(4, 16)), index=index)
     adata = _registered(drug_data)
-    model = sd.Doloris(adata, molecule_table=table, **SMALL)
+    model = sd.Doloris(adata, molecule_table=table, **small_model_kwargs)
     features = model.summary_["molecules"]
     assert features["kind"] == "table" and sorted(features["names"]) == sorted(DRUGS)
     row = features["names"].index("busulfan")
     np.testing.assert_allclose(features["features"][row], table.iloc[2].to_numpy(), rtol=1e-6)
     assert model.module.molecule_encoder.features.shape[1] == 16
-    model.train(max_steps=5, seed=0, **TRAIN_KWARGS)
+    model.train(max_steps=5, seed=0, **train_kwargs)
     # A molecule found in the table needs no SMILES; one in neither gets an error naming it.
     pred = model.predict_perturbation(["mocetinostat"], dose=100.0, n_cells=4, n_steps=3, seed=0)
     assert pred.n_obs == 4 and np.isfinite(pred.X).all()
@@ -172,7 +171,7 @@ def test_doses_as_text_are_refused(drug_model):
         drug_model.predict_perturbation(["busulfan", "entinostat"], dose=[10.0, "1e3"], n_cells=2, n_steps=2)
 
 
-def test_calibration_holds_out_doses_of_trained_drugs(tmp_path):
+def test_calibration_holds_out_doses_of_trained_drugs(tmp_path, small_model_kwargs, train_kwargs):
     """With doses, the calibration fold also holds out (drug, cell type, dose) conditions whose drug
     trains at other doses: their gate ("related") is fitted, and before the calibration step their
     cells get no weight in the loss."""
@@ -185,8 +184,8 @@ def test_calibration_holds_out_doses_of_trained_drugs(tmp_path):
     sd.Doloris.setup_anndata(
         adata, perturbation_key="perturbation", cell_type_key="cell_type", dose_key="dose", smiles_key="smiles"
     )
-    model = sd.Doloris(adata, **SMALL)
-    model.train(max_steps=20, batch_size=64, seed=0, **TRAIN_KWARGS)
+    model = sd.Doloris(adata, **small_model_kwargs)
+    model.train(max_steps=20, batch_size=64, seed=0, **train_kwargs)
     calibration = model.calibration_
     fold, conditions = calibration["held_out"], calibration["held_out_conditions"]
     n_outside = (8 - len(fold)) * 2 * 4  # drugs outside the fold x cell types x doses

@@ -3,7 +3,6 @@ import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMALL, TRAIN_KWARGS
 from scipy import sparse
 
 import scdoloris as sd
@@ -73,7 +72,7 @@ def screen():
     return adata, rna, guides
 
 
-def test_setup_mudata_from_guides_train_predict_save_load(screen, tmp_path, capsys):
+def test_setup_mudata_from_guides_train_predict_save_load(screen, tmp_path, capsys, small_model_kwargs, train_kwargs):
     adata, rna, guides = screen
     mdata = md.MuData({"rna": rna.copy(), "crispr": guides.copy()})
     expression_before = mdata.mod["rna"].X.copy()
@@ -90,12 +89,12 @@ def test_setup_mudata_from_guides_train_predict_save_load(screen, tmp_path, caps
     assert list(mdata.obs["perturbation"].astype(str)) == list(derived)
     np.testing.assert_array_equal(mdata.mod["rna"].X, expression_before)
 
-    model = sd.Doloris(mdata, gene_graph=adata.uns["synthetic"]["edges"], **SMALL)
+    model = sd.Doloris(mdata, gene_graph=adata.uns["synthetic"]["edges"], **small_model_kwargs)
     assert model.adata is mdata.mod["rna"]
     capsys.readouterr()
     print(model)  # scvi-tools' repr prints the summary with rich
     assert "Doloris model: 30 genes" in capsys.readouterr().out
-    model.train(max_steps=5, seed=0, **TRAIN_KWARGS)
+    model.train(max_steps=5, seed=0, **train_kwargs)
     assert "train_loss" in model.history
     model.view_anndata_setup()  # needs rich.pretty, which scvi-tools does not import itself
 
@@ -116,13 +115,13 @@ def test_setup_mudata_from_guides_train_predict_save_load(screen, tmp_path, caps
     np.testing.assert_allclose(again.X, pred.X, atol=1e-5)
 
 
-def test_setup_mudata_labels_from_global_obs(screen):
+def test_setup_mudata_labels_from_global_obs(screen, small_model_kwargs):
     adata, rna, guides = screen
     mdata = md.MuData({"rna": rna.copy(), "crispr": guides.copy()})
     mdata.obs["condition"] = adata.obs["perturbation"].astype(str).reindex(mdata.obs_names).to_numpy()
     sd.Doloris.setup_mudata(mdata, perturbation_key="condition", control_value="control")
     assert list(mdata.mod["rna"].obs["condition"]) == list(adata.obs["perturbation"].astype(str))
-    model = sd.Doloris(mdata, gene_graph=None, **SMALL)
+    model = sd.Doloris(mdata, gene_graph=None, **small_model_kwargs)
     assert model.adata is mdata.mod["rna"]
 
 

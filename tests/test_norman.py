@@ -6,7 +6,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMALL, TRAIN_KWARGS
 from scipy import sparse
 
 import scdoloris as sd
@@ -23,13 +22,13 @@ def norman():
 
 
 @pytest.fixture(scope="module")
-def norman_model(norman):
+def norman_model(norman, small_model_kwargs, train_kwargs):
     singles = ~norman.obs["perturbation"].astype(str).str.contains("+", regex=False)
     train = norman[singles.to_numpy()].copy()
     train.obs["perturbation"] = train.obs["perturbation"].cat.remove_unused_categories()
     sd.Doloris.setup_anndata(train, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type")
-    model = sd.Doloris(train, **SMALL)  # gene_graph="auto"
-    model.train(max_steps=100, seed=0, **TRAIN_KWARGS)
+    model = sd.Doloris(train, **small_model_kwargs)  # gene_graph="auto"
+    model.train(max_steps=100, seed=0, **train_kwargs)
     return model
 
 
@@ -41,7 +40,7 @@ def test_norman_subset_shape(norman):
     sd.pp.check_expression(norman)
 
 
-def test_auto_graph_is_go(norman_model):
+def test_auto_graph_is_go(norman_model, small_model_kwargs):
     summary = norman_model.summary_
     graph = summary["graph"]
     trained_genes = {p for p in summary["perturbation_labels"] if p != "control"}
@@ -57,7 +56,7 @@ def test_auto_graph_is_go(norman_model):
     # CBL and CNN1 are neither measured nor trained: they join the graph at prediction.
     assert "CBL" not in nodes and "CNN1" not in nodes and "CNN1" not in summary["categories"]
     # Same graph as asking for GO explicitly.
-    explicit = sd.Doloris(norman_model.adata, gene_graph="go", **SMALL).summary_["graph"]
+    explicit = sd.Doloris(norman_model.adata, gene_graph="go", **small_model_kwargs).summary_["graph"]
     assert explicit["nodes"] == nodes
     np.testing.assert_array_equal(explicit["edges"], graph["edges"])
     assert graph["edges"].shape[1] > 500
@@ -176,7 +175,7 @@ def kang_like():
     return adata
 
 
-def test_kang_like_learned_category(kang_like):
+def test_kang_like_learned_category(kang_like, train_kwargs):
     adata = kang_like.copy()
     sd.Doloris.setup_anndata(adata, perturbation_key="condition", control_value="control", cell_type_key="cell_type")
     model = sd.Doloris(adata)
@@ -184,7 +183,7 @@ def test_kang_like_learned_category(kang_like):
     graph = model.summary_["graph"]
     assert graph["nodes"] == list(adata.var_names)  # no perturbed-gene nodes
     assert np.asarray(graph["edges"]).shape[1] == 0
-    model.train(max_steps=15, seed=0, **TRAIN_KWARGS)
+    model.train(max_steps=15, seed=0, **train_kwargs)
     pred = model.predict_perturbation("stimulated", n_cells=10, n_steps=10, seed=0)
     assert pred.shape == (20, 30)
     assert sorted(pred.obs["cell_type"].astype(str).unique()) == ["B", "CD14 Mono"]
@@ -197,7 +196,7 @@ def test_kang_like_learned_category(kang_like):
         model.predict_perturbation("interferon", n_steps=10)
 
 
-def test_design_section_1_user_code(tmp_path):
+def test_design_section_1_user_code(tmp_path, small_model_kwargs, train_kwargs):
     """The user's code of DESIGN section 1, as written, on the full bundled subset (4 cell types), few steps."""
     import scanpy as sc
 
@@ -211,8 +210,8 @@ def test_design_section_1_user_code(tmp_path):
         smiles_key=None,
         layer=None,
     )
-    model = sd.Doloris(adata, gene_graph="go", **SMALL)
-    model.train(max_steps=20, **TRAIN_KWARGS)
+    model = sd.Doloris(adata, gene_graph="go", **small_model_kwargs)
+    model.train(max_steps=20, **train_kwargs)
     pred = model.predict_perturbation(["KLF1+MAP2K6", "CBL+CNN1"], cell_type="k562", n_cells=200, n_steps=5)
     assert pred.shape == (400, 500) and set(pred.obs["cell_type"]) == {"k562"}
     sc.pp.pca(pred)

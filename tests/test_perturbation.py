@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
 from scdoloris.module import GraphTensors
@@ -218,9 +217,9 @@ def test_encoder_on_extended_graph(encoder):
 
 # ---------------------------------------------------------------------------------------- in the module
 @pytest.fixture(scope="module")
-def fresh_model(synthetic_two_types):
+def fresh_model(synthetic_two_types, small_model_kwargs, training_subset):
     train = training_subset(synthetic_two_types)
-    return sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], **SMALL)
+    return sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], **small_model_kwargs)
 
 
 def test_each_gat_runs_once_per_loss(fresh_model):
@@ -244,11 +243,11 @@ def test_each_gat_runs_once_per_loss(fresh_model):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in e.gat_layers.parameters())
 
 
-def test_gat_runs_once_per_training_step(fresh_model):
+def test_gat_runs_once_per_training_step(fresh_model, train_kwargs):
     """Through Lightning: with no validation set, each optimizer step runs each encoder's GAT once."""
     module = fresh_model.module
     before = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
-    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, seed=0, **TRAIN_KWARGS)
+    fresh_model.train(max_steps=4, batch_size=32, train_size=1.0, seed=0, **train_kwargs)
     after = (module.encoder.n_graph_evaluations, module.mask_encoder.n_graph_evaluations)
     assert after == (before[0] + 4, before[1] + 4)
 

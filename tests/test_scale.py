@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, TRAIN_KWARGS, training_subset
 from scipy import sparse
 
 import scdoloris as sd
@@ -108,13 +107,13 @@ def test_summary_rejects_negative_values_on_disk(synthetic_two_types, tmp_path):
 
 
 @pytest.mark.parametrize("storage", ["dense", "sparse"])
-def test_backed_training_and_prediction(synthetic_two_types, tmp_path, storage):
+def test_backed_training_and_prediction(synthetic_two_types, tmp_path, storage, small_model_kwargs, train_kwargs):
     backed = _write(synthetic_two_types, tmp_path / "cells.h5ad", storage)
     sd.Doloris.setup_anndata(
         backed, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
     )
-    model = sd.Doloris(backed, gene_graph=None, **SMALL)
-    model.train(max_steps=5, batch_size=32, seed=0, **TRAIN_KWARGS)
+    model = sd.Doloris(backed, gene_graph=None, **small_model_kwargs)
+    model.train(max_steps=5, batch_size=32, seed=0, **train_kwargs)
     # Rows repeated and out of order: h5py alone refuses these.
     rows = np.array([5, 3, 3, 0, backed.n_obs - 1, 5])
     np.testing.assert_array_equal(
@@ -135,18 +134,20 @@ def test_backed_training_and_prediction(synthetic_two_types, tmp_path, storage):
 
 
 # ---------------------------------------------------------------- mixed precision
-def test_bf16_mixed_training_matches_fp32(synthetic_two_types):
+def test_bf16_mixed_training_matches_fp32(synthetic_two_types, small_model_kwargs, train_kwargs, training_subset):
     """``train(precision="bf16-mixed")`` reaches Lightning: the products run in bf16, the weights stay fp32,
     and the losses follow the fp32 run's (CPU autocast; the CUDA path is the same Lightning plugin)."""
     runs = {}
     for precision in ("32-true", "bf16-mixed"):
         train = training_subset(synthetic_two_types)
         # The paper preset: one run without the calibration's fp32 predictions in the middle.
-        model = sd.Doloris(train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], preset="paper", **SMALL)
+        model = sd.Doloris(
+            train, gene_graph=synthetic_two_types.uns["synthetic"]["edges"], preset="paper", **small_model_kwargs
+        )
         dtypes = set()
         record = lambda module, inputs, output, seen=dtypes: seen.add(output.dtype)  # noqa: E731
         model.module.denoiser.input.register_forward_hook(record)
-        model.train(max_steps=40, seed=0, precision=precision, **TRAIN_KWARGS)
+        model.train(max_steps=40, seed=0, precision=precision, **train_kwargs)
         assert {p.dtype for p in model.module.parameters()} == {torch.float32}
         runs[precision] = (dtypes, model.history)
     assert runs["32-true"][0] == {torch.float32}
@@ -208,6 +209,7 @@ def _write_large(path, n_cells: int, n_genes: int, density: float, seed: int = 0
     ad.AnnData(sparse.vstack(blocks, format="csr"), obs=obs, var=var).write_h5ad(path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from Linux's /proc")
 def test_backed_1e5_cells_peak_memory(tmp_path):
     n_cells, n_genes = 100_000, 2_000
@@ -303,6 +305,7 @@ DDP_DATA = {
 }
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))

@@ -1,8 +1,9 @@
 """The tutorials: stored executed at real settings, matching their sources, and runnable (fast mode here).
 
 Sources are jupytext percent scripts (``tutorials/NN_*.py``); ``python tutorials/execute.py`` stores each
-one executed as ``tutorials/NN_*.ipynb``, which the docs render. The suite runs every source with
-``SCDOLORIS_TUTORIAL_FAST=1`` (tiny models, few steps).
+one executed as ``tutorials/NN_*.ipynb``, which the docs render. The default suite checks that the
+stored notebooks match their sources; ``-m slow`` runs every source with ``SCDOLORIS_TUTORIAL_FAST=1``
+(tiny models, few steps).
 """
 
 import os
@@ -46,6 +47,7 @@ def test_tutorials_are_stored_executed_at_real_settings_and_match_their_sources(
         assert not [t for t in texts if re.search(r"/(tmp|root|home|work|Users)/", t)], source.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SOURCES, ids=[p.stem for p in SOURCES])
 def test_tutorial_runs_in_fast_mode(path, monkeypatch, tmp_path):
     monkeypatch.setenv("SCDOLORIS_TUTORIAL_FAST", "1")
