@@ -9,6 +9,8 @@ batch sizes (another matrix shape); the masks and the cells drawn from them do n
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scdoloris.prediction import condition_stream, resolve_request
 
@@ -60,3 +62,20 @@ def test_streams_are_keyed_by_canonical_condition_and_purpose():
     # Stable across processes and machines (CRC-32, not Python's salted hash; numpy's PCG64 is
     # integer arithmetic): a pinned first draw.
     assert condition_stream(0, "A+B", "T", "mask").random() == 0.1932988685317668
+
+
+REQUEST = ["G000+G003", "G001", "G002+G000", "U001"]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.permutations(REQUEST), size=st.integers(1, 4), batch_size=st.sampled_from([3, 17, 1024]))
+def test_property_cells_are_invariant_to_request_shape(trained_model, order, size, batch_size):
+    """Any subset of the conditions, in any order, at any batch size: each condition's cells are its own."""
+    kwargs = {"n_cells": 6, "seed": 5, "n_steps": 3, "anchored_cells": "generated"}
+    reference = trained_model.predict_perturbation(REQUEST, **kwargs)
+    asked = trained_model.predict_perturbation(list(order[:size]), **kwargs, batch_size=batch_size)
+    for perturbation in order[:size]:
+        block, expected = _block(asked, perturbation), _block(reference, perturbation)
+        np.testing.assert_array_equal(block.layers["doloris_mask"], expected.layers["doloris_mask"])
+        np.testing.assert_array_equal(block.X != 0, expected.X != 0)
+        np.testing.assert_allclose(block.X, expected.X, atol=1e-4)
