@@ -490,21 +490,24 @@ def _accumulate(X, condition_of_cell: np.ndarray, n_conditions: int):
         # Values are >= 0 (checked above), so a row's largest value is its largest stored one, or 0.
         row_max = np.asarray(block.max(axis=1).todense() if sparse.issparse(block) else block.max(axis=1, initial=0.0))
         np.maximum.at(maxima, condition_of_cell[start:stop], row_max.ravel())
+        # Only the conditions present in the block: a dense (all conditions x genes) product per block
+        # would make one pass cost N x P x G (quadratic in P when N grows with P). Adding the same
+        # partial sums to the same rows, the result is the same to the bit.
+        present, local = np.unique(condition_of_cell[start:stop], return_inverse=True)
         indicator = sparse.csr_matrix(
-            (np.ones(stop - start), (condition_of_cell[start:stop], np.arange(stop - start))),
-            shape=(n_conditions, stop - start),
+            (np.ones(stop - start), (local, np.arange(stop - start))), shape=(len(present), stop - start)
         )
         if sparse.issparse(block):
             squared, expressed = block.copy(), block.copy()
             squared.data = block.data**2
             expressed.data = (block.data != 0).astype(np.float64)
-            sums += (indicator @ block).toarray()
-            squares += (indicator @ squared).toarray()
-            nonzero += (indicator @ expressed).toarray()
+            sums[present] += (indicator @ block).toarray()
+            squares[present] += (indicator @ squared).toarray()
+            nonzero[present] += (indicator @ expressed).toarray()
         else:
-            sums += indicator @ block
-            squares += indicator @ block**2
-            nonzero += indicator @ (block != 0).astype(np.float64)
+            sums[present] += indicator @ block
+            squares[present] += indicator @ block**2
+            nonzero[present] += indicator @ (block != 0).astype(np.float64)
     if maxima.max(initial=0.0) <= 0:
         raise ValueError("The expression matrix is all zeros.")
     return sums, squares, nonzero, maxima
