@@ -352,3 +352,20 @@ def test_ddp_two_cpu_processes(tmp_path):
     with torch.random.fork_rng(devices=[]):
         prediction = model.predict_perturbation(["G000", "G001"], n_cells=20, n_steps=3, seed=0)
     assert prediction.n_obs == 40 and np.isfinite(prediction.X).all()
+
+
+def test_node_features_of_a_large_matrix_come_from_a_randomized_svd(monkeypatch):
+    """Above EXACT_PCA_MAX the PCA is randomized: the same leading components (up to sign), seeded."""
+    from scdoloris.data import _summary
+
+    rng = np.random.default_rng(0)
+    # Genes x conditions with a clear leading structure (rank 40 plus noise), as pseudobulk means are.
+    pseudobulk = rng.normal(size=(300, 40)) @ (rng.normal(size=(40, 120)) * np.linspace(3, 0.1, 40)[:, None])
+    pseudobulk += 0.01 * rng.normal(size=pseudobulk.shape)
+    exact = _summary._pca_node_features(pseudobulk)
+    monkeypatch.setattr(_summary, "EXACT_PCA_MAX", 100)
+    randomized = _summary._pca_node_features(pseudobulk)
+    assert randomized.shape == exact.shape == (300, _summary.N_NODE_FEATURES)
+    signs = np.sign((randomized * exact).sum(axis=0))
+    np.testing.assert_allclose(randomized * signs, exact, atol=2e-3)
+    np.testing.assert_array_equal(randomized, _summary._pca_node_features(pseudobulk))  # seeded

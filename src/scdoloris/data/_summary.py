@@ -19,6 +19,8 @@ from ._rows import is_in_memory as is_in_memory  # tests/test_scale.py reads it 
 from ._rows import read_rows
 
 N_NODE_FEATURES = 32
+# Above this many genes and conditions the node features' PCA is a randomized SVD (see _pca_node_features).
+EXACT_PCA_MAX = 2048
 # Pseudo-count of nonzero values with which per-condition moments lean on their cell type's.
 EXPRESSED_PRIOR_STRENGTH = 10.0
 # A dense row block holds at most this many values (64 MB in float64), however many genes there are.
@@ -119,9 +121,19 @@ class TrainingSummary:
 
 
 def _pca_node_features(pseudobulk: np.ndarray, n_components: int = N_NODE_FEATURES) -> np.ndarray:
-    """Frozen gene features: PCA of the genes x training-conditions matrix of mean expression (A.7)."""
+    """Frozen gene features: PCA of the genes x training-conditions matrix of mean expression (A.7).
+
+    An exact SVD up to ``EXACT_PCA_MAX`` genes or conditions (every bundled data set); above, a
+    seeded randomized SVD of the leading components (scikit-learn's, with power iterations): the
+    full SVD of an 8,000 x 10,000 matrix costs minutes and gigabytes for 32 columns.
+    """
     centered = pseudobulk - pseudobulk.mean(axis=0, keepdims=True)
-    u, s, _ = np.linalg.svd(centered, full_matrices=False)
+    if min(centered.shape) > EXACT_PCA_MAX:
+        from sklearn.utils.extmath import randomized_svd
+
+        u, s, _ = randomized_svd(centered, n_components, n_iter=7, random_state=0)
+    else:
+        u, s, _ = np.linalg.svd(centered, full_matrices=False)
     k = min(n_components, len(s))
     features = u[:, :k] * s[:k]
     scale = features.std()
