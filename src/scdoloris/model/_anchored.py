@@ -21,8 +21,8 @@ from ._anchoring import anchored_cells
 class AnchoredMixin:
     """The Anchor of :class:`~scdoloris.Doloris` and the anchored cells of ``preset="anchored"``."""
 
-    def _anchor_labels(self, rows: np.ndarray) -> np.ndarray:
-        """The anchor's label of each cell in ``rows``: the control label, the label, or ``A@dose`` per component."""
+    def _dosed_labels(self, rows: np.ndarray) -> np.ndarray:
+        """The dosed label of each cell in ``rows``, as the Anchor names conditions: control, label or ``A@dose``."""
         labels = self._registered_labels()[rows]
         is_control = self._cell_is_control()[rows]
         doses = self._doses()
@@ -35,12 +35,12 @@ class AnchoredMixin:
         pairs, inverse = np.unique(
             np.stack([labels[perturbed].astype(str), doses[perturbed].astype(str)]), axis=1, return_inverse=True
         )
-        names = np.array([self._anchor_label(label, float(dose)) for label, dose in pairs.T], dtype=object)
+        names = np.array([self._dosed_label(label, float(dose)) for label, dose in pairs.T], dtype=object)
         out = np.full(len(rows), control, dtype=object)
         out[perturbed] = names[inverse.ravel()]
         return out
 
-    def _anchor_label(self, label: str, dose) -> str:
+    def _dosed_label(self, label: str, dose) -> str:
         """``label`` with its dose on each component (``"A@100+B@100"``), as the anchor names conditions."""
         if self._setup_args.get("dose_key") is None or dose is None:
             return label
@@ -54,7 +54,7 @@ class AnchoredMixin:
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows]]
         obs = pd.DataFrame(
-            {"perturbation": self._anchor_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)},
+            {"perturbation": self._dosed_labels(rows), "cell_type": pd.Categorical(types, categories=self.cell_types)},
             index=self.adata.obs_names[rows],
         )
         if len(rows) < self.adata.n_obs:
@@ -65,7 +65,7 @@ class AnchoredMixin:
             data, perturbation_key="perturbation", control_value=self.control_values, cell_type_key="cell_type"
         )
 
-    def _anchor(self) -> Anchor:
+    def _fitted_anchor(self) -> Anchor:
         """The fitted anchor, restored from ``anchor_`` once per model (fitted now if the model has none)."""
         state = self.__dict__.get("anchor_")
         cached = self.__dict__.get("_anchor_cache")
@@ -94,23 +94,23 @@ class AnchoredMixin:
         cells are made (:func:`~scdoloris.model._anchoring.anchored_cells`), each ``(condition, cell type)``
         block drawing from its own stream of ``seed`` (:func:`~scdoloris.prediction.condition_stream`).
         """
-        anchor = self._anchor()
+        anchor = self._fitted_anchor()
         gates = self.__dict__.get("calibration_", {}).get("gates", {})
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
         group_of = np.array([groups[t] for t in types])
-        anchors, weights, streams, used = {}, {}, {}, []
+        anchor_shifts, weights, streams, used = {}, {}, {}, []
         for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
-            name = self._anchor_label("+".join(renamed.get(c, c) for c in components), dose)
+            name = self._dosed_label("+".join(renamed.get(c, c) for c in components), dose)
             control = name in self.control_values  # at dose 0: no shift, the source cells themselves
             shift = None if control else anchor.predict_shift([name], cell_type=list(groups))
             for t, g in groups.items():
                 kind = "control" if control else anchor.kind(name, t)
-                anchors[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
+                anchor_shifts[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
                 streams[(e, g)] = condition_stream(seed, request.conditions[e], str(t), "cells")
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
         out, _ = anchored_cells(
-            source_x, generated, group_of, anchors, weights, cells, streams, probabilities, continuous
+            source_x, generated, group_of, anchor_shifts, weights, cells, streams, probabilities, continuous
         )
         return out.astype(np.float32), pd.DataFrame(used)

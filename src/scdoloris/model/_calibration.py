@@ -256,7 +256,7 @@ class CalibrationMixin:
         cells and the source cells are controls, so the fold reaches the prediction only as its truth.
         """
         anchor = self._fit_anchor(~held_out)
-        names = self._anchor_labels(np.arange(self.adata.n_obs))
+        names = self._dosed_labels(np.arange(self.adata.n_obs))
         types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)]
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         doses = self._doses()
