@@ -49,7 +49,7 @@ scvi.settings.seed = 0
 # %%
 MODEL_KWARGS = {"n_hidden": 128, "n_hidden_mask": 64, "n_perturbation": 32} if FAST else {}
 TRAIN_KWARGS = {"max_steps": 150, "batch_size": 128} if FAST else {"max_steps": 4000}
-N_CELLS = 50 if FAST else 200
+N_CELLS = 50 if FAST else 100  # the 100 training controls, each once (more would repeat cells)
 
 adata = sd.datasets.norman2019_subset(k562_only=True)
 adata
