@@ -176,3 +176,25 @@ def predict():
         return model.predict_perturbation(perturbations, **kwargs)
 
     return _predict
+
+
+class TrainingCrash(Exception):
+    """What :func:`crash_at_step`'s callback raises: a run dying mid-training."""
+
+
+@pytest.fixture
+def crash_at_step():
+    """``crash_at_step(n)``: a Lightning callback raising ``crash_at_step.error`` when training reaches step n."""
+    from lightning.pytorch.callbacks import Callback
+
+    class CrashAtStep(Callback):
+        error = TrainingCrash
+
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step:
+                raise TrainingCrash()
+
+    return CrashAtStep

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL, TRAIN_KWARGS, training_subset
-from lightning.pytorch.callbacks import Callback
 
 import scdoloris as sd
 from scdoloris._constants import REGISTRY_KEYS
@@ -352,21 +351,10 @@ def test_paper_preset_keeps_the_summary_of_all_the_data(synthetic_two_types, mon
 
 
 # ----------------------------------------------------------------------------------- resumed runs
-class _Crash(Exception):
-    pass
-
-
-class _CrashAtStep(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise _Crash()
 
 
 @pytest.mark.parametrize("crash_at", [12, 27], ids=["before the calibration step", "after it"])
-def test_resumed_anchored_run_equals_uninterrupted(synthetic_two_types, tmp_path, crash_at):
+def test_resumed_anchored_run_equals_uninterrupted(synthetic_two_types, tmp_path, crash_at, crash_at_step):
     """A checkpoint restores the statistics of its phase: a resumed run ends as an uninterrupted one."""
 
     def fresh():
@@ -377,8 +365,10 @@ def test_resumed_anchored_run_equals_uninterrupted(synthetic_two_types, tmp_path
     uninterrupted = fresh()
     uninterrupted.train(**kwargs)
     crashed = fresh()
-    with pytest.raises(_Crash):
-        crashed.train(checkpoint_dir=tmp_path, checkpoint_every_n_steps=5, callbacks=[_CrashAtStep(crash_at)], **kwargs)
+    with pytest.raises(crash_at_step.error):
+        crashed.train(
+            checkpoint_dir=tmp_path, checkpoint_every_n_steps=5, callbacks=[crash_at_step(crash_at)], **kwargs
+        )
     resumed = fresh()
     resumed.train(checkpoint_dir=tmp_path, checkpoint_every_n_steps=5, **kwargs)
     assert resumed.calibration_ == uninterrupted.calibration_

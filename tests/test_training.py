@@ -13,7 +13,6 @@ import pytest
 import scvi
 import torch
 from anndata import AnnData
-from lightning.pytorch.callbacks import Callback
 
 import scdoloris as sd
 
@@ -146,21 +145,6 @@ def make_fresh_model(training_subset, small_model_kwargs):
 RESUME_STEPS = 30  # 3 training batches per epoch: 10 epochs, validation in between
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashAtStep(Callback):
-    """Raises when training reaches a step: the run dies mid-training, as in a crash."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise _Crash()
-
-
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
@@ -181,16 +165,16 @@ def uninterrupted(resume_data, train_kwargs, make_fresh_model):
 
 @pytest.mark.parametrize(("every", "crash_at"), [(5, 12), (6, 8)], ids=["mid-epoch checkpoint", "epoch-end checkpoint"])
 def test_resumed_training_equals_uninterrupted(
-    resume_data, uninterrupted, tmp_path, every, crash_at, train_kwargs, make_fresh_model
+    resume_data, uninterrupted, tmp_path, every, crash_at, train_kwargs, make_fresh_model, crash_at_step
 ):
     crashed = make_fresh_model(resume_data)
-    with pytest.raises(_Crash):
+    with pytest.raises(crash_at_step.error):
         crashed.train(
             max_steps=RESUME_STEPS,
             seed=7,
             checkpoint_dir=tmp_path,
             checkpoint_every_n_steps=every,
-            callbacks=[_CrashAtStep(crash_at)],
+            callbacks=[crash_at_step(crash_at)],
             **train_kwargs,
         )
     assert (tmp_path / "last.ckpt").exists()
@@ -202,12 +186,14 @@ def test_resumed_training_equals_uninterrupted(
     _assert_same_weights(_state(resumed), uninterrupted)
 
 
-def test_a_failed_training_leaves_the_starting_weights(resume_data, uninterrupted, train_kwargs, make_fresh_model):
+def test_a_failed_training_leaves_the_starting_weights(
+    resume_data, uninterrupted, train_kwargs, make_fresh_model, crash_at_step
+):
     """A run that dies midway restores the weights it started from; a same-seed retry equals a clean run."""
     model = make_fresh_model(resume_data)
     start = _state(model)
-    with pytest.raises(_Crash):
-        model.train(max_steps=RESUME_STEPS, seed=7, callbacks=[_CrashAtStep(8)], **train_kwargs)
+    with pytest.raises(crash_at_step.error):
+        model.train(max_steps=RESUME_STEPS, seed=7, callbacks=[crash_at_step(8)], **train_kwargs)
     assert not model.is_trained
     _assert_same_weights(_state(model), start)
     model.train(max_steps=RESUME_STEPS, seed=7, **train_kwargs)
