@@ -223,12 +223,12 @@ class CalibrationMixin:
         rng = np.random.default_rng(seed)
         sampling = (MASK_STRATEGIES[0], MASK_THRESHOLDS, MASK_REFERENCE_CONDITIONS)
         dosed = self._doses() is not None
-        is_control, type_codes = self._cell_is_control(), self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
+        control_rows = self._control_rows()
         shifts = {}
         for cell_type in sorted({t for _, t in chosen}):
             names = [name for name, t in chosen if t == cell_type]
             # At most the cell type's controls: a draw with replacement would only repeat cells (and warn).
-            n_controls = int((is_control & (type_codes == self.cell_types.index(cell_type))).sum())
+            n_controls = len(control_rows[cell_type])
             sources = self._sources(None, cell_type, min(CALIBRATION_CELLS, n_controls), rng)
             for start in range(0, len(names), CALIBRATION_CONDITIONS_PER_CALL):
                 part = names[start : start + CALIBRATION_CONDITIONS_PER_CALL]
