@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..perturbation import canonical
 from ..prediction import resolve_cell_types, resolve_request
-from ._base import Baseline, canonical
+from ._base import Baseline
 from ._dose import FEATURES, DoseEstimates, pattern_name, split_dose
 
 #: What :meth:`Anchor.kind` answers, from the most to the least measured.

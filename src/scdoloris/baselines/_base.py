@@ -13,7 +13,7 @@ from scipy import sparse
 
 from .._validation import check_count
 from ..data import expression_matrix, is_in_memory, read_rows
-from ..perturbation import split_perturbation
+from ..perturbation import canonical, split_perturbation
 from ..prediction import (
     PredictedCells,
     Sources,
@@ -42,11 +42,6 @@ def _group_means(indicator: sparse.csr_matrix, X) -> np.ndarray:
         rows = np.arange(start, min(start + step, X.shape[0]))
         means += indicator[:, rows] @ read_rows(X, rows)
     return means
-
-
-def canonical(components: Sequence[str]) -> str:
-    """Order-free key of a perturbation's components: ``"B+A"`` and ``"A+B"`` are the same condition."""
-    return "+".join(sorted(components))
 
 
 class Baseline(ABC):

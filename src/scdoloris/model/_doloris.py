@@ -52,6 +52,7 @@ from ._anchored import AnchoredMixin
 from ._calibration import CalibrationMixin
 from ._inputs import module_inputs
 from ._prediction import PredictionMixin
+from ._registry import RegistryMixin
 from ._save_load import SaveLoadMixin
 from ._seed import resolve_seed
 
@@ -74,7 +75,7 @@ def _check_init_args(args: dict) -> None:
     )
 
 
-class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, BaseModelClass):
+class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, RegistryMixin, BaseModelClass):
     """Doloris: dual conditional diffusion implicit bridges with sparsity masking (ICLR 2026).
 
     Predicts how single cells respond to perturbations that were never measured: two conditional
@@ -363,10 +364,6 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
         )
 
     @property
-    def _setup_args(self) -> dict:
-        return self.adata_manager.registry["setup_args"]
-
-    @property
     def control_values(self) -> list[str]:
         """Labels of unperturbed cells (from the training summary, like the labels and cell types)."""
         return list(self._summary.control_values)
@@ -375,14 +372,6 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
     def cell_types(self) -> list[str]:
         """Cell types the model was trained on."""
         return list(self._summary.cell_types)
-
-    def _codes(self, key: str) -> np.ndarray:
-        return np.asarray(self.adata_manager.get_from_registry(key)).reshape(-1).astype(np.int64)
-
-    def _doses(self) -> np.ndarray | None:
-        if self._setup_args.get("dose_key") is None:
-            return None
-        return np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.DOSE_KEY), dtype=np.float32).reshape(-1)
 
     def _summarize(self, gene_graph, mask_reference_cells: int, molecule_table=None) -> TrainingSummary:
         manager = self.adata_manager
@@ -607,33 +596,6 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, B
     def preset(self) -> str:
         """``"anchored"`` (control + calibrated anchor, the default) or ``"paper"`` (the published method)."""
         return self.init_params_["non_kwargs"].get("preset", "paper")
-
-    def _registered_categories(self, key: str) -> list[str]:
-        """The registered labels of ``key``, as text, in code order (a query's new labels after the trained)."""
-        return [str(v) for v in self.adata_manager.get_state_registry(key).categorical_mapping]
-
-    def _registered_labels(self) -> np.ndarray:
-        """Perturbation label of every cell of the model's AnnData (a query's new labels included)."""
-        labels = np.asarray(self._registered_categories(REGISTRY_KEYS.PERTURBATION_KEY), dtype=object)
-        return labels[self._codes(REGISTRY_KEYS.PERTURBATION_KEY)]
-
-    def _cell_is_control(self) -> np.ndarray:
-        """Whether each cell of the model's AnnData carries a control label (a query's new labels are not)."""
-        codes = self._codes(REGISTRY_KEYS.PERTURBATION_KEY)
-        known = self._summary.is_control
-        return np.where(codes < len(known), known[np.minimum(codes, len(known) - 1)], False)
-
-    def _new_labels(self) -> dict[str, list[str]]:
-        """Perturbations and cell types of the model's AnnData that training never saw (a query loaded onto it)."""
-        new = {}
-        for key, trained in [
-            (REGISTRY_KEYS.PERTURBATION_KEY, self._summary.perturbation_labels),
-            (REGISTRY_KEYS.CELL_TYPE_KEY, self._summary.cell_types),
-        ]:
-            extra = self._registered_categories(key)[len(trained) :]
-            if extra:
-                new[key] = extra
-        return new
 
     def _set_summary(self, summary: TrainingSummary) -> None:
         """Make ``summary`` the model's (saved with it as ``summary_``)."""

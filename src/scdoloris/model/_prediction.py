@@ -23,7 +23,6 @@ from .._constants import (
     MASK_THRESHOLDS,
     PREDICTION_BATCH_SIZE,
     PREDICTION_N_STEPS,
-    REGISTRY_KEYS,
 )
 from .._validation import (
     check_count,
@@ -102,12 +101,6 @@ class PredictionMixin:
             return self._given_cells(adata, cell_type)
         types = resolve_cell_types(cell_type, self.cell_types)
         return draw_controls(self.adata, self._control_rows(), types, n_cells, rng)
-
-    def _control_rows(self) -> dict[str, np.ndarray]:
-        """Rows of the model's AnnData holding each cell type's control cells (the one place they are found)."""
-        type_codes = self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)
-        is_control = self._cell_is_control()
-        return {name: np.flatnonzero(is_control & (type_codes == i)) for i, name in enumerate(self.cell_types)}
 
     def _given_cells(self, adata: AnnData, cell_type) -> Sources:
         """``adata``'s cells as sources, by the rules for given cells (:func:`~scdoloris.prediction.given_cells`)."""

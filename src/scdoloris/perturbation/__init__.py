@@ -11,6 +11,7 @@ from ._molecules import MoleculeFeatures, morgan_fingerprints
 from ._vocabulary import COMBINATION_SEPARATOR as COMBINATION_SEPARATOR  # used by sibling packages
 from ._vocabulary import DOSE_SEPARATOR as DOSE_SEPARATOR
 from ._vocabulary import PerturbationVocabulary, dosed_label, split_perturbation
+from ._vocabulary import canonical as canonical  # the order-free key of a condition
 
 # Public names defined in scdoloris.module (torch), resolved lazily by __getattr__.
 _TORCH_NAMES = ("MoleculeEncoder", "PerturbationEncoder", "dose_scale")

@@ -10,6 +10,17 @@ COMBINATION_SEPARATOR = "+"
 DOSE_SEPARATOR = "@"
 
 
+def canonical(components: Sequence[str]) -> str:
+    """Order-free key of a perturbation's components: ``"B+A"`` and ``"A+B"`` are the same condition.
+
+    Examples
+    --------
+    >>> canonical(["B", "A"])
+    'A+B'
+    """
+    return COMBINATION_SEPARATOR.join(sorted(components))
+
+
 def split_perturbation(label: str, control_values: Iterable[str] = ()) -> list[str]:
     """Split a perturbation label into its components.
 

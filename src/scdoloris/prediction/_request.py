@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._validation import label_list, perturbation_label_problem
-from ..perturbation import COMBINATION_SEPARATOR, DOSE_SEPARATOR, split_perturbation
+from ..perturbation import canonical, dosed_label, split_perturbation
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,7 @@ class Request:
         conditions = []
         for components, dose in zip(self.components, self.doses, strict=True):
             doses = [None] * len(components) if dose is None else np.broadcast_to(dose, len(components)).tolist()
-            parts = [
-                c if d is None else f"{c}{DOSE_SEPARATOR}{dose_text(d)}" for c, d in zip(components, doses, strict=True)
-            ]
-            conditions.append(COMBINATION_SEPARATOR.join(sorted(parts)))
+            conditions.append(canonical([dosed_label(c, d) for c, d in zip(components, doses, strict=True)]))
         return conditions
 
     @property
