@@ -6,7 +6,7 @@ from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
 from scdoloris.model._anchoring import (
-    MAX_RESCALE,
+    _moved_without_filling,
     anchored_cells,
     calibration_fold,
     fit_gates,
@@ -95,108 +95,85 @@ def test_zero_residual_returns_control_plus_anchor():
         np.testing.assert_allclose(shifts[(0, 0)], anchor)
 
 
-def test_generated_cells_keep_their_zeros_and_take_the_anchored_mean():
-    """``cells="generated"``: each gene's mean is the sources' mean + shift, zeros never filled by a shift."""
-    rng = np.random.default_rng(1)
-    n, genes = 200, 8
-    sources = rng.gamma(2.0, size=(n, genes)) * (rng.random((n, genes)) < 0.6)
-    generated = rng.gamma(2.0, size=(2 * n, genes)) * (rng.random((2 * n, genes)) < 0.3)
+def _sparse_and_dense(seed: int, n: int = 200) -> np.ndarray:
+    """Cells whose six genes are expressed by 3%, 20%, 50%, 80%, 100% and 100% of them."""
+    rng = np.random.default_rng(seed)
+    share_on = np.array([0.03, 0.2, 0.5, 0.8, 1.0, 1.0])
+    return np.where(rng.random((n, 6)) < share_on, rng.gamma(4.0, 0.4, (n, 6)), 0.0)
+
+
+@pytest.mark.parametrize("cells", ["generated", "sources"])
+@pytest.mark.parametrize("kind", ["unseen", "combination"])
+def test_zero_aware_cells_take_the_anchored_mean_without_filling_zeros(cells, kind):
+    """Each gene's mean is the target; a silent cell is switched on at a real value or stays 0."""
+    sources = _sparse_and_dense(1)
+    generated = _sparse_and_dense(2, n=400)
+    n = len(sources)
     groups = np.zeros(n, dtype=int)
-    anchors = {(0, 0): np.full(genes, 0.1), (1, 0): np.linspace(-0.9, 0.9, genes)}
-    gates = {(0, 0): 0.0, (1, 0): 0.5}
-    cells, shifts = anchored_cells(sources, generated, groups, anchors, gates, "generated")
+    anchors = {(0, 0): np.full(6, 0.8), (1, 0): np.full(6, -0.4)}
+    gates = {(0, 0): 0.0, (1, 0): 0.0}
+    kinds = {key: kind for key in anchors}
+    out, shifts = anchored_cells(sources, generated, groups, anchors, gates, cells, kinds=kinds)
+    shifted, _ = anchored_cells(sources, generated, groups, anchors, gates, "shifted")
+    assert out.min() >= 0
     for entry in (0, 1):
-        block = slice(entry * n, (entry + 1) * n)
-        target = np.clip(sources.mean(0) + shifts[(entry, 0)], 0, None)
-        np.testing.assert_allclose(cells[block].mean(0), target, rtol=1e-10)
-        # Every value is a generated value times one factor per gene, or a generated value drawn anew:
-        # no cell holds a small positive value a shift of its zero would give.
-        assert cells.min() >= 0
-        ratio = target / generated[block].mean(0)
-        kept = (ratio <= MAX_RESCALE) & (ratio >= 1 / MAX_RESCALE)
-        assert kept.any() and not kept.all()
-        np.testing.assert_array_equal(cells[block][:, kept] == 0, generated[block][:, kept] == 0)
-        # Genes asked to rise beyond MAX_RESCALE are expressed in more cells, those asked to fall in fewer.
-        more = ratio > MAX_RESCALE
-        fewer = ratio < 1 / MAX_RESCALE
-        on, was_on = (cells[block] > 0).mean(0), (generated[block] > 0).mean(0)
-        assert np.all(on[more] > was_on[more]) and np.all(on[fewer] < was_on[fewer])
-    # The shift aimed at is the same as the shifted cells'.
-    _, shifted = anchored_cells(sources, generated, groups, anchors, gates, "shifted")
-    for key in shifts:
-        np.testing.assert_allclose(shifts[key], shifted[key])
-    # Seeded: the cells switched on or off are drawn from each block's stream, the same again; and
-    # a block's cells do not depend on the other blocks' streams.
-    again, _ = anchored_cells(sources, generated, groups, anchors, gates, "generated")
-    np.testing.assert_array_equal(cells, again)
+        rows = slice(entry * n, (entry + 1) * n)
+        # The target: the anchored mean, or, for a sum of shifts, the shifted cells' (each clipped at 0).
+        anchored_mean = np.clip(sources.mean(0) + shifts[(entry, 0)], 0, None)
+        target = shifted[rows].mean(0) if kind == "combination" else anchored_mean
+        # (A fall can leave a little above it where values are clipped at 0 once more.)
+        np.testing.assert_allclose(out[rows].mean(0), target, rtol=0, atol=1e-3)
+    moved, moved_down = (generated[:n], generated[n:]) if cells == "generated" else (sources, sources)
+    up, down = out[:n], out[n:]
+    # A rise: more cells express each sparse gene, switched on at values of its moved nonzero values,
+    # never at a small "filled" value.
+    for gene in range(4):
+        was_on = moved[:, gene] > 0
+        assert (up[:, gene] > 0).sum() > was_on.sum()
+        switched = (up[:, gene] > 0) & ~was_on
+        assert up[switched, gene].min() > 0.5 * moved[was_on, gene].min()
+    # Dense genes rise as the shifted cells do: every value by the shift.
+    np.testing.assert_allclose(up[:, 4:], np.clip(moved[:, 4:] + (up[:, 4:].mean(0) - moved[:, 4:].mean(0)), 0, None))
+    # A fall: no cell gains expression, and sparse genes are expressed by fewer cells.
+    assert np.all((down > 0) <= (moved_down > 0))
+    assert np.all((down[:, :4] > 0).sum(0) < (moved_down[:, :4] > 0).sum(0))
+    # Seeded per block: the same again, and a block's cells do not depend on the other blocks' streams.
+    again, _ = anchored_cells(sources, generated, groups, anchors, gates, cells, kinds=kinds)
+    np.testing.assert_array_equal(out, again)
     streams = {(0, 0): np.random.default_rng(5), (1, 0): np.random.default_rng([1, 0])}
-    other, _ = anchored_cells(sources, generated, groups, anchors, gates, "generated", streams)
-    np.testing.assert_array_equal(other[n:], cells[n:])
-    assert (other[:n] != cells[:n]).any()
-
-
-def test_generated_cells_without_expression_take_one_count_or_stay_silent():
-    """A gene no generated cell expresses takes the sources' values, else about one count, else stays 0."""
-    n = 100
-    sources = np.zeros((n, 4))
-    sources[:50, 0] = 2.0  # gene 0: the sources express it
-    sources[:, 3] = 1.0  # every cell expresses gene 3: its smallest nonzero value is 1 ("one count")
-    generated = np.zeros((n, 4))
-    generated[:, 3] = 1.0
-    groups = np.zeros(n, dtype=int)
-    anchor = np.array([-0.6, 0.2, 0.001, 0.0])  # targets 0.4, 0.2, 0.001, 1.0
-    cells, _ = anchored_cells(sources, generated, groups, {(0, 0): anchor}, {(0, 0): 0.0}, "generated")
-    # Gene 0: 20 of the sources' cells at 2.0; gene 1: 20 cells at one count; gene 2: below half a cell.
-    assert (cells[:, 0] > 0).sum() == 20 and np.allclose(cells[cells[:, 0] > 0, 0], 2.0)
-    assert (cells[:, 1] > 0).sum() == 20 and np.allclose(cells[cells[:, 1] > 0, 1], 1.0)
-    np.testing.assert_array_equal(cells[:, 2], 0.0)
-    np.testing.assert_allclose(cells.mean(0)[[0, 1, 3]], [0.4, 0.2, 1.0])
+    other, _ = anchored_cells(sources, generated, groups, anchors, gates, cells, streams, kinds)
+    np.testing.assert_array_equal(other[n:], out[n:])
+    assert (other[:n] != out[:n]).any()
     with pytest.raises(ValueError, match="cells must be one of"):
-        anchored_cells(sources, generated, groups, {(0, 0): anchor}, {(0, 0): 0.0}, "mixed")
+        anchored_cells(sources, generated, groups, anchors, gates, "mixed")
 
 
-def test_generated_cells_switch_on_the_likeliest_cells_at_the_bridges_values():
-    """With the mask model's probabilities, the cells switched on (off) are the likeliest (least likely)."""
-    n = 10
-    sources = np.ones((n, 2))
-    generated = np.zeros((n, 2))
-    generated[:2, 0] = 1.0  # gene 0: 2 cells on, mean 0.2; the target asks for 5 cells' worth
-    generated[:, 1] = 1.0  # gene 1: all on, mean 1; the target asks for 3 cells' worth
-    probabilities = np.tile(np.linspace(0.1, 1.0, n)[:, None], (1, 2))  # the last cells likeliest
-    continuous = np.full((n, 2), 1.0)
-    continuous[:, 0] = np.arange(1, n + 1) / 5.5  # the bridge's values before the mask
-    groups = np.zeros(n, dtype=int)
-    anchor = np.array([-0.5, -0.7])  # targets 0.5 and 0.3
-    cells, _ = anchored_cells(
-        sources, generated, groups, {(0, 0): anchor}, {(0, 0): 0.0}, "generated", None, probabilities, continuous
-    )
-    # Gene 0: the 2 generated cells stay on, plus the 3 likeliest others (rows 7-9) at their bridge values.
-    on = np.flatnonzero(cells[:, 0] > 0)
-    np.testing.assert_array_equal(on, [0, 1, 7, 8, 9])
-    np.testing.assert_allclose(cells[7:, 0] / cells[7, 0], continuous[7:, 0] / continuous[7, 0])
-    # Gene 1: the 3 likeliest cells keep it.
-    np.testing.assert_array_equal(np.flatnonzero(cells[:, 1] > 0), [7, 8, 9])
-    np.testing.assert_allclose(cells.mean(0), [0.5, 0.3])
+def test_zero_aware_cells_of_a_gene_no_cell_expresses_take_one_count_or_stay_silent():
+    """A gene silent in every cell is switched on at about one count (a cell's smallest value), or stays 0."""
+    n = 100
+    block = np.zeros((n, 3))
+    block[:, 2] = 1.0  # every cell expresses gene 2: one count is 1.0
+    out = _moved_without_filling(block, np.array([0.2, 0.001, 1.0]), np.random.default_rng(0))
+    assert (out[:, 0] > 0).sum() == 20 and np.allclose(out[out[:, 0] > 0, 0], 1.0)
+    np.testing.assert_array_equal(out[:, 1], 0.0)  # below half a cell: silent
+    np.testing.assert_allclose(out[:, 2], 1.0)
+    # Nothing expressed at all: nothing to draw from, the cells stay silent.
+    np.testing.assert_array_equal(_moved_without_filling(np.zeros((5, 2)), np.ones(2), np.random.default_rng(0)), 0.0)
 
 
-def test_predicted_generated_cells_are_the_generated_layer_rescaled(anchored, held_out_doubles):
-    pred = anchored.predict_perturbation(
-        held_out_doubles[:2], cell_type="ct0", n_cells=30, seed=4, n_steps=5, anchored_cells="generated"
-    )
-    shifted = anchored.predict_perturbation(held_out_doubles[:2], cell_type="ct0", n_cells=30, seed=4, n_steps=5)
+def test_predicted_zero_aware_cells_keep_the_generated_zeros(anchored, held_out_doubles):
+    """``anchored_cells="generated"``: the generated layer moved gene by gene, most of its zeros kept."""
+    kwargs = {"cell_type": "ct0", "n_cells": 30, "seed": 4, "n_steps": 5}
+    pred = anchored.predict_perturbation(held_out_doubles[:2], anchored_cells="generated", **kwargs)
+    shifted = anchored.predict_perturbation(held_out_doubles[:2], **kwargs)
     np.testing.assert_array_equal(pred.layers["doloris_generated"], shifted.layers["doloris_generated"])
     generated = pred.layers["doloris_generated"]
-    # The default fills zeros by the shift; the generated cells keep most of theirs.
+    # The default fills zeros by the shift; the zero-aware cells keep most of the generated ones.
     assert (pred.X == 0).mean() > (shifted.X == 0).mean()
-    # Where the generated cells of a gene keep their zeros, they are rescaled by one positive factor.
-    for entry in range(2):
-        block = slice(30 * entry, 30 * (entry + 1))
-        x, g = pred.X[block], generated[block]
-        kept = np.all((x == 0) == (g == 0), axis=0) & (g > 0).any(axis=0)
-        assert kept.any()
-        ratios = np.where(g[:, kept] > 0, x[:, kept] / np.where(g[:, kept] > 0, g[:, kept], 1), np.nan)
-        spread = np.nanmax(ratios, axis=0) - np.nanmin(ratios, axis=0)
-        assert np.nanmax(spread) < 1e-4
+    assert abs((pred.X == 0).mean() - (generated == 0).mean()) < 0.1
+    # The mean of each gene is the anchored one: that of the shifted cells where no value is clipped.
+    unclipped = (shifted.X > 0).all(axis=0)
+    np.testing.assert_allclose(pred.X.mean(0)[unclipped], shifted.X.mean(0)[unclipped], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="anchored_cells must be one of"):
         anchored.predict_perturbation(held_out_doubles[:1], n_cells=5, n_steps=2, anchored_cells="spread")
 

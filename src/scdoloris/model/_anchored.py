@@ -85,8 +85,6 @@ class AnchoredMixin:
         renamed: dict,
         cells: str,
         seed: int,
-        probabilities: np.ndarray | None = None,
-        continuous: np.ndarray | None = None,
     ):
         """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
 
@@ -99,7 +97,7 @@ class AnchoredMixin:
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
         group_of = np.array([groups[t] for t in types])
-        anchor_shifts, weights, streams, used = {}, {}, {}, []
+        anchor_shifts, weights, streams, kinds, used = {}, {}, {}, {}, []
         for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
             name = self._dosed_label("+".join(renamed.get(c, c) for c in components), dose)
             control = name in self.control_values  # at dose 0: no shift, the source cells themselves
@@ -108,9 +106,8 @@ class AnchoredMixin:
                 kind = "control" if control else anchor.kind(name, t)
                 anchor_shifts[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
+                kinds[(e, g)] = kind
                 streams[(e, g)] = condition_stream(seed, request.conditions[e], str(t), "cells")
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
-        out, _ = anchored_cells(
-            source_x, generated, group_of, anchor_shifts, weights, cells, streams, probabilities, continuous
-        )
+        out, _ = anchored_cells(source_x, generated, group_of, anchor_shifts, weights, cells, streams, kinds)
         return out.astype(np.float32), pd.DataFrame(used)

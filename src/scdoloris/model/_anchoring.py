@@ -46,10 +46,10 @@ CALIBRATION_CONDITIONS_PER_CALL = 64
 # holds out thousands, and the gates, a handful of numbers, need far fewer; this keeps the
 # calibration's cost bounded in P.
 CALIBRATION_MAX_CONDITIONS = 256
-# "generated": the largest factor a gene's nonzero values are rescaled by (or its inverse); beyond it
-# the number of cells expressing the gene changes instead (a sparse gene's mean is mostly how many
-# cells express it).
-MAX_RESCALE = 2.0
+# Kinds whose anchor is a sum of shifts (of trained singles): "generated" and "sources" aim at the
+# mean of the shifted cells there, each cell clipped at 0, since a sum of two falls can pass below
+# what any cell expresses; elsewhere at the anchored mean itself (a difference of means).
+SUMMED_KINDS = ("combination", "partial")
 
 
 def calibration_fold(labels: Sequence[str], seed: int) -> list[str]:
@@ -183,8 +183,7 @@ def anchored_cells(
     gates: Mapping[tuple[int, int], float],
     cells: str = ANCHORED_CELLS[0],
     streams: Mapping[tuple[int, int], np.random.Generator] | None = None,
-    probabilities: np.ndarray | None = None,
-    continuous: np.ndarray | None = None,
+    kinds: Mapping[tuple[int, int], str] | None = None,
 ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
     """Cells whose mean moves by ``anchor + g * (generated shift - anchor)``, per entry and group of sources.
 
@@ -200,17 +199,17 @@ def anchored_cells(
         The anchor shift and the gate of each ``(entry, group)``.
     cells
         ``"shifted"``: each source cell moved by the shift (clipped at 0, as log1p expression is;
-        a gene's zeros become the shift). ``"generated"``: the generated cells, each gene's mean
-        moved to the sources' mean plus the shift without filling zeros: rescaled when that takes
-        a factor within ``MAX_RESCALE``, else by changing how many cells express it
-        (:func:`_matched_to_mean`). ``"sources"``: the same with the source cells in place of the
-        generated ones.
+        a gene's zeros become the shift). ``"generated"``: the generated cells, each gene moved to
+        the target mean without filling zeros (:func:`_moved_without_filling`); the target is the
+        sources' mean plus the shift, or, for kinds in ``SUMMED_KINDS``, the shifted cells' mean.
+        ``"sources"``: the same with the source cells in place of the generated ones.
     streams
-        The random generator of each ``(entry, group)``: the values drawn for cells switched on, and
-        ``"sources"``' choice of cells (without it, ``numpy.random.default_rng([entry, group])``).
-    probabilities, continuous
-        ``"generated"``: the mask model's probabilities and the bridge's values before the mask, both
-        like ``generated``; cells are then switched on in order of probability, at their bridge value.
+        The random generator of each ``(entry, group)``: which cells ``"generated"`` and
+        ``"sources"`` switch on or off and at what values (without it,
+        ``numpy.random.default_rng([entry, group])``).
+    kinds
+        The kind of condition of each ``(entry, group)`` (:meth:`~scdoloris.baselines.Anchor.kind`);
+        without it, none is a sum of shifts.
 
     Returns
     -------
@@ -233,13 +232,13 @@ def anchored_cells(
     array([[1.5, 0.5],
            [3.5, 2.5]])
 
-    ``"generated"`` moves each gene's mean without filling zeros: the second gene is rescaled (x2),
-    the first needs x3, so one more cell expresses it:
+    ``"sources"`` keeps zeros: the first gene, expressed by every source, is shifted; the second, by
+    half of them, rises by half the shift in the cell expressing it, and the silent cell is switched on:
 
-    >>> generated = np.array([[2.0, 0.0], [0.0, 1.0]])
-    >>> anchored_cells(sources, generated, groups, {(0, 0): np.array([1.0, 0.0])}, {(0, 0): 0.0}, "generated")[0]
-    array([[3., 0.],
-           [3., 2.]])
+    >>> sources = np.array([[1.0, 0.0], [3.0, 2.0]])
+    >>> anchored_cells(sources, sources, groups, {(0, 0): np.array([1.0, 2.0])}, {(0, 0): 0.0}, "sources")[0]
+    array([[2., 3.],
+           [4., 3.]])
     """
     if cells not in ANCHORED_CELLS:
         raise ValueError(f"cells must be one of {ANCHORED_CELLS}, got {cells!r}.")
@@ -252,78 +251,72 @@ def anchored_cells(
         source_mean = sources[rows].mean(axis=0)
         residual = block.mean(axis=0) - source_mean - anchor
         shift = anchor + gates[(entry, group)] * residual
+        shifted = np.clip(sources[rows] + shift, 0.0, None)
         if cells == "shifted":
-            out[entry * n_sources + rows] = np.clip(sources[rows] + shift, 0.0, None)
+            out[entry * n_sources + rows] = shifted
         else:
-            cells_in = block if cells == "generated" else sources[rows]
-            guide = {}
-            if cells == "generated" and probabilities is not None:
-                guide = {"order": probabilities[entry * n_sources + rows], "fill": continuous[entry * n_sources + rows]}
+            summed = kinds is not None and kinds.get((entry, group)) in SUMMED_KINDS
+            target = shifted.mean(axis=0) if summed else np.clip(source_mean + shift, 0.0, None)
             rng = np.random.default_rng([entry, group]) if streams is None else streams[(entry, group)]
-            out[entry * n_sources + rows] = _matched_to_mean(cells_in, sources[rows], source_mean + shift, rng, **guide)
+            moved = block if cells == "generated" else sources[rows]
+            out[entry * n_sources + rows] = _moved_without_filling(moved, target, rng)
         shifts[(entry, group)] = shift
     return out, shifts
 
 
-def _matched_to_mean(
-    block: np.ndarray,
-    sources: np.ndarray,
-    target: np.ndarray,
-    rng: np.random.Generator,
-    order: np.ndarray | None = None,
-    fill: np.ndarray | None = None,
-) -> np.ndarray:
-    """``block`` with each gene's mean moved to ``target`` (clipped at 0) without filling its zeros.
+def _moved_without_filling(block: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``block`` with each gene's mean moved to ``target``, its zeros never filled by a shift.
 
-    A gene whose generated mean is within a factor ``MAX_RESCALE`` of the target has its nonzero
-    values rescaled (its zeros, and its shape, kept). Otherwise the number of cells expressing it
-    changes: about ``n * target / mu`` cells are on, ``mu`` the mean of its nonzero values in
-    ``block`` (else in ``sources``, else each cell's smallest nonzero value, about one count in
-    that cell); cells are switched off, or on with values drawn from those nonzero values (or
-    their ``fill`` value where it is positive), and the result rescaled to the target. Which cells:
-    the highest ``order`` first to switch on and last to switch off, at random without it. A target
-    below half of one such cell's share leaves the gene silent.
+    A gene expressed in a share ``f`` of the cells moves in two ways, as counts do: its nonzero values
+    move by ``f * (target - mean)`` (clipped at 0: a value moved to 0 is a cell that stops expressing
+    it), and the rest of the change is carried by how many cells express it: silent cells switched
+    on, at values drawn from its moved nonzero values (else at each cell's smallest nonzero value,
+    about one count), or expressing cells switched off. A dense gene (``f = 1``) is thus moved as
+    the shifted cells move it, a sparse one by how many cells express it. What whole cells leave
+    (and a rise beyond every cell expressing the gene) moves the expressing cells' values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scdoloris.model._anchoring import _moved_without_filling
+
+    The first gene, expressed by every cell, is shifted; the second, by one cell of four, rises a
+    quarter of its shift there, and one more cell is switched on at that value (both then at 2.0,
+    the target's mean):
+
+    >>> block = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [2.0, 2.0]])
+    >>> _moved_without_filling(block, np.array([2.5, 1.0]), np.random.default_rng(0))
+    array([[1.5, 0. ],
+           [2.5, 0. ],
+           [3.5, 2. ],
+           [2.5, 2. ]])
     """
-    target = np.clip(target, 0.0, None)
     n = len(block)
-    mean = block.mean(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(mean > 0, target / mean, np.inf)
-    rescaled = (factor <= MAX_RESCALE) & (factor >= 1.0 / MAX_RESCALE)
-    out = np.zeros_like(block)
-    out[:, rescaled] = block[:, rescaled] * factor[rescaled]
-    lowest = np.where(block > 0, block, np.inf).min(axis=1)
+    on = block > 0
+    share = on.mean(axis=0)
+    out = np.where(on, np.clip(block + share * (target - block.mean(axis=0)), 0.0, None), 0.0)
+    lowest = np.where(on, block, np.inf).min(axis=1)
     one_count = lowest[np.isfinite(lowest)]
-    for gene in np.flatnonzero(~rescaled & (target > 0)):
-        column = block[:, gene]
-        on = column > 0
-        pool = column[on]
+    remaining = n * target - out.sum(axis=0)
+    for gene in np.flatnonzero(remaining != 0):
+        column = out[:, gene]
+        expressing = column > 0
+        pool = column[expressing] if expressing.any() else one_count
         if pool.size == 0:
-            start = sources[:, gene]
-            pool = start[start > 0] if (start > 0).any() else one_count
-            on = np.zeros(n, dtype=bool)
-        if pool.size == 0:  # nothing in the block is expressed at all
             continue
-        wanted = int(min(n, round(n * target[gene] / pool.mean())))
-        if wanted == 0:
-            continue
-        cells = np.where(on, column, 0.0)
-        if wanted > on.sum():
-            off = np.flatnonzero(~on)
-            if order is None:
-                switched = rng.choice(off, wanted - on.sum(), replace=False)
-            else:  # the cells the mask model finds likeliest to express it
-                switched = off[np.argsort(-order[off, gene], kind="stable")[: wanted - on.sum()]]
-            values = rng.choice(pool, len(switched))
-            if fill is not None:  # the value the bridge gave that cell, where it gave one
-                values = np.where(fill[switched, gene] > 0, fill[switched, gene], values)
-            cells[switched] = values
-        elif wanted < on.sum():
-            on_rows = np.flatnonzero(on)
-            if order is None:
-                silenced = rng.choice(on_rows, on.sum() - wanted, replace=False)
-            else:
-                silenced = on_rows[np.argsort(order[on_rows, gene], kind="stable")[: on.sum() - wanted]]
-            cells[silenced] = 0.0
-        out[:, gene] = cells * (target[gene] / cells.mean())
+        cells = int(round(abs(remaining[gene]) / pool.mean()))
+        if remaining[gene] > 0:
+            silent = np.flatnonzero(~expressing)
+            switched = rng.choice(silent, min(cells, len(silent)), replace=False)
+            column[switched] = rng.choice(pool, len(switched))
+        else:
+            expressed = np.flatnonzero(expressing)
+            column[rng.choice(expressed, min(cells, len(expressed)), replace=False)] = 0.0
+        # Whole cells leave a remainder, and a rise beyond every cell expressing the gene is left:
+        # the expressing cells carry it (clipped at 0).
+        expressing = column > 0
+        if expressing.any():
+            column[expressing] = np.clip(
+                column[expressing] + (n * target[gene] - column.sum()) / expressing.sum(), 0.0, None
+            )
     return out

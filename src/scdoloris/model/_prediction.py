@@ -208,8 +208,8 @@ class PredictionMixin:
             ``preset="anchored"``: how its cells are made around the anchored mean. ``"shifted"``
             (default): each source control cell moved by the anchored shift (a gene's zeros become
             the shift). ``"generated"``: the generated cells of ``layers["doloris_generated"]``,
-            each gene moved to the anchored mean without filling zeros (rescaled, or expressed in
-            more or fewer cells: those the mask model finds likeliest, at the bridge's values).
+            each gene moved to the anchored mean without filling zeros (its expressing cells move
+            by their share of the change, and the rest is how many cells express it).
             ``"sources"``: the source cells moved the same way. See docs/method.md, "The anchored
             prediction".
         progress_bar
@@ -298,8 +298,6 @@ class PredictionMixin:
                 inputs.renamed,
                 anchored_cells,
                 seed,
-                arrays["probs"],
-                arrays["continuous"],
             )
         if inplace:
             write_inplace(adata, request.names, keys, arrays, {"latent": latents})
