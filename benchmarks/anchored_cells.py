@@ -104,15 +104,7 @@ class CachedDoloris(DolorisMethod):
             return self
         from scdoloris import Doloris
 
-        train = train.copy()
-        Doloris.setup_anndata(
-            train,
-            perturbation_key=split.perturbation_key,
-            control_value=split.control_value,
-            cell_type_key=split.cell_type_key,
-            dose_key=split.dose_key,
-            smiles_key=split.smiles_key,
-        )
+        train = self.registered(train, split)
         self.model = Doloris.load(str(path), adata=train)
         self.fitted_seed = seed
         return self

@@ -114,10 +114,9 @@ class DolorisMethod:
         """The same trained model predicting with other ``predict_kwargs``; list it after this method."""
         return SharedDolorisMethod(self, name, predict_kwargs)
 
-    def fit(self, train: ad.AnnData, split: Split, *, seed: int) -> DolorisMethod:
-        """Register ``train`` (a copy), build and train a model with ``seed``."""
-        import scvi
-
+    @staticmethod
+    def registered(train: ad.AnnData, split: Split) -> ad.AnnData:
+        """A copy of ``train`` set up for :class:`~scdoloris.Doloris` with ``split``'s keys (to train or load onto)."""
         from ..model import Doloris
 
         train = train.copy()
@@ -129,6 +128,15 @@ class DolorisMethod:
             dose_key=split.dose_key,
             smiles_key=split.smiles_key,
         )
+        return train
+
+    def fit(self, train: ad.AnnData, split: Split, *, seed: int) -> DolorisMethod:
+        """Register ``train`` (a copy), build and train a model with ``seed``."""
+        import scvi
+
+        from ..model import Doloris
+
+        train = self.registered(train, split)
         previous = scvi.settings.seed
         scvi.settings.seed = seed  # also seeds the initial weights
         try:
