@@ -297,26 +297,26 @@ def _moved_without_filling(block: np.ndarray, target: np.ndarray, rng: np.random
     out = np.where(on, np.clip(block + share * (target - block.mean(axis=0)), 0.0, None), 0.0)
     lowest = np.where(on, block, np.inf).min(axis=1)
     one_count = lowest[np.isfinite(lowest)]
+    # Whole cells to switch, per gene: the change left over the mean value a switched cell carries.
     remaining = n * target - out.sum(axis=0)
-    for gene in np.flatnonzero(remaining != 0):
+    expressing = (out > 0).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        carried = np.where(expressing > 0, out.sum(axis=0) / expressing, one_count.mean() if one_count.size else np.nan)
+        cells = np.nan_to_num(np.round(np.abs(remaining) / carried)).astype(np.int64)
+    for gene in np.flatnonzero(cells > 0):  # only the genes that switch cells: a Python loop
         column = out[:, gene]
-        expressing = column > 0
-        pool = column[expressing] if expressing.any() else one_count
-        if pool.size == 0:
-            continue
-        cells = int(round(abs(remaining[gene]) / pool.mean()))
+        now_on = column > 0
         if remaining[gene] > 0:
-            silent = np.flatnonzero(~expressing)
-            switched = rng.choice(silent, min(cells, len(silent)), replace=False)
-            column[switched] = rng.choice(pool, len(switched))
+            silent = np.flatnonzero(~now_on)
+            switched = rng.choice(silent, min(cells[gene], len(silent)), replace=False)
+            column[switched] = rng.choice(column[now_on] if now_on.any() else one_count, len(switched))
         else:
-            expressed = np.flatnonzero(expressing)
-            column[rng.choice(expressed, min(cells, len(expressed)), replace=False)] = 0.0
-        # Whole cells leave a remainder, and a rise beyond every cell expressing the gene is left:
-        # the expressing cells carry it (clipped at 0).
-        expressing = column > 0
-        if expressing.any():
-            column[expressing] = np.clip(
-                column[expressing] + (n * target[gene] - column.sum()) / expressing.sum(), 0.0, None
-            )
+            expressed = np.flatnonzero(now_on)
+            column[rng.choice(expressed, min(cells[gene], len(expressed)), replace=False)] = 0.0
+    # Whole cells leave a remainder, and a rise beyond every cell expressing the gene is left: the
+    # expressing cells carry it (clipped at 0).
+    now_on = out > 0
+    count = now_on.sum(axis=0)
+    correction = np.where(count > 0, (n * target - out.sum(axis=0)) / np.maximum(count, 1), 0.0)
+    out = np.where(now_on, np.clip(out + correction, 0.0, None), 0.0)
     return out

@@ -13,7 +13,6 @@ import rich.pretty  # noqa: F401  (scvi-tools' view_anndata_setup uses it withou
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass
@@ -558,40 +557,6 @@ class Doloris(PredictionMixin, CalibrationMixin, AnchoredMixin, SaveLoadMixin, R
                 self.calibration_ = {"gates": {}, "n_conditions": {}, "held_out": []}
         return result
 
-    def _check_registration(self) -> None:
-        """Refuse to read ``self.adata`` after another ``setup_anndata`` re-registered it differently.
-
-        scvi-tools keeps the codes it reads in ``adata.obs``; a second ``setup_anndata`` with another
-        column (or relabelled cells) rewrites them, and the model would read perturbed cells as controls.
-        """
-        # scvi-tools' class-wide store is keyed by the uuid in ``uns``, which a copy shares: after
-        # ``setup_anndata(adata.copy())`` the entry holds the copy's manager. Only a manager of this
-        # very object tells that it was set up again.
-        uuid = self.adata.uns.get(_SCVI_UUID_KEY)
-        latest = type(self)._setup_adata_manager_store.get(uuid) if uuid is not None else None
-        if latest is None or latest is self.adata_manager or latest.adata is not self.adata:
-            return
-        mine, theirs = self.adata_manager, latest
-        changed = [
-            name
-            for name, a, b in [
-                ("setup arguments", mine.registry["setup_args"], theirs.registry["setup_args"]),
-                *(
-                    (key, mine.get_state_registry(key).to_dict(), theirs.get_state_registry(key).to_dict())
-                    for key in (REGISTRY_KEYS.PERTURBATION_KEY, REGISTRY_KEYS.CELL_TYPE_KEY)
-                ),
-            ]
-            if repr(a) != repr(b)
-        ]
-        if changed:
-            raise ValueError(
-                f"This model's AnnData was set up again (setup_anndata) after the model was built, and its "
-                f"{', '.join(changed)} changed; the model would read the new registration as its own. Call "
-                f"Doloris.setup_anndata(adata, **{mine.registry['setup_args']!r}) again before using this model, "
-                "or set up a copy (adata.copy()) for the other use."
-            )
-
-    # ------------------------------------------------------------------ anchoring (preset="anchored")
     @property
     def preset(self) -> str:
         """``"anchored"`` (control + calibrated anchor, the default) or ``"paper"`` (the published method)."""
