@@ -106,7 +106,7 @@ def test_runner_scores_every_method_condition_and_seed(result):
     }
     assert set(scores["seed"]) == {0, 1}
     assert set(scores["gene_set"]) == {"all", "DE20"}  # 30 genes: no top 40
-    assert set(scores["metric"]) == set(sd.benchmark._runner.DEFAULT_METRICS)
+    assert set(scores["metric"]) == set(sd.benchmark._scoring.DEFAULT_METRICS)
     per_method = scores.groupby("method").size()
     assert per_method.nunique() == 1  # every method scored on every condition, seed, gene set and metric
     assert len(result.failures) == 0
@@ -293,7 +293,7 @@ def test_score_condition_metric_selection_and_floor_cache(condition):
 def test_runner_paper_metrics_only(synthetic):
     split = sd.benchmark.singles_to_doubles(synthetic, cell_type_key="cell_type")
     methods = [sd.benchmark.BaselineMethod("no_change", sd.baselines.NoChange)]
-    from scdoloris.benchmark._runner import PAPER_METRICS
+    from scdoloris.benchmark._scoring import PAPER_METRICS
 
     result = sd.benchmark.run_benchmark(
         synthetic, split, methods, n_cells=10, n_de_genes=(), metric_names=PAPER_METRICS, progress=False

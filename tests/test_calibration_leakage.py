@@ -13,8 +13,7 @@ from conftest import SMALL, TRAIN_KWARGS, training_subset
 
 import scdoloris as sd
 from scdoloris._constants import REGISTRY_KEYS
-from scdoloris.data import summarize_training_data
-from scdoloris.data._summary import summarize_without
+from scdoloris.data import summarize_training_data, summarize_without
 from scdoloris.model._inputs import module_inputs
 from scdoloris.module import DolorisModule, GraphTensors, ModuleInputs
 from scdoloris.train import DolorisTrainingPlan

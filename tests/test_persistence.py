@@ -22,11 +22,11 @@ from scdoloris.model._persistence import (
     ModelFileError,
     ModelWriteError,
     convert_trusted_model,
-    damaged_member,
     legacy_globals,
     read_model,
     write_model,
 )
+from scdoloris.train import damaged_member
 
 LEGACY = Path(__file__).parent / "data" / "legacy_model"
 TINY = {"n_hidden": 16, "n_blocks": 1, "n_hidden_mask": 16, "n_blocks_mask": 1, "n_perturbation": 8, "n_timesteps": 20}

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import scdoloris as sd
-from scdoloris.module import GraphTensors
+from scdoloris.module import GraphTensors, PerturbationEncoder
 from scdoloris.perturbation import (
     GeneGraph,
-    PerturbationEncoder,
     PerturbationVocabulary,
     freeze_prior,
     go_edges,
@@ -329,7 +328,7 @@ def test_neighbourhood_reused_for_same_nodes_and_dropped_when_edges_change():
 def test_a_dosed_combination_keeps_the_dose_on_every_component():
     """One spelling of (label, dose) for the model's anchor and the runner: "A@100+B@100", not "A+B@100"."""
     from scdoloris.baselines._dose import split_dose
-    from scdoloris.benchmark._runner import _dosed
+    from scdoloris.benchmark._methods import _dosed
     from scdoloris.perturbation import dosed_label, split_perturbation
 
     for label in (dosed_label("A+B", 100.0), _dosed("A+B", 100.0)):

@@ -15,7 +15,7 @@ import torch
 from scipy import sparse
 
 import scdoloris as sd
-import scdoloris.data._summary as summary_module
+import scdoloris.data._statistics as statistics_module
 from scdoloris.data import summarize_training_data
 
 SUMMARY_ARRAYS = [
@@ -62,15 +62,15 @@ def _summarize(adata, X):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Read 64 rows at a time, so that the small data set spans many blocks."""
-    monkeypatch.setattr(summary_module, "BLOCK_VALUES", 1)
+    monkeypatch.setattr(statistics_module, "BLOCK_VALUES", 1)
 
 
 @pytest.mark.parametrize("storage", ["dense", "sparse"])
 def test_backed_summary_equals_in_memory(synthetic_two_types, tmp_path, small_blocks, storage):
     adata = synthetic_two_types
-    assert summary_module.block_rows(adata.n_vars) < adata.n_obs / 5
+    assert statistics_module.block_rows(adata.n_vars) < adata.n_obs / 5
     backed = _write(adata, tmp_path / "cells.h5ad", storage)
-    assert backed.isbacked and not summary_module.is_in_memory(backed.X)
+    assert backed.isbacked and not sd.data.is_in_memory(backed.X)
     dense = np.asarray(adata.X, dtype=np.float64)
     in_memory = _summarize(adata, dense)
     on_disk = _summarize(adata, backed.X)

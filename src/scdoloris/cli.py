@@ -261,7 +261,8 @@ def _benchmark(args: argparse.Namespace, error: Error) -> int:
     if args.suite:
         return _suite(args)
     from .benchmark._datasets import load_dataset
-    from .benchmark._runner import DEFAULT_METRICS, _check_arguments
+    from .benchmark._runner import _check_arguments
+    from .benchmark._scoring import DEFAULT_METRICS
 
     try:
         data = load_dataset(args.dataset)

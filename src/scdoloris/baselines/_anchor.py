@@ -1,4 +1,8 @@
-"""The anchor baseline: the best measured population shift for each condition, with calibrated fallbacks."""
+"""The anchor baseline: the best measured population shift for each condition, with calibrated fallbacks.
+
+One room of more than 600 lines because the Anchor is one estimator: its fallbacks, its calibrations
+(shrinkage, transfer across cell types, bandwidth) and its saved state read the same fitted tables.
+"""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """Seeded splits and the runner that compares Doloris with the baselines on them."""
 
 from ._celleval import score_cell_eval, to_cell_eval
-from ._runner import (
-    BaselineMethod,
-    BenchmarkResult,
-    DolorisMethod,
-    SharedDolorisMethod,
-    default_methods,
-    paired_difference,
-    run_benchmark,
-    score_condition,
-)
+from ._methods import BaselineMethod, DolorisMethod, SharedDolorisMethod, default_methods
+from ._result import BenchmarkResult, paired_difference
+from ._runner import run_benchmark
+from ._scoring import score_condition
 from ._splits import (
     Split,
     singles_to_doubles,

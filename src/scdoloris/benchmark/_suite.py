@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._runner import BAR_METHOD, DEFAULT_METHOD, HIGHER_IS_BETTER, paired_difference
+from ._methods import BAR_METHOD, DEFAULT_METHOD
+from ._result import paired_difference
+from ._scoring import HIGHER_IS_BETTER
 
 # Seeds the methods are developed on, and seeds looked at only once a method change is final (docs/evaluation.md).
 DEVELOPMENT_SEEDS = (0, 1, 2)
@@ -158,7 +160,8 @@ def run_one(name: str, seed: int, out: str | os.PathLike, settings: RunSettings 
     settings, machine, date, wall time).
     """
     from ._datasets import load_dataset
-    from ._runner import default_methods, run_benchmark
+    from ._methods import default_methods
+    from ._runner import run_benchmark
 
     entry = SUITE[name]
     start = time.perf_counter()

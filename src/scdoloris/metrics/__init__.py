@@ -16,6 +16,7 @@ conditions (:func:`rank_metric`).
 
 from ._change import cosine_delta, top_expressed_l2
 from ._de import de_agreement, de_genes, differential_expression
+from ._de import wilcoxon_adjusted_pvalues as wilcoxon_adjusted_pvalues  # used by scdoloris.benchmark
 from ._distances import e_distance, e_distance_floor, emd, mean_rmse, pearson_delta
 from ._distribution import spread_ratio, zero_fraction_error
 from ._evaluate import evaluate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -38,9 +39,12 @@ def _torch_threads_kept() -> Iterator[None]:
 
     scanpy's Wilcoxon test (numba) resets the OpenMP thread count torch shares, to one per core: a
     notebook that chose ``torch.set_num_threads(1)`` would silently get its training slowed or changed.
+    Without torch loaded there is nothing to keep (and this package of metrics does not load it).
     """
-    import torch
-
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     threads = torch.get_num_threads()
     try:
         yield

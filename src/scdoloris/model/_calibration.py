@@ -25,8 +25,7 @@ from .._constants import (
     PREDICTION_N_STEPS,
     REGISTRY_KEYS,
 )
-from ..data import TrainingSummary, expression_matrix, read_rows
-from ..data._summary import summarize_without
+from ..data import TrainingSummary, expression_matrix, read_rows, summarize_without
 from ..perturbation import split_perturbation
 from ..prediction import resolve_request
 from ..train import in_fold
@@ -60,7 +59,7 @@ class _Calibration(Callback):
     A zero weight alone would leave the fold in what the model keeps of its training data (node
     features, target prior, conditions' moments, scale, reference cells of mask sampling): until
     ``step`` the module holds, and the calibration predicts with, ``without`` -- the summary of the
-    data without the fold's cells (:func:`~scdoloris.data._summary.summarize_without`) -- and from
+    data without the fold's cells (:func:`~scdoloris.data.summarize_without`) -- and from
     ``step`` on ``final`` (see :meth:`Doloris._calibration`). :meth:`begin` and :meth:`end` bracket
     the run; the module's statistics are buffers, so a checkpoint restores those of its phase.
     """

@@ -1,5 +1,8 @@
 """The saved-model file: tensors and plain data only, read without unpickling arbitrary objects.
 
+One room of more than 600 lines because the writer and the reader of the one tagged format below
+encode the same types and must change together.
+
 A saved model is one file, ``model.pt``, written by :func:`torch.save` and read by
 :func:`torch.load` with ``weights_only=True``, whose restricted unpickler builds nothing but
 tensors, ``dict``, ``list``, ``str``, numbers, ``bool`` and ``None``: a crafted file cannot run
@@ -52,6 +55,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from ..train import damaged_member
 
 FORMAT = "scdoloris.model"
 FORMAT_VERSION = 1
@@ -331,26 +336,6 @@ def read_model(path: str) -> SavedModel:
     if isinstance(payload, dict) and "format" in payload:
         return _decode_payload(path, payload)
     return _legacy_model(path, payload)
-
-
-def damaged_member(path: str) -> str | None:
-    """The first member of the zip archive at ``path`` whose bytes fail their CRC-32, or ``None``.
-
-    torch writes a CRC-32 of every member (``torch.save``, Lightning checkpoints) but never checks
-    them when it loads, so flipped bytes inside a tensor load silently as other weights. Archives
-    written with ``torch.serialization.set_crc32_options(False)`` store 0 for every CRC: they are
-    not checked (``None``).
-
-    Raises
-    ------
-    zipfile.BadZipFile, OSError, EOFError
-        The archive's directory or a member's header is damaged.
-    """
-    with zipfile.ZipFile(path) as archive:
-        members = archive.infolist()
-        if all(m.CRC == 0 for m in members) and any(m.file_size for m in members):
-            return None  # written without CRCs (an empty member's CRC is 0 as well)
-        return archive.testzip()
 
 
 @contextlib.contextmanager

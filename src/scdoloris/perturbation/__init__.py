@@ -1,8 +1,7 @@
 """Perturbation labels, gene-graph priors and molecule features, torch-free.
 
-The torch encoders that embed perturbations live in :mod:`scdoloris.module`; they stay importable
-from here (``PerturbationEncoder``, ``MoleculeEncoder``, ``dose_scale``), loaded on first access so that
-importing this package does not import torch.
+The torch encoders that embed perturbations (``PerturbationEncoder``, ``MoleculeEncoder``,
+``dose_scale``) live in :mod:`scdoloris.module`, a floor above: this package imports nothing of it.
 """
 
 from ._aliases import align_prior, resolve_names, symbol_candidates
@@ -12,9 +11,6 @@ from ._vocabulary import COMBINATION_SEPARATOR as COMBINATION_SEPARATOR  # used 
 from ._vocabulary import DOSE_SEPARATOR as DOSE_SEPARATOR
 from ._vocabulary import PerturbationVocabulary, dosed_label, split_perturbation
 from ._vocabulary import canonical as canonical  # the order-free key of a condition
-
-# Public names defined in scdoloris.module (torch), resolved lazily by __getattr__.
-_TORCH_NAMES = ("MoleculeEncoder", "PerturbationEncoder", "dose_scale")
 
 __all__ = [
     "GeneGraph",
@@ -32,17 +28,3 @@ __all__ = [
     "align_prior",
     "resolve_names",
 ]
-
-
-def __getattr__(name: str):
-    if name in _TORCH_NAMES:
-        from .. import module
-
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_TORCH_NAMES))

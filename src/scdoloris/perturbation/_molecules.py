@@ -3,10 +3,10 @@
 A drug is represented by a fixed feature row, computed once per molecule and cached with the model
 (:class:`MoleculeFeatures`): an RDKit Morgan fingerprint by default, or a row of a user table of
 precomputed embeddings (for example from a pretrained molecular model). The torch
-:class:`~scdoloris.perturbation.MoleculeEncoder` (in ``scdoloris.module``) turns ``(molecule, dose)``
+:class:`~scdoloris.module.MoleculeEncoder` turns ``(molecule, dose)``
 components into a perturbation embedding that is exactly zero at dose 0, varies smoothly with the
 log-scaled dose and is summed over the components of a combination, so that it can be added to the
-gene/category :class:`~scdoloris.perturbation.PerturbationEncoder` output.
+gene/category :class:`~scdoloris.module.PerturbationEncoder` output.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from .._constants import REGISTRY_KEYS
 from .._validation import check_count
 from ..module import DolorisModule
+from ._archive import damaged_member
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -316,10 +317,7 @@ def checkpointing(checkpoint_dir: str | os.PathLike, every_n_steps: int) -> tupl
         # torch.save writes a zip archive whose directory comes last: a truncated file is not a zip file.
         damage = None if zipfile.is_zipfile(last) else "it is not a complete checkpoint archive"
         if damage is None:
-            # Imported here: scdoloris.model imports this module. torch never checks the CRCs it writes,
-            # so flipped bytes would resume silently from other weights.
-            from ..model._persistence import damaged_member
-
+            # torch never checks the CRCs it writes, so flipped bytes would resume silently from other weights.
             try:
                 member = damaged_member(last)
             except Exception as error:  # a damaged zip directory or member header
