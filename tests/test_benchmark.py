@@ -565,3 +565,46 @@ def test_runner_checks_the_split_and_the_data(tiny):
     with pytest.raises(TypeError, match="adata must be an AnnData"):
         sd.benchmark.run_benchmark(adata.X, split, [spy])
     assert not spy.fitted
+
+
+def test_a_dosed_combination_reaches_the_baselines_with_every_component_dosed():
+    """The runner spells a dosed combination "A@100+B@100" (one rule, perturbation.dosed_label).
+
+    Its real cells are the controls moved by both drugs' measured shifts at that dose, so the Anchor's
+    sum of the two dosed singles, applied to the same controls, gives them back; "A+B@100" would leave
+    "A" undosed, an unknown drug.
+    """
+    data = sd.datasets.synthetic_drug_perturbations(
+        n_genes=30, n_drugs=3, doses=(100.0,), cell_types=("A549",), n_cells_per_condition=60, n_control_cells=120
+    )
+    x = np.asarray(data.X)
+    labels = data.obs["perturbation"].astype(str).to_numpy()
+    first, second = sorted(set(labels) - {"control"})[:2]
+    controls = x[labels == "control"]
+    moved = sum(x[labels == drug].mean(axis=0) - controls.mean(axis=0) for drug in (first, second))
+    both = ad.AnnData(np.clip(controls + moved, 0.0, None).astype(np.float32), var=data.var)
+    both.obs = data.obs[labels == "control"].copy()
+    both.obs_names = [f"both{i}" for i in range(len(controls))]
+    both.obs["perturbation"], both.obs["dose"] = f"{first}+{second}", 100.0
+    data = ad.concat([data, both])
+    data.obs["perturbation"] = data.obs["perturbation"].astype(str)
+    split = sd.benchmark.Split(
+        name="dosed_combination",
+        train=(data.obs["perturbation"] != f"{first}+{second}").to_numpy(),
+        test=pd.DataFrame([{"perturbation": f"{first}+{second}", "cell_type": "A549", "dose": 100.0}]),
+        perturbation_key="perturbation",
+        control_value="control",
+        cell_type_key="cell_type",
+        dose_key="dose",
+    )
+    methods = [
+        sd.benchmark.BaselineMethod(name, cls)
+        for name, cls in [("anchor", sd.baselines.Anchor), ("no_change", sd.baselines.NoChange)]
+    ]
+    result = sd.benchmark.run_benchmark(
+        data, split, methods, n_cells=len(controls), n_de_genes=(), metric_names=["mean_rmse"], progress=False
+    )
+    assert len(result.failures) == 0
+    rmse = result.scores.set_index("method")["value"]
+    assert rmse["no_change"] > 0.1
+    assert rmse["anchor"] < 1e-5  # every control, moved by the sum of the dosed singles
