@@ -59,6 +59,9 @@ COLUMNS = [
     ("rank_mse", "all"),
 ]
 
+# The package source this process runs, taken at start: an edit during a long run must not relabel it.
+SOURCE = source_fingerprint()
+
 
 class Recorded:
     """A method whose predictions' zero fractions are recorded (and, optionally, whose X is a layer)."""
@@ -185,7 +188,7 @@ def run(name: str, seed: int, settings: RunSettings, models: Path | None = None)
     record = calibration.get("conditions")
     info = {
         "seconds": time.perf_counter() - start,
-        "source": source_fingerprint(),
+        "source": SOURCE,
         "gates": calibration["gates"],
         "min5_gates": methods[3].method.gates,
         "validated_gates": gates_from_statistics(record, record["kind"], validate=True)[0] if record else {},
