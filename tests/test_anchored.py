@@ -46,12 +46,17 @@ def test_calibration_records_each_conditions_statistics(anchored):
     assert gates == pytest.approx(calibration["gates"]) and counts == calibration["n_conditions"]
 
 
-def test_zero_gates_give_control_plus_anchor(anchored, held_out_doubles):
-    """With every gate 0 the prediction is the Anchor baseline's: the same control cells plus its shift."""
+def test_zero_gates_give_the_anchor_mean_or_with_shifted_cells_the_anchor_itself(anchored, held_out_doubles):
+    """With every gate 0 the default's cells have the Anchor baseline's mean, gene by gene, per condition
+    and cell type (a combination's target is the clipped shifted cells' mean), and ``"shifted"`` cells
+    are the Anchor's own: the same control cells plus its shift."""
     saved = anchored.calibration_
     try:
         anchored.calibration_ = {"gates": {}, "n_conditions": {}, "held_out": []}
         pred = anchored.predict_perturbation(held_out_doubles[:2], n_cells=15, seed=3, n_steps=5)
+        shifted = anchored.predict_perturbation(
+            held_out_doubles[:2], n_cells=15, seed=3, n_steps=5, anchored_cells="shifted"
+        )
     finally:
         anchored.calibration_ = saved
     baseline = sd.baselines.Anchor().fit(
@@ -59,7 +64,12 @@ def test_zero_gates_give_control_plus_anchor(anchored, held_out_doubles):
     )
     expected = baseline.predict(held_out_doubles[:2], n_cells=15, seed=3)
     assert list(pred.obs["control_cell"]) == list(expected.obs["control_cell"])
-    np.testing.assert_allclose(pred.X, expected.X, atol=1e-5)
+    np.testing.assert_allclose(shifted.X, expected.X, atol=1e-5)
+    blocks = pred.obs["perturbation"].astype(str) + "/" + pred.obs["cell_type"].astype(str)
+    for block in blocks.unique():
+        rows = (blocks == block).to_numpy()
+        np.testing.assert_allclose(pred.X[rows].mean(axis=0), expected.X[rows].mean(axis=0), atol=1e-5)
+    assert (pred.X == 0).mean() > (expected.X == 0).mean()  # the default keeps zeros the shift fills
     # The paper's generated cells stay beside them, and the result says what anchored each condition.
     assert pred.layers["doloris_generated"].shape == pred.shape
     anchoring = pred.uns["doloris_anchoring"]
@@ -72,7 +82,9 @@ def test_gates_move_the_shift_towards_the_generated_cells(anchored, held_out_dou
     kinds = {"seen", "combination", "partial", "unseen", "new_cell_type"}
     try:
         anchored.calibration_ = {"gates": dict.fromkeys(kinds, 1.0), "n_conditions": {}, "held_out": []}
-        pred = anchored.predict_perturbation(held_out_doubles[:1], cell_type="ct0", n_cells=40, seed=3, n_steps=5)
+        pred = anchored.predict_perturbation(
+            held_out_doubles[:1], cell_type="ct0", n_cells=40, seed=3, n_steps=5, anchored_cells="shifted"
+        )
     finally:
         anchored.calibration_ = saved
     sources = anchored.adata[pred.obs["control_cell"].to_numpy()].X
@@ -90,7 +102,7 @@ def test_zero_residual_returns_control_plus_anchor():
     groups = np.zeros(30, dtype=int)
     anchors = {(0, 0): anchor, (1, 0): anchor}
     for gate in (0.0, 0.4, 1.0):
-        cells, shifts = anchored_cells(sources, generated, groups, anchors, {(0, 0): gate, (1, 0): gate})
+        cells, shifts = anchored_cells(sources, generated, groups, anchors, {(0, 0): gate, (1, 0): gate}, "shifted")
         np.testing.assert_allclose(cells, np.clip(np.tile(sources, (2, 1)) + anchor, 0, None))
         np.testing.assert_allclose(shifts[(0, 0)], anchor)
 
@@ -165,10 +177,10 @@ def test_predicted_zero_aware_cells_keep_the_generated_zeros(anchored, held_out_
     """``anchored_cells="generated"``: the generated layer moved gene by gene, most of its zeros kept."""
     kwargs = {"cell_type": "ct0", "n_cells": 30, "seed": 4, "n_steps": 5}
     pred = anchored.predict_perturbation(held_out_doubles[:2], anchored_cells="generated", **kwargs)
-    shifted = anchored.predict_perturbation(held_out_doubles[:2], **kwargs)
+    shifted = anchored.predict_perturbation(held_out_doubles[:2], anchored_cells="shifted", **kwargs)
     np.testing.assert_array_equal(pred.layers["doloris_generated"], shifted.layers["doloris_generated"])
     generated = pred.layers["doloris_generated"]
-    # The default fills zeros by the shift; the zero-aware cells keep most of the generated ones.
+    # Shifted cells fill zeros by the shift; the zero-aware cells keep most of the generated ones.
     assert (pred.X == 0).mean() > (shifted.X == 0).mean()
     assert abs((pred.X == 0).mean() - (generated == 0).mean()) < 0.1
     # The mean of each gene is the anchored one: that of the shifted cells where no value is clipped.
@@ -190,8 +202,10 @@ def test_a_validated_gate_must_hold_out_on_each_condition_left_out():
     true = np.vstack([helps, lucky])
     kinds = ["helps"] * 3 + ["lucky"] * 3
     statistics = gate_statistics(true, anchors, residual)
-    plain, _ = gates_from_statistics(statistics, kinds)
-    validated, _ = gates_from_statistics(statistics, kinds, validate=True)
+    # Three conditions per kind are below the package's minimum: no gate at all.
+    assert gates_from_statistics(statistics, kinds, validate=True)[0] == {"helps": 0.0, "lucky": 0.0}
+    plain, _ = gates_from_statistics(statistics, kinds, min_conditions=2)
+    validated, _ = gates_from_statistics(statistics, kinds, validate=True, min_conditions=2)
     assert plain["helps"] == pytest.approx(0.5, abs=0.05) and validated["helps"] == plain["helps"]
     assert plain["lucky"] > 0.2 and validated["lucky"] == 0.0
     # The statistics are the error of any gate: ||s - a - g r||^2 = c - 2 g p + g^2 q.
@@ -206,8 +220,10 @@ def test_gates_are_least_squares_clipped():
     a = np.zeros_like(s)
     gates, counts = fit_gates(s, a, -s, ["unseen", "unseen", "combination"])
     assert gates == {"combination": 0.0, "unseen": 0.0} and counts == {"combination": 1, "unseen": 2}
-    gates, _ = fit_gates(s, a, 4 * s, ["unseen"] * 3)
+    many = np.vstack([s, s])  # six conditions, above the minimum of five
+    gates, _ = fit_gates(many, np.zeros_like(many), 4 * many, ["unseen"] * 6)
     assert gates["unseen"] == pytest.approx(0.25)
+    assert fit_gates(s, a, 4 * s, ["unseen"] * 3)[0] == {"unseen": 0.0}  # three: the anchor alone
     assert calibration_fold(["A", "B", "C", "D"], seed=0) == []
     assert calibration_fold([f"P{i}" for i in range(10)], seed=1) == calibration_fold([f"P{i}" for i in range(10)], 1)
 
@@ -272,3 +288,31 @@ def test_calibration_samples_at_most_its_cap_of_conditions(synthetic_two_types, 
     pairs = set(zip(full["conditions"]["name"], full["conditions"]["cell_type"], strict=True))
     assert set(zip(capped["conditions"]["name"], capped["conditions"]["cell_type"], strict=True)) < pairs
     assert sum(capped["n_conditions"].values()) == 2
+
+
+def test_zero_aware_means_are_the_target_for_any_block_that_expresses_the_gene():
+    """Falls that would silence every cell keep one, and what the clip at 0 leaves is carried again."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n, genes = int(rng.integers(5, 120)), 30
+        block = np.where(rng.random((n, genes)) < rng.random(genes), rng.gamma(2.0, 0.6, (n, genes)), 0.0)
+        target = np.clip(block.mean(axis=0) + rng.normal(0.0, 0.5, genes) * rng.random(genes), 0.0, None)
+        out = _moved_without_filling(block, target, np.random.default_rng(trial))
+        expressed = block.sum(axis=0) > 0  # a gene silent everywhere gets whole counts or stays 0 (above)
+        np.testing.assert_allclose(out.mean(axis=0)[expressed], target[expressed], atol=1e-9)
+        assert (out >= 0).all() and ((out > 0) <= ((block > 0) | (target > 0))).all()
+
+
+def test_the_model_summary_says_how_the_default_predicts(anchored):
+    """The gates and what each rests on, or why there are none (Kang's one stimulation: no fold)."""
+    summary = anchored._model_summary_string
+    assert "Preset: anchored (source control cells moved, without filling zeros, to the Anchor's mean" in summary
+    for kind, count in anchored.calibration_["n_conditions"].items():
+        assert f"{kind} {anchored.calibration_['gates'][kind]:.2f} on {count}" in summary
+    adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=3, n_doubles=0)
+    sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
+    few = sd.Doloris(adata, n_hidden=16)
+    assert "Preset" not in few._model_summary_string  # nothing to say before training
+    few.train(max_steps=12, batch_size=64)
+    assert "No calibration fold (fewer than 5 perturbation labels" in few._model_summary_string
+    assert few.calibration_["gates"] == {}

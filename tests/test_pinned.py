@@ -86,43 +86,48 @@ def default_model(synthetic_two_types, held_out_gene):
 
 
 def test_default_prediction_and_gates_are_pinned(default_model, held_out_gene):
-    """What users get by default: X and the gates, computed at 3f72306 (after the leakage fix).
+    """What users get by default: X and the gates.
 
-    Re-pinned when each condition got its own random stream (issue 24, item 4): the calibration's
-    masks were drawn anew, and the ``unseen`` gate, 0.011 before, is now 0: every condition here is
-    the Anchor baseline's.
+    Gates computed at 3f72306 (after the leakage fix) and re-pinned when each condition got its own
+    random stream (issue 24, item 4): the ``unseen`` gate, 0.011 before, is now 0. X re-pinned when
+    the default's cells became the source cells at the anchored mean without filling zeros (issue 23):
+    with every gate 0, X depends on the Anchor and the seeded streams only, not on the network.
     """
     calibration = default_model.calibration_
     assert calibration["held_out"] == ["G005", "G006"] and calibration["n_conditions"] == {"unseen": 4}
-    assert set(calibration["gates"]) == {"unseen"}
-    assert calibration["gates"]["unseen"] == pytest.approx(0.0, abs=2e-3)
+    assert calibration["gates"] == {"unseen": 0.0}  # 4 held-out conditions, below the minimum of 5
     perturbations = ["G000+G003", held_out_gene, "G001"]
     pred = default_model.predict_perturbation(perturbations, n_cells=8, seed=7, n_steps=10)
     anchoring = pred.uns["doloris_anchoring"]
     assert anchoring["kind"] == ["combination", "combination", "unseen", "unseen", "seen", "seen"]
-    assert anchoring["gate"][:2] == [0.0, 0.0] and anchoring["gate"][4:] == [0.0, 0.0]
-    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 2419.591883939138, rtol=1e-4)
+    assert anchoring["gate"] == [0.0] * 6
+    np.testing.assert_allclose(pred.X.astype(np.float64).sum(), 2396.9750973805785, rtol=1e-4)
     np.testing.assert_allclose(
         pred.X[[0, 9, 17], :6],
         [
-            [0.0, 0.023227935656905174, 0.0, 1.047312617301941, 0.24841859936714172, 0.7880712151527405],
-            [
-                1.604103922843933,
-                1.6896772384643555,
-                2.69388484954834,
-                1.1488077640533447,
-                0.23646950721740723,
-                2.287576198577881,
-            ],
-            [1.999198317527771, 1.7913382053375244, 1.4635039567947388, 1.7020761966705322, 0.0, 0.7419577240943909],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.7880712151527405],
+            [1.6979987621307373, 1.7101845741271973, 2.69388484954834, 1.1488077640533447, 0.0, 2.3149893283843994],
+            [1.9784778356552124, 1.732928991317749, 1.447984218597412, 1.6004679203033447, 0.0, 0.7110190391540527],
         ],
         rtol=1e-4,
         atol=2e-4,
     )
-    # Where the gate is 0 the default is the Anchor baseline itself, from the same control cells.
+    # Where the gate is 0 the default has the Anchor baseline's mean, from the same control cells, and
+    # its shifted cells are the Anchor's own.
     anchor = sd.baselines.Anchor().fit(
         default_model.adata, perturbation_key="perturbation", control_value="control", cell_type_key="cell_type"
     )
     baseline = anchor.predict(perturbations, n_cells=8, seed=7)
     np.testing.assert_array_equal(baseline.obs["control_cell"].to_numpy(), pred.obs["control_cell"].to_numpy())
-    np.testing.assert_allclose(pred.X, baseline.X, atol=1e-5)
+    shifted = default_model.predict_perturbation(perturbations, n_cells=8, seed=7, n_steps=10, anchored_cells="shifted")
+    np.testing.assert_allclose(shifted.X, baseline.X, atol=1e-5)
+    sources = default_model.adata[pred.obs["control_cell"].to_numpy()].X
+    sources = np.asarray(sources.toarray() if hasattr(sources, "toarray") else sources, dtype=np.float64)
+    shifts = anchor.predict_shift(perturbations)
+    for block, (entry, cell_type) in enumerate(zip(anchoring["entry"], anchoring["cell_type"], strict=True)):
+        rows = slice(8 * block, 8 * (block + 1))
+        if anchoring["kind"][block] == "combination":  # a sum of shifts: the clipped shifted cells' mean
+            target = baseline.X[rows].mean(axis=0)
+        else:  # the anchored mean itself
+            target = np.clip(sources[rows].mean(axis=0) + shifts.loc[(entry, cell_type)].to_numpy(), 0.0, None)
+        np.testing.assert_allclose(pred.X[rows].mean(axis=0), target, atol=1e-5)

@@ -148,7 +148,8 @@ sc.pl.violin(one, genes, groupby="source", rotation=30)
 # *additive* (controls plus the sum of the two single shifts), the *linear* model of
 # Ahlmann-Eltze et al. (2025) and the *Anchor* (`sd.baselines.Anchor`), the population estimate the
 # default prediction starts from: the bar Doloris has to clear, since where the calibrated gates are
-# 0 the default *is* the Anchor. `sd.metrics.evaluate` scores each held-out double on all genes and
+# 0 the default has the Anchor's mean (its cells keep the control zeros the Anchor's shift fills).
+# `sd.metrics.evaluate` scores each held-out double on all genes and
 # on its top 20 DE genes (E-distance, paper Eq. 20; EMD, Eq. 21; RMSE of the mean). Lower is better.
 
 # %% [markdown]

@@ -105,8 +105,9 @@ sd.pl.de_gene_violins(pred, cd4_real, control=cd4_control, n_genes=6, perturbati
 # training cell types to CD4 T controls; the *Anchor* (`sd.baselines.Anchor`) transfers the
 # stimulation shift of the most similar training cell types, and is what the default prediction
 # starts from: the bar Doloris has to clear (where the calibrated gate is 0, or the kind of
-# condition is not calibrated, as for a cell type never seen perturbed, the default *is* the
-# Anchor). All start from the same controls.
+# condition is not calibrated, as for a cell type never seen perturbed, the default has the Anchor's
+# mean; its cells keep the control zeros that the Anchor's shift fills). All start from the same
+# controls.
 
 # %%
 predictions = {"doloris": pred}

@@ -18,7 +18,7 @@ PREDICTION_BATCH_SIZE = 1024
 MASK_THRESHOLDS = (0.05, 0.95)
 MASK_REFERENCE_CONDITIONS = 1
 # How preset="anchored" makes its cells (scdoloris.model._anchoring.anchored_cells); the first is the default.
-ANCHORED_CELLS = ("shifted", "generated", "sources")
+ANCHORED_CELLS = ("sources", "generated", "shifted")
 
 # Prediction presets of Doloris, the default first (model/_anchoring.py): "paper" is the published method.
 PRESETS = ("anchored", "paper")

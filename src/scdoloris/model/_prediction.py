@@ -205,13 +205,14 @@ class PredictionMixin:
         mask_reference_conditions
             Number of nearest training conditions forming the reference subset.
         anchored_cells
-            ``preset="anchored"``: how its cells are made around the anchored mean. ``"shifted"``
-            (default): each source control cell moved by the anchored shift (a gene's zeros become
-            the shift). ``"generated"``: the generated cells of ``layers["doloris_generated"]``,
-            each gene moved to the anchored mean without filling zeros (its expressing cells move
-            by their share of the change, and the rest is how many cells express it).
-            ``"sources"``: the source cells moved the same way. See docs/method.md, "The anchored
-            prediction".
+            ``preset="anchored"``: how its cells are made around the anchored mean. ``"sources"``
+            (default): the source control cells, each gene moved to the anchored mean without
+            filling zeros (its expressing cells move by their share of the change, and the rest is
+            how many cells express it: silent cells switched on at real values, or expressing
+            cells switched off). ``"generated"``: the generated cells of
+            ``layers["doloris_generated"]`` moved the same way. ``"shifted"``: each source cell
+            moved by the anchored shift (a gene's zeros become the shift; the default before
+            0.1.0's issue 23). See docs/method.md, "The anchored prediction".
         progress_bar
             Show progress bars of the inversion and the generation; ``None``: only for long calls
             (more than 20,000 cell-steps, a few seconds on a CPU, i.e. cells x perturbations x ``n_steps``).
@@ -229,9 +230,10 @@ class PredictionMixin:
         ``layers["doloris_continuous"]`` (bridge output before the mask), ``layers["doloris_mask"]``,
         ``obsm["doloris_latent"]``, ``obsm["doloris_activation_prob"]``; ``obs`` with the
         perturbation, cell type, dose, source control cell (``control_cell``) and ``is_predicted``.
-        With ``preset="anchored"`` (the default) ``X`` is each source cell moved by the anchored shift
-        (see the ``preset`` parameter of :class:`Doloris`), ``layers["doloris_generated"]`` holds the
-        paper's generated cells (``mask * continuous``, Eq. 17), and ``uns["doloris_anchoring"]`` says
+        With ``preset="anchored"`` (the default) ``X`` is the source cells moved to the anchored mean
+        (``anchored_cells``; see the ``preset`` parameter of :class:`Doloris`),
+        ``layers["doloris_generated"]`` holds the paper's generated cells (``mask * continuous``,
+        Eq. 17), and ``uns["doloris_anchoring"]`` says
         for each perturbation and cell type which estimate anchored it (``kind``) and the share of the
         model's own shift taken (``gate``). With ``include_sources=True`` the source cells come first,
         with a row in every layer and obsm (see ``include_sources``).
