@@ -228,7 +228,13 @@ def summarize(out: Path) -> str:
     tables = sorted(out.glob("*_seed*.csv"))
     if not tables:
         raise SystemExit(f"No results under {out}.")
-    results = pd.concat([pd.read_csv(path) for path in tables])
+    frames = []
+    for path in tables:
+        frame = pd.read_csv(path)
+        if "min5_sources_cells" in set(frame["method"]):  # run before issue 23: "doloris" was the shifted default
+            frame["method"] = frame["method"].replace({"doloris": "previous_default"})
+        frames.append(frame)
+    results = pd.concat(frames)
     sources = {json.loads(path.with_suffix(".json").read_text())["source"] for path in tables}
     methods = [m for m in SHORT if m in set(results["method"])]
     lines = [f"Source fingerprint(s): {', '.join(sorted(sources))}; {len(tables)} runs.", ""]
@@ -242,10 +248,13 @@ def summarize(out: Path) -> str:
         lines += ["|---|---|" + "---:|" * len(methods)]
         for (split, seed), rows in results.groupby(["split", "seed"], sort=False):
             values = rows.set_index("method")[metric]
-            rounded = {m: round(float(values[m]), 3) for m in methods}
+            rounded = {m: round(float(values[m]), 3) for m in methods if m in values.index}
             best = min(rounded.values()) if lower else max(rounded.values())
-            bold = [m for m in methods if rounded[m] == best]
-            cells = [f"**{rounded[m]:.3f}**" if len(bold) == 1 and m in bold else f"{rounded[m]:.3f}" for m in methods]
+            bold = [m for m in rounded if rounded[m] == best]
+            cells = [
+                "–" if m not in rounded else f"**{rounded[m]:.3f}**" if bold == [m] else f"{rounded[m]:.3f}"
+                for m in methods
+            ]
             lines.append(f"| {split} | {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     shown = [
