@@ -73,5 +73,7 @@ def test_readme_says_what_the_demo_prints():
 
     printed = set(re.findall(r'"emd_(\w+)"', inspect.getsource(cli._demo)))
     assert printed == {"doloris", "anchor"}  # if this changes, so must the README's sentence
+    zeros = set(re.findall(r'"zeros_(\w+)"', inspect.getsource(cli._demo)))
+    assert zeros == {"doloris", "anchor", "real"}
     text = " ".join(README.read_text().split())
-    assert "the EMD of Doloris and the Anchor only" in text
+    assert "the EMD of Doloris and the Anchor only, their zero fractions and the real cells'" in text
