@@ -673,7 +673,12 @@ def run_predict(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with _autocast(torch, args.bf16):
         result = model.predict_perturbation(
-            conditions, n_cells=args.cells, n_steps=args.n_steps, seed=args.seed, batch_size=args.predict_batch
+            conditions,
+            n_cells=args.cells,
+            n_steps=args.n_steps,
+            seed=args.seed,
+            batch_size=args.predict_batch,
+            anchored_cells=args.anchored_cells,
         )
     _sync(device)
     wall = time.perf_counter() - start
@@ -692,6 +697,7 @@ def run_predict(args: argparse.Namespace) -> dict:
         "n_generated": n_generated,
         "n_steps": args.n_steps,
         "predict_batch": args.predict_batch,
+        "anchored_cells": args.anchored_cells,
         "wall_s": wall,
         "inversion_s": seconds["inversion_s"],
         "generation_s": seconds["generation_s"],
@@ -730,6 +736,7 @@ def _child_command(args: argparse.Namespace, kind: str, genes: int, batch: int, 
     command += ["--genes", str(genes), "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--conditions", str(args.conditions), "--cells", str(args.cells), "--n-steps", str(args.n_steps)]
     command += ["--predict-batch", str(args.predict_batch), "--threads", str(args.threads), "--device", args.device]
+    command += ["--anchored-cells", args.anchored_cells]
     command += ["--mm-size", str(args.mm_size), "--seed", str(args.seed), "--train-steps", str(args.train_steps)]
     return command + (["--bf16"] if args.bf16 else []) + (["--unfused-adamw"] if args.unfused_adamw else [])
 
@@ -986,6 +993,12 @@ def _parser() -> argparse.ArgumentParser:
         "--unfused-adamw", action="store_true", help="per-tensor AdamW instead of the training plan's fused one"
     )
     parser.add_argument("--mm-size", type=int, default=1024, help="size of the square fp32 matmul reference")
+    parser.add_argument(
+        "--anchored-cells",
+        choices=["sources", "generated", "shifted"],
+        default="sources",
+        help="how the anchored default makes its cells (predict_perturbation's anchored_cells)",
+    )
     parser.add_argument(
         "--train-steps",
         type=int,
