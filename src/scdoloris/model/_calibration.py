@@ -142,9 +142,11 @@ class CalibrationMixin:
                 "or a multi-device run): every gate is 0, the diffusion model's cells stay in "
                 'layers["doloris_generated"].'
             )
+        # A model saved before the minimum was 5 keeps the gates it was fitted with: only a 0 is explained.
+        below = f" (below {MIN_GATE_CONDITIONS}: the anchor alone)"
         shown = ", ".join(
             f"{kind} {gates.get(kind, 0.0):.2f} on {counts[kind]}"
-            + ("" if counts[kind] >= MIN_GATE_CONDITIONS else f" (below {MIN_GATE_CONDITIONS}: the anchor alone)")
+            + (below if counts[kind] < MIN_GATE_CONDITIONS and not gates.get(kind) else "")
             for kind in sorted(counts)
         )
         return head + f", plus each kind's gate times the model's own shift beyond it). Gates: {shown or 'none'}."
