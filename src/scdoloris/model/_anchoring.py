@@ -1,9 +1,9 @@
-"""The anchored prediction of Doloris: control cell + population anchor + calibrated share of the model's residual.
+"""The anchored prediction of Doloris: source control cells at the mean of a population anchor plus a calibrated share.
 
 The paper's Doloris generates every predicted cell from the shared latent. On held-out perturbations
 its *average* shift is often worse than a simple population estimate (the mean shift of the cell
 type, the sum of trained singles), and an E-distance over 100 cells is almost only the shift. The
-anchored prediction keeps each source control cell (its identity and spread) and moves it by
+anchored prediction keeps the source control cells (their identity and spread) and moves their mean by
 
     shift = anchor + g_kind * (doloris_shift - anchor),
 
@@ -11,8 +11,8 @@ where ``anchor`` is :class:`~scdoloris.baselines.Anchor`'s shift for the conditi
 ``doloris_shift`` the pseudobulk shift of the cells the paper's Doloris generates from the same
 sources, and ``g_kind`` a gate in ``[0, 1]`` per kind of condition (combination of trained
 components, some component never trained, ...), fitted on perturbations held out of training
-(:func:`fit_gates`). With ``g = 0`` the prediction is control + anchor; with ``g = 1`` the model's own
-shift.
+(:func:`fit_gates`). With ``g = 0`` the mean is the anchor's; with ``g = 1`` the model's own. How the
+cells reach that mean (by default without filling zeros) is :func:`anchored_cells`.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ class CalibrationMixin:
         """The calibration of an anchored run: a fold of perturbations and the step it is predicted at.
 
         ``None`` for the paper preset, too few perturbations or steps, and distributed runs (whose
-        processes would each predict the fold); their gates stay 0, the prediction control + anchor.
+        processes would each predict the fold); their gates stay 0, the prediction the anchor's mean.
         A model trained before keeps its gates.
         """
         if self.preset != "anchored" or total_steps < 10:
