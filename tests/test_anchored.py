@@ -308,7 +308,7 @@ def test_the_model_summary_says_how_the_default_predicts(anchored):
     summary = anchored._model_summary_string
     assert "Preset: anchored (source control cells moved, without filling zeros, to the Anchor's mean" in summary
     for kind, count in anchored.calibration_["n_conditions"].items():
-        assert f"{kind} {anchored.calibration_['gates'][kind]:.2f} on {count}" in summary
+        assert f"{kind} {anchored.calibration_['gates'][kind]:.2f} on {count} held-out conditions" in summary
     adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=3, n_doubles=0)
     sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
     few = sd.Doloris(adata, n_hidden=16)

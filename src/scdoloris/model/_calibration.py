@@ -145,11 +145,15 @@ class CalibrationMixin:
         # A model saved before the minimum was 5 keeps the gates it was fitted with: only a 0 is explained.
         below = f" (below {MIN_GATE_CONDITIONS}: the anchor alone)"
         shown = ", ".join(
-            f"{kind} {gates.get(kind, 0.0):.2f} on {counts[kind]}"
+            f"{kind} {gates.get(kind, 0.0):.2f} on {counts[kind]} held-out conditions"
             + (below if counts[kind] < MIN_GATE_CONDITIONS and not gates.get(kind) else "")
             for kind in sorted(counts)
         )
-        return head + f", plus each kind's gate times the model's own shift beyond it). Gates: {shown or 'none'}."
+        return head + (
+            f", plus each kind's gate times the model's own shift beyond it). Gates: {shown or 'none'}; "
+            "any other kind (e.g. a combination of trained singles, when the fold holds out singles only) "
+            "has no held-out condition: gate 0, the anchor alone."
+        )
 
     def _calibration(self, seed: int, total_steps: int, world_size: int) -> _Calibration | None:
         """The calibration of an anchored run: a fold of perturbations and the step it is predicted at.

@@ -211,8 +211,8 @@ class PredictionMixin:
             how many cells express it: silent cells switched on at real values, or expressing
             cells switched off). ``"generated"``: the generated cells of
             ``layers["doloris_generated"]`` moved the same way. ``"shifted"``: each source cell
-            moved by the anchored shift (a gene's zeros become the shift; the default before
-            0.1.0's issue 23). See docs/method.md, "The anchored prediction".
+            moved by the anchored shift (a gene's zeros become the shift; the earlier default,
+            see the changelog). See docs/method.md, "The anchored prediction".
         progress_bar
             Show progress bars of the inversion and the generation; ``None``: only for long calls
             (more than 20,000 cell-steps, a few seconds on a CPU, i.e. cells x perturbations x ``n_steps``).
