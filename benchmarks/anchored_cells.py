@@ -46,7 +46,7 @@ from scdoloris.benchmark._datasets import load_dataset
 from scdoloris.benchmark._splits import SINGLE_CELL_TYPE
 from scdoloris.benchmark._suite import SUITE, RunSettings, make_split, source_fingerprint
 from scdoloris.data import to_dense
-from scdoloris.model._anchoring import gates_from_statistics
+from scdoloris.model._anchoring import MIN_GATE_CONDITIONS, gates_from_statistics
 
 COLUMNS = [
     ("e_distance", "all"),
@@ -111,13 +111,18 @@ class CachedDoloris(DolorisMethod):
 
         train = self.registered(train, split)
         self.model = Doloris.load(str(path), adata=train)
-        calibration = self.model.calibration_
-        record = calibration.get("conditions")
-        if record:  # the gates of today's rule, from the statistics the model kept
-            gates, counts = gates_from_statistics(record, record["kind"])
-            self.model.calibration_ = {**calibration, "gates": gates, "n_conditions": counts}
+        self.model.calibration_ = refitted(self.model.calibration_)  # today's rule on the kept statistics
         self.fitted_seed = seed
         return self
+
+
+def refitted(calibration: dict, min_conditions: int = MIN_GATE_CONDITIONS) -> dict:
+    """``calibration`` with its gates fitted again from its record of held-out conditions (unchanged without one)."""
+    record = calibration.get("conditions")
+    if not record:
+        return calibration
+    gates, counts = gates_from_statistics(record, record["kind"], min_conditions=min_conditions)
+    return {**calibration, "gates": gates, "n_conditions": counts}
 
 
 class OtherGates:
@@ -138,12 +143,8 @@ class OtherGates:
     def predict(self, perturbations, *, cell_type, n_cells, seed, dose=None, smiles=None):
         model = self.parent.model
         saved = model.calibration_
-        record = saved.get("conditions")
-        if record:
-            self.gates = gates_from_statistics(record, record["kind"], min_conditions=self.min_conditions)[0]
-        else:
-            self.gates = dict(saved["gates"])
-        model.calibration_ = {**saved, "gates": self.gates}
+        model.calibration_ = refitted(saved, self.min_conditions)
+        self.gates = model.calibration_["gates"]
         try:
             kwargs = {**self.parent.predict_kwargs, **self.predict_kwargs}
             return self.parent._predict(perturbations, cell_type, n_cells, seed, dose, smiles, kwargs)

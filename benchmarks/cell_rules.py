@@ -5,7 +5,9 @@ cells in two ways, ``shifted`` (each source cell plus the shift, clipped at 0: t
 cells) and ``sources`` (the package's zero-aware rule, ``anchored_cells="sources"`` with gate 0), each
 aimed at two means: the Anchor's, and the real cells' own mean (an oracle no method has, which
 isolates the rule). Printed: the mean E-distance (all genes) over the held-out conditions and the
-zero fraction, per split.
+zero fraction, per split, and where the Anchor's mean is wrong: the squared error of its mean summed
+over the genes whose predicted change is below ``SMALL_CHANGE`` in absolute value, beside their true
+squared change (when the first is larger, predicting no change there would be closer).
 
 Usage::
 
@@ -26,15 +28,12 @@ from scdoloris.benchmark._splits import SINGLE_CELL_TYPE
 from scdoloris.benchmark._suite import SUITE, make_split
 from scdoloris.data import to_dense
 from scdoloris.metrics import e_distance
-from scdoloris.model._anchoring import SUMMED_KINDS, _moved_without_filling
+from scdoloris.model._anchoring import _moved_without_filling, anchored_cells
+from scdoloris.perturbation import dosed_label
 
 N_CELLS = 100
-
-
-def _dosed_label(perturbation: str, dose) -> str:
-    from scdoloris.perturbation import dosed_label
-
-    return perturbation if dose is None else dosed_label(perturbation, float(dose))
+# Predicted changes of a gene's mean below this (log1p units) count as small.
+SMALL_CHANGE = 0.05
 
 
 def score_split(name: str, seed: int) -> dict:
@@ -48,23 +47,35 @@ def score_split(name: str, seed: int) -> dict:
         cell_type = None if record["cell_type"] == SINGLE_CELL_TYPE else record["cell_type"]
         dose = record.get("dose")
         dose = None if dose is None or pd.isna(dose) else dose
-        label = _dosed_label(record["perturbation"], dose)
+        label = record["perturbation"] if dose is None else dosed_label(record["perturbation"], float(dose))
         pred = anchor.predict([label], cell_type=cell_type, n_cells=N_CELLS, seed=seed, include_sources=True)
         source = ~pred.obs["is_predicted"].to_numpy()
         x = to_dense(pred.X[source]).astype(np.float64)
         types = list(dict.fromkeys(pred.obs[anchor.cell_type_key_][source].astype(str)))
         shift = anchor.predict_shift([label], cell_type=types[0]).to_numpy()[0]
-        shifted = np.clip(x + shift, 0.0, None)
-        summed = anchor.kind(label, types[0]) in SUMMED_KINDS
-        target = shifted.mean(axis=0) if summed else np.clip(x.mean(axis=0) + shift, 0.0, None)
+        # The package's rule at gate 0 (one group of sources, the condition's kind for its target).
+        made = {
+            rule: anchored_cells(
+                x, x, np.zeros(len(x), dtype=int), {(0, 0): shift}, {(0, 0): 0.0}, rule,
+                {(0, 0): np.random.default_rng(seed)}, {(0, 0): anchor.kind(label, types[0])},
+            )[0]
+            for rule in ("shifted", "sources")
+        }  # fmt: skip
         real = to_dense(current.cells(data.adata, record["perturbation"], cell_type, dose).X).astype(np.float64)
         oracle = real.mean(axis=0)
         cells = {
-            "shifted": shifted,
-            "sources": _moved_without_filling(x, target, np.random.default_rng(seed)),
+            **made,
             "shifted, real mean": np.clip(x + (oracle - x.mean(axis=0)), 0.0, None),
             "sources, real mean": _moved_without_filling(x, oracle, np.random.default_rng(seed)),
         }
+        # The mean the default aims at (its cells have it), its error and the true change, per gene.
+        aimed = made["sources"].mean(axis=0)
+        small = np.abs(aimed - x.mean(axis=0)) < SMALL_CHANGE
+        error, change = (aimed - oracle) ** 2, (oracle - x.mean(axis=0)) ** 2
+        scores.setdefault("small changes: n genes", []).append(float(small.sum()))
+        scores.setdefault("small changes: sq. error of mean", []).append(float(error[small].sum()))
+        scores.setdefault("small changes: true sq. change", []).append(float(change[small].sum()))
+        scores.setdefault("all genes: sq. error of mean", []).append(float(error.sum()))
         for method, predicted in cells.items():
             scores.setdefault(method, []).append(e_distance(predicted, real))
             scores.setdefault(f"zeros: {method}", []).append(float((predicted == 0).mean()))

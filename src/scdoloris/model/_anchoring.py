@@ -260,11 +260,12 @@ def anchored_cells(
         source_mean = sources[rows].mean(axis=0)
         residual = block.mean(axis=0) - source_mean - anchor
         shift = anchor + gates[(entry, group)] * residual
-        shifted = np.clip(sources[rows] + shift, 0.0, None)
+        summed = kinds is not None and kinds.get((entry, group)) in SUMMED_KINDS
+        # The shifted cells themselves are needed for "shifted" and for the target of a sum of shifts only.
+        shifted = np.clip(sources[rows] + shift, 0.0, None) if cells == "shifted" or summed else None
         if cells == "shifted":
             out[entry * n_sources + rows] = shifted
         else:
-            summed = kinds is not None and kinds.get((entry, group)) in SUMMED_KINDS
             target = shifted.mean(axis=0) if summed else np.clip(source_mean + shift, 0.0, None)
             rng = np.random.default_rng([entry, group]) if streams is None else streams[(entry, group)]
             moved = block if cells == "generated" else sources[rows]
