@@ -131,6 +131,23 @@ def test_gene_graph_extended(prior):
         graph.extended(["Y"])
 
 
+def test_gene_graph_extended_twice_equals_a_fresh_extension():
+    """The undirected prior kept between calls gives the edges (in order) of a graph that never kept it."""
+    from scdoloris.perturbation._gene_graph import go_edges
+
+    edges = go_edges()
+    measured = list(dict.fromkeys(edges["target"]))[:300]
+    graph = GeneGraph.build(edges, measured=measured, perturbed=["KLF1"])
+    graph.extended(["CEBPE", "FOXO4"])  # fills the kept prior
+    assert len(graph._undirected) == 1
+    again = graph.extended(["MAP2K6", "SGK1"])
+    fresh = GeneGraph.from_dict(graph.to_dict()).extended(["MAP2K6", "SGK1"])
+    assert again.nodes == fresh.nodes
+    np.testing.assert_array_equal(again.edges, fresh.edges)
+    np.testing.assert_array_equal(again.weights, fresh.weights)
+    assert again._undirected is graph._undirected  # an extended graph shares what it was extended with
+
+
 def test_gene_graph_round_trip(prior):
     frozen = freeze_prior(prior)
     graph = GeneGraph.build(thaw_prior(frozen), measured=["A", "B", "C"], perturbed=["X"], frozen=frozen)

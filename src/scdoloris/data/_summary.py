@@ -88,8 +88,11 @@ class TrainingSummary:
 
     @property
     def gene_graph(self) -> GeneGraph:
-        """The model's gene graph."""
-        return GeneGraph.from_dict(self.graph)
+        """The model's gene graph (built once per ``graph``: it keeps what extending it needs, see GeneGraph)."""
+        cached = self.__dict__.get("_gene_graph")
+        if cached is None or cached[0] is not self.graph:
+            cached = self.__dict__["_gene_graph"] = (self.graph, GeneGraph.from_dict(self.graph))
+        return cached[1]
 
     def vocabulary(self, graph: GeneGraph | None = None) -> PerturbationVocabulary:
         """Token vocabulary over ``graph`` (the training graph by default)."""
