@@ -3,8 +3,8 @@
 One trained default model per split and seed predicts in several ways (no second training):
 
 - ``doloris``: the default, ``anchored_cells="sources"``: the source control cells, each gene moved to
-  the anchored mean without filling zeros (docs/method.md), gates resting on 5 or more calibration
-  conditions;
+  the anchored mean without filling zeros and its expressing cells given the perturbation's spread
+  (docs/method.md), gates resting on 5 or more calibration conditions;
 - ``doloris_generated_cells``: ``anchored_cells="generated"``, the model's generated cells moved the same way;
 - ``doloris_shifted_cells``: ``anchored_cells="shifted"``, each source cell moved by the anchored shift;
 - ``previous_default``: the default until issue 23, shifted cells with gates fitted on 2 or more
@@ -21,7 +21,7 @@ Development seeds choose (docs/evaluation.md); confirmation seeds (10-12) only c
 With ``--models DIR`` each trained model is kept under ``DIR`` and re-used by the next run, so that
 another way of making the cells costs a prediction, not a training. A kept model's gates are fitted
 again from its calibration record with today's rule (a model trained before a rule changed keeps
-its statistics, not its verdict).
+its statistics, not its verdict), and its anchor is fitted again with today's Anchor.
 
 Usage::
 
@@ -112,6 +112,8 @@ class CachedDoloris(DolorisMethod):
         train = self.registered(train, split)
         self.model = Doloris.load(str(path), adata=train)
         self.model.calibration_ = refitted(self.model.calibration_)  # today's rule on the kept statistics
+        # Today's anchor, fitted as train() fits it at its end (the gates' statistics keep the anchor of their fold).
+        self.model.anchor_ = self.model._fit_anchor(np.ones(self.model.adata.n_obs, dtype=bool)).state()
         self.fitted_seed = seed
         return self
 

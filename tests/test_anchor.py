@@ -244,6 +244,61 @@ def test_similar_cell_types_weigh_more_in_the_transfer():
     assert Anchor.from_state(old).bandwidth_ is None
 
 
+def _spread_adata():
+    """Cell types A and B; gene 0 at 1..5 in every control, perturbed ``P`` spreads it (2, 4, .., 10 in
+    A; 0.5 x that in B), ``Q`` only in A (1..5 doubled about 3: its change is the sources' sd); gene 1
+    expressed by too few cells anywhere."""
+    rows, labels, types = [], [], []
+    base = np.arange(1.0, 6.0)
+    cells = {
+        ("control", "A"): base,
+        ("control", "B"): base,
+        ("P", "A"): 2.0 * base,
+        ("P", "B"): 3.0 + 0.5 * (2.0 * base - 6.0),  # sd 1.41, as the controls: no change in B
+        ("Q", "A"): 3.0 + 2.0 * (base - 3.0),
+    }
+    for (label, t), values in cells.items():
+        for i, v in enumerate(values):
+            rows.append([v, 1.0 if i == 0 else 0.0])
+            labels.append(label)
+            types.append(t)
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": types}, index=[f"c{i}" for i in range(len(rows))])
+    return AnnData(np.asarray(rows), obs=obs, var=pd.DataFrame(index=["g0", "g1"]))
+
+
+def test_spread_change_takes_the_most_specific_measured_spread():
+    anchor = Anchor().fit(_spread_adata(), cell_type_key="cell_type")
+    sd0 = np.sqrt(2.0)  # the standard deviation of 1..5
+    change, level = anchor.spread_change("P", "A")  # seen: its own
+    assert change[0] == pytest.approx(sd0) and level[0] == pytest.approx(2.0 * sd0)
+    assert np.isnan(change[1]) and np.isnan(level[1])  # one nonzero value per condition: never measured
+    change, level = anchor.spread_change("P", "B")
+    assert change[0] == pytest.approx(0.0, abs=1e-12) and level[0] == pytest.approx(sd0)
+    # A perturbation never trained in A: the average over A's perturbed conditions (P and Q).
+    change, _ = anchor.spread_change("NEW", "A")
+    assert change[0] == pytest.approx(sd0)
+    restored = Anchor.from_state(anchor.state())
+    np.testing.assert_array_equal(restored.spread_change("NEW", "A")[0], anchor.spread_change("NEW", "A")[0])
+    # States written before spreads were kept: nothing known.
+    old = {k: v for k, v in anchor.state().items() if k not in ("expressed_sd", "control_expressed_sd")}
+    assert np.isnan(Anchor.from_state(old).spread_change("P", "A")[0]).all()
+
+
+def test_spread_change_in_a_new_cell_type_weighs_the_cell_types_measured():
+    import anndata as ad
+
+    adata = _spread_adata()
+    new = adata[adata.obs["perturbation"] == "control"].copy()
+    new.obs["cell_type"] = "C"
+    new.obs_names = [f"n{i}" for i in range(new.n_obs)]
+    anchor = Anchor().fit(ad.concat([adata, new]), cell_type_key="cell_type")
+    assert anchor.bandwidth_ is None  # two perturbed cell types: equal weights
+    change, _ = anchor.spread_change("P", "C")  # P measured in A (+sd0) and B (0): their average
+    assert change[0] == pytest.approx(0.5 * np.sqrt(2.0))
+    change, _ = anchor.spread_change("NEW", "C")  # never measured: every perturbed condition (P, P, Q)
+    assert change[0] == pytest.approx(np.sqrt(2.0) * 2.0 / 3.0)
+
+
 # ---------------------------------------------------------------------- kinds, state, validation
 def test_kind_answers_each_case():
     controls = {"A": np.full(4, 3.0), "B": np.full(4, 3.0)}

@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..data import expression_matrix
 from ..perturbation import canonical
 from ..prediction import resolve_cell_types, resolve_request
-from ._base import Baseline
+from ._base import CONTROL_KEY, Baseline, group_expressed_sd
 from ._dose import FEATURES, DoseEstimates, pattern_name, split_dose
 
 #: What :meth:`Anchor.kind` answers, from the most to the least measured.
@@ -28,6 +29,8 @@ _MIN_GAIN = 0.01
 # Bandwidths of the cell-type similarity weighting, relative to the median squared distance between
 # the perturbed cell types' control means; the leave-one-cell-type-out error picks one (or none).
 _BANDWIDTH_GRID = 2.0 ** np.arange(-4.0, 4.5, 1.0)
+# Nonzero values of a gene a condition needs for the spread of its expressing cells to count.
+MIN_EXPRESSING = 5
 _STATE_FORMAT = "scdoloris.baselines.Anchor"
 _STATE_VERSION = 1
 
@@ -167,6 +170,11 @@ class Anchor(Baseline):
         ``cell_type``, ``population``, ``average``; empty without doses).
     n_dose_
         Number of training conditions each pattern's weights rest on.
+    expressed_sd_
+        Per perturbed training condition (rows of ``shifts_``) and gene, the standard deviation of the
+        nonzero values (``NaN`` with fewer than ``MIN_EXPRESSING``); :meth:`spread_change` reads it.
+    control_expressed_sd_
+        The same for the control cells of each cell type.
     mean_shift_
         The average shift per perturbed cell type (as :class:`MeanShift`).
     overall_shift_
@@ -214,6 +222,12 @@ class Anchor(Baseline):
         if len(shifts) == 0:
             raise ValueError("Anchor needs at least one perturbed training condition; only controls were given.")
         self._index_shifts()
+        X = expression_matrix(self.adata_, self.layer_)
+        sd = group_expressed_sd(self._group_codes, len(means), X, MIN_EXPRESSING)
+        sd = pd.DataFrame(sd, index=means.index, columns=means.columns)
+        self.control_expressed_sd_ = sd.xs(CONTROL_KEY, level="perturbation").loc[self.cell_types_]
+        self.expressed_sd_ = sd.loc[self.shifts_.index]
+        self._index_spread()
         self._calibrate_lambda()
         self._calibrate_transfer()
         self._set_dose_weights(self._doses.fit(_MIN_GAIN) if self._doses else {})
@@ -241,6 +255,93 @@ class Anchor(Baseline):
         self._mean = {t: self.mean_shift_.loc[t].to_numpy(dtype=np.float64) for t in self._perturbed_types}
         self._overall = self.overall_shift_.to_numpy(dtype=np.float64)
         self._doses = DoseEstimates(keys, types, self._S, self._elsewhere)
+
+    def _index_spread(self) -> None:
+        """``_SD`` (rows of ``_S``) and ``_SDc`` (rows of ``_C``): the expressing cells' spread, ``None`` if unknown."""
+        if getattr(self, "expressed_sd_", None) is None:
+            self._SD = self._SDc = None
+            return
+        self._SD = self.expressed_sd_.to_numpy(dtype=np.float64)
+        self._SDc = self.control_expressed_sd_.loc[self.cell_types_].to_numpy(dtype=np.float64)
+        types = self.shifts_.index.get_level_values("cell_type").astype(str)
+        self._row_type = np.array([self._type_row[t] for t in types], dtype=np.int64)
+        self._SD_change = self._SD - self._SDc[self._row_type]
+
+    def spread_change(self, perturbation: str, cell_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """How the spread of a gene's expressing cells changes under ``perturbation`` in ``cell_type``.
+
+        The standard deviation of a gene's nonzero values in the perturbed cells, minus that in the
+        cell type's control cells, from the most specific measurement there is: the condition's own
+        (``"seen"``); in a cell type without it, the average over the cell type's perturbed training
+        conditions; in a new cell type, the similarity-weighted average over the cell types where
+        the perturbation was measured (as :attr:`bandwidth_` weighs a transferred shift), else over
+        every perturbed training condition. Gene by gene, a condition counts only where it and its
+        controls have at least ``MIN_EXPRESSING`` nonzero values; where none does, the next, broader
+        average answers. Not shrunk or calibrated: the Anchor's own cells (:meth:`predict`) do not
+        use it; Doloris's default gives its cells this spread (``docs/method.md``).
+
+        Parameters
+        ----------
+        perturbation
+            A label such as ``"KLF1"`` (with its dose as the Anchor names it, ``"drug@100"``).
+        cell_type
+            A training cell type; may be left out when there is only one.
+
+        Returns
+        -------
+        change, level
+            Per gene, the change of the standard deviation and the standard deviation itself in the
+            perturbed cells of the same conditions (for a gene too rarely expressed in the source
+            cells to have a spread of its own); ``NaN`` where no condition measures it, and both
+            ``NaN`` everywhere for an Anchor saved before spreads were kept.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import scdoloris as sd
+        >>> adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=4, n_doubles=1)
+        >>> anchor = sd.baselines.Anchor().fit(adata)
+        >>> change, level = anchor.spread_change("G001")
+        >>> change.shape, bool(np.all(level[np.isfinite(level)] >= 0))
+        ((20,), True)
+        """
+        self._check_fitted()
+        n_genes = len(self.genes_)
+        if self._SD is None:
+            return np.full(n_genes, np.nan), np.full(n_genes, np.nan)
+        if cell_type is None:
+            if len(self.cell_types_) > 1:
+                raise ValueError(f"Name the cell type; this Anchor knows several: {self.cell_types_}.")
+            cell_type = self.cell_types_[0]
+        (t,) = resolve_cell_types(str(cell_type), self.cell_types_)
+        key = canonical(resolve_request(perturbation, self.control_values_).components[0])
+        row_type, change = self._row_type, self._SD_change
+        # From the most to the least specific: each gene answered by the first set of rows that measures it.
+        choices: list[tuple[np.ndarray, np.ndarray]] = []
+        if (key, t) in self._row:
+            choices.append((np.array([self._row[key, t]]), np.ones(1)))
+        if t in self._perturbed_types:
+            rows = np.flatnonzero(row_type == self._type_row[t])
+            choices.append((rows, np.ones(len(rows))))
+        elif key in self._types_of:
+            types = self._types_of[key]
+            rows = np.array([self._row[key, u] for u in types])
+            controls = self._C[[self._type_row[u] for u in types]]
+            choices.append((rows, _similarity_weights(self._C[self._type_row[t]], controls, self.bandwidth_)))
+        choices.append((np.arange(len(self._SD)), np.ones(len(self._SD))))
+        out_change, out_level = np.full(n_genes, np.nan), np.full(n_genes, np.nan)
+        for rows, weights in choices:
+            todo = np.isnan(out_change)
+            if not todo.any():
+                break
+            values = change[rows][:, todo]
+            measured = np.isfinite(values)
+            w = np.where(measured, weights[:, None], 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out_change[todo] = np.sum(w * np.nan_to_num(values), axis=0) / w.sum(axis=0)
+                level = self._SD[rows][:, todo]
+                out_level[todo] = np.sum(w * np.nan_to_num(level), axis=0) / w.sum(axis=0)
+        return out_change, out_level
 
     def _calibrate_lambda(self) -> None:
         num = den = size = 0.0
@@ -549,6 +650,8 @@ class Anchor(Baseline):
             "gamma": float(self.gamma_),
             "n_gamma": int(self.n_gamma_),
             "transfer": str(self.transfer_),
+            "expressed_sd": None if self._SD is None else self._SD.copy(),
+            "control_expressed_sd": None if self._SDc is None else self._SDc.copy(),
             "beta": self.beta_.to_numpy(dtype=np.float64).copy(),
             "ridge": None if self.ridge_ is None else float(self.ridge_),
             "transfer_errors": [float(self.transfer_errors_["mean"]), float(self.transfer_errors_["per_gene"])],
@@ -607,6 +710,15 @@ class Anchor(Baseline):
         )
         self.n_cells_ = pd.Series(np.asarray(state["n_cells"], dtype=np.int64), index=n_index)
         self._index_shifts()
+        # States written before spreads were kept have none: Doloris's cells then keep their sources' spread.
+        if state.get("expressed_sd") is None:
+            self.expressed_sd_ = self.control_expressed_sd_ = None
+        else:
+            spread = np.asarray(state["expressed_sd"], dtype=np.float64)
+            self.expressed_sd_ = pd.DataFrame(spread, index=index, columns=genes)
+            spread = np.asarray(state["control_expressed_sd"], dtype=np.float64)
+            self.control_expressed_sd_ = pd.DataFrame(spread, index=pd.Index(self.cell_types_), columns=genes)
+        self._index_spread()
         self.lambda_, self.n_lambda_ = float(state["lambda"]), int(state["n_lambda"])
         self.gamma_, self.n_gamma_ = float(state["gamma"]), int(state["n_gamma"])
         self.transfer_ = str(state["transfer"])

@@ -44,6 +44,27 @@ def _group_means(indicator: sparse.csr_matrix, X) -> np.ndarray:
     return means
 
 
+def group_expressed_sd(codes: np.ndarray, n_groups: int, X, min_expressing: int) -> np.ndarray:
+    """Per group (row) and gene, the standard deviation of the nonzero values of ``X``'s rows in the group.
+
+    ``codes`` gives each row's group. ``NaN`` where a group has fewer than ``min_expressing`` nonzero
+    values of a gene (too few for a spread). Read in row blocks (a backed matrix is never read whole).
+    """
+    step = max(1, 2**22 // max(X.shape[1], 1))
+    count, total, squares = (np.zeros((n_groups, X.shape[1])) for _ in range(3))
+    for start in range(0, X.shape[0], step):
+        rows = np.arange(start, min(start + step, X.shape[0]))
+        block = read_rows(X, rows, np.float64)
+        indicator = sparse.csr_matrix((np.ones(len(rows)), (codes[rows], np.arange(len(rows)))), (n_groups, len(rows)))
+        count += indicator @ (block != 0)
+        total += indicator @ block
+        squares += indicator @ block**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        sd = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return np.where(count >= min_expressing, sd, np.nan)
+
+
 class Baseline(ABC):
     """A baseline perturbation-response predictor, fitted on an AnnData and predicting cells.
 
@@ -185,7 +206,9 @@ class Baseline(ABC):
         self.control_means_ = control_means
         self.shifts_ = shifts
         self.n_cells_ = pd.Series(counts, index=means.index, dtype=np.int64)
+        self._group_codes = codes  # each cell's row of ``means`` (for a subclass's own per-condition statistics)
         self._fit(means, control_means, shifts)
+        del self._group_codes
         return self
 
     def _fit(self, means: pd.DataFrame, control_means: pd.DataFrame, shifts: pd.DataFrame) -> None:  # noqa: B027 (optional hook)

@@ -97,7 +97,7 @@ class AnchoredMixin:
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
         group_of = np.array([groups[t] for t in types])
-        anchor_shifts, weights, streams, kinds, used = {}, {}, {}, {}, []
+        anchor_shifts, weights, streams, kinds, spreads, used = {}, {}, {}, {}, {}, []
         for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
             name = self._dosed_label("+".join(renamed.get(c, c) for c in components), dose)
             control = name in self.control_values  # at dose 0: no shift, the source cells themselves
@@ -107,7 +107,9 @@ class AnchoredMixin:
                 anchor_shifts[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
                 kinds[(e, g)] = kind
+                if not control and cells == "sources":
+                    spreads[(e, g)] = anchor.spread_change(name, t)
                 streams[(e, g)] = condition_stream(seed, request.conditions[e], str(t), "cells")
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
-        out, _ = anchored_cells(source_x, generated, group_of, anchor_shifts, weights, cells, streams, kinds)
+        out, _ = anchored_cells(source_x, generated, group_of, anchor_shifts, weights, cells, streams, kinds, spreads)
         return out.astype(np.float32), pd.DataFrame(used)

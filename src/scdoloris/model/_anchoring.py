@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy.special import ndtri
 
 from .._constants import ANCHORED_CELLS
 
@@ -55,6 +56,14 @@ SUMMED_KINDS = ("combination", "partial")
 # Rounds of spreading a gene's remainder over its expressing cells (each round, cells a fall takes below
 # 0 stop expressing it and the others carry what the clip left); a handful reach the target to 1e-9.
 MAX_REMAINDER_ROUNDS = 8
+# Expressing cells a gene needs in a block (and in its sources) for its spread to be set (the Anchor's
+# MIN_EXPRESSING for a measured spread).
+MIN_SPREAD_CELLS = 5
+# Below this share of the target spread a gene's values are mostly ties (a few control cells at about one
+# count, switched on in many cells): their order, not their distances, is kept (normal scores of the ranks).
+MIN_SPREAD_SHARE = 0.25
+# The least a fall of the spread leaves of the sources' own (a change is measured elsewhere, with noise).
+MIN_SPREAD_KEPT = 0.1
 
 
 def calibration_fold(labels: Sequence[str], seed: int) -> list[str]:
@@ -192,6 +201,7 @@ def anchored_cells(
     cells: str = ANCHORED_CELLS[0],
     streams: Mapping[tuple[int, int], np.random.Generator] | None = None,
     kinds: Mapping[tuple[int, int], str] | None = None,
+    spreads: Mapping[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
     """Cells whose mean moves by ``anchor + g * (generated shift - anchor)``, per entry and group of sources.
 
@@ -218,6 +228,10 @@ def anchored_cells(
     kinds
         The kind of condition of each ``(entry, group)`` (:meth:`~scdoloris.baselines.Anchor.kind`);
         without it, none is a sum of shifts.
+    spreads
+        For ``"sources"``: the change of the expressing cells' spread of each ``(entry, group)`` and
+        its level (:meth:`~scdoloris.baselines.Anchor.spread_change`), given to the cells by
+        :func:`spread_expressing`; without it (or for an entry it lacks) the sources' spread is kept.
 
     Returns
     -------
@@ -269,7 +283,10 @@ def anchored_cells(
             target = shifted.mean(axis=0) if summed else np.clip(source_mean + shift, 0.0, None)
             rng = np.random.default_rng([entry, group]) if streams is None else streams[(entry, group)]
             moved = block if cells == "generated" else sources[rows]
-            out[entry * n_sources + rows] = _moved_without_filling(moved, target, rng)
+            made = _moved_without_filling(moved, target, rng)
+            if cells == "sources" and spreads is not None and (entry, group) in spreads:
+                made = spread_expressing(made, sources[rows], target, *spreads[(entry, group)], rng)
+            out[entry * n_sources + rows] = made
         shifts[(entry, group)] = shift
     return out, shifts
 
@@ -326,9 +343,17 @@ def _moved_without_filling(block: np.ndarray, target: np.ndarray, rng: np.random
             kept = 1 if target[gene] > 0 else 0
             column[rng.choice(expressed, max(min(cells[gene], len(expressed) - kept), 0), replace=False)] = 0.0
     # Whole cells leave a remainder, and a rise beyond every cell expressing the gene is left: the
-    # expressing cells carry it. A cell that a fall takes below 0 stops expressing the gene, and what
-    # the clip at 0 left is carried again by the others (one cell is never clipped: its value is the
-    # whole remainder).
+    # expressing cells carry it.
+    return _carry_remainder(out, target)
+
+
+def _carry_remainder(out: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``out`` with each gene's mean set to ``target`` by its expressing cells, its zeros kept.
+
+    A cell that a fall takes below 0 stops expressing the gene, and what the clip at 0 left is
+    carried again by the others (one cell is never clipped: its value is the whole remainder).
+    """
+    n = len(out)
     for _ in range(MAX_REMAINDER_ROUNDS):
         now_on = out > 0
         count = now_on.sum(axis=0)
@@ -338,3 +363,77 @@ def _moved_without_filling(block: np.ndarray, target: np.ndarray, rng: np.random
         correction = np.where(count > 0, remainder / np.maximum(count, 1), 0.0)
         out = np.where(now_on, np.clip(out + correction, 0.0, None), 0.0)
     return out
+
+
+def _nonzero_moments(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per gene: the number, mean and standard deviation of the nonzero values of ``block``."""
+    on = block > 0
+    count = on.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = block.sum(axis=0) / count
+        sd = np.sqrt(np.maximum((block**2).sum(axis=0) / count - mean**2, 0.0))
+    return count, np.nan_to_num(mean), np.nan_to_num(sd)
+
+
+def spread_expressing(
+    block: np.ndarray,
+    sources: np.ndarray,
+    target: np.ndarray,
+    change: np.ndarray,
+    level: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``block`` with each gene's expressing cells spread as the perturbation spreads them; zeros and mean kept.
+
+    A gene's nonzero values in the perturbed cells are broader or narrower than in the controls (an
+    interferon-stimulated gene, near one count in a few control cells, is expressed over a wide range
+    by most stimulated cells). Its target spread is the sources' own standard deviation of nonzero
+    values plus ``change`` (at least ``MIN_SPREAD_KEPT`` of it), or ``level`` where fewer than
+    ``MIN_SPREAD_CELLS`` sources express it (or no change is measured); the nonzero values of
+    ``block`` are moved about their mean to that standard deviation, floored at each cell's lowest
+    nonzero value in the block (about one count of that cell), and the mean is then set to
+    ``target`` again by the expressing cells (:func:`_carry_remainder`). Where the values are
+    mostly ties (their spread below ``MIN_SPREAD_SHARE`` of the target), their order is kept and
+    their distances are normal scores (ties broken by ``rng``). Genes with fewer than
+    ``MIN_SPREAD_CELLS`` expressing cells in ``block``, or with no measured target, are left as
+    they are.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scdoloris.model._anchoring import spread_expressing
+
+    A gene at 1-5 in five cells (the second gene holds each cell's one count, 0.5), whose spread
+    grows by 1: its values move apart about their mean (the lowest to one count, 0.5, then all by
+    -0.18 to keep the mean), the silent cell stays silent:
+
+    >>> sources = np.array([[1.0, 0.5], [2.0, 0.5], [3.0, 0.5], [4.0, 0.5], [5.0, 0.5], [0.0, 0.5]])
+    >>> change, level = np.array([1.0, 0.0]), np.full(2, np.nan)
+    >>> out = spread_expressing(sources, sources, sources.mean(axis=0), change, level, np.random.default_rng(0))
+    >>> out[:, 0].round(2)
+    array([0.32, 1.11, 2.82, 4.52, 6.23, 0.  ])
+    """
+    n_sources, source_mean, source_sd = _nonzero_moments(sources)
+    own = (n_sources >= MIN_SPREAD_CELLS) & np.isfinite(change)
+    with np.errstate(invalid="ignore"):
+        wanted = np.where(own, np.maximum(source_sd + change, MIN_SPREAD_KEPT * source_sd), level)
+    count, mean, sd = _nonzero_moments(block)
+    chosen = (count >= MIN_SPREAD_CELLS) & np.isfinite(wanted) & (wanted > 0)
+    if not chosen.any():
+        return block
+    out = block.copy()
+    on = out > 0
+    # About one count of each cell: its lowest nonzero value (a cell expressing nothing never gets a value here).
+    lowest = np.where(on, out, np.inf).min(axis=1, keepdims=True)
+    scaled = chosen & (sd >= MIN_SPREAD_SHARE * np.where(np.isfinite(wanted), wanted, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        factor = np.where(scaled, wanted / sd, 1.0)
+    moved = np.maximum(mean + factor * (out - mean), lowest)
+    out = np.where(on & scaled, moved, out)
+    for gene in np.flatnonzero(chosen & ~scaled):  # mostly ties: the few genes switched on in many cells
+        rows = np.flatnonzero(on[:, gene])
+        order = np.lexsort((rng.random(len(rows)), out[rows, gene]))  # ascending value, ties at random
+        scores = np.empty(len(rows))
+        scores[order] = ndtri((np.arange(len(rows)) + 0.5) / len(rows))
+        out[rows, gene] = np.maximum(mean[gene] + wanted[gene] * scores, lowest[rows, 0])
+    return _carry_remainder(out, target)
