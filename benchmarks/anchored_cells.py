@@ -154,7 +154,8 @@ class OtherGates:
             model.calibration_ = saved
 
 
-def run(name: str, seed: int, settings: RunSettings, models: Path | None = None) -> tuple[pd.DataFrame, dict]:
+def suite_split(name: str, seed: int, settings: RunSettings, models: Path | None):
+    """The data of suite split ``name``, its split at ``seed`` and the default model for it (kept under ``models``)."""
     entry = SUITE[name]
     data = load_dataset(entry.dataset)
     split = make_split(entry, data)
@@ -165,6 +166,11 @@ def run(name: str, seed: int, settings: RunSettings, models: Path | None = None)
         models=models,
         key=name,
     )
+    return data, current, doloris
+
+
+def run(name: str, seed: int, settings: RunSettings, models: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    data, current, doloris = suite_split(name, seed, settings, models)
     methods = [
         Recorded(doloris),
         Recorded(doloris.variant("doloris_generated_cells", anchored_cells="generated")),

@@ -2,7 +2,8 @@
 
 For each held-out condition of a suite split, the Anchor baseline's source cells and shift make the
 cells in two ways, ``shifted`` (each source cell plus the shift, clipped at 0: the Anchor's own
-cells) and ``sources`` (the package's zero-aware rule, ``anchored_cells="sources"`` with gate 0), each
+cells) and ``sources`` (the package's zero-aware rule with the perturbation's spread,
+``anchored_cells="sources"`` with gate 0), each
 aimed at two means: the Anchor's, and the real cells' own mean (an oracle no method has, which
 isolates the rule). Printed: the mean E-distance (all genes) over the held-out conditions and the
 zero fraction, per split, and where the Anchor's mean is wrong: the squared error of its mean summed
@@ -28,7 +29,7 @@ from scdoloris.benchmark._splits import SINGLE_CELL_TYPE
 from scdoloris.benchmark._suite import SUITE, make_split
 from scdoloris.data import to_dense
 from scdoloris.metrics import e_distance
-from scdoloris.model._anchoring import _moved_without_filling, anchored_cells
+from scdoloris.model._anchoring import anchored_cells
 from scdoloris.perturbation import dosed_label
 
 N_CELLS = 100
@@ -53,11 +54,13 @@ def score_split(name: str, seed: int) -> dict:
         x = to_dense(pred.X[source]).astype(np.float64)
         types = list(dict.fromkeys(pred.obs[anchor.cell_type_key_][source].astype(str)))
         shift = anchor.predict_shift([label], cell_type=types[0]).to_numpy()[0]
-        # The package's rule at gate 0 (one group of sources, the condition's kind for its target).
+        # The package's rule at gate 0 (one group of sources, the condition's kind for its target, the
+        # perturbation's spread of the expressing cells).
+        spreads = {(0, 0): anchor.spread_change(label, types[0])}
         made = {
             rule: anchored_cells(
                 x, x, np.zeros(len(x), dtype=int), {(0, 0): shift}, {(0, 0): 0.0}, rule,
-                {(0, 0): np.random.default_rng(seed)}, {(0, 0): anchor.kind(label, types[0])},
+                {(0, 0): np.random.default_rng(seed)}, {(0, 0): anchor.kind(label, types[0])}, spreads,
             )[0]
             for rule in ("shifted", "sources")
         }  # fmt: skip
@@ -66,7 +69,17 @@ def score_split(name: str, seed: int) -> dict:
         cells = {
             **made,
             "shifted, real mean": np.clip(x + (oracle - x.mean(axis=0)), 0.0, None),
-            "sources, real mean": _moved_without_filling(x, oracle, np.random.default_rng(seed)),
+            "sources, real mean": anchored_cells(
+                x,
+                x,
+                np.zeros(len(x), dtype=int),
+                {(0, 0): oracle - x.mean(axis=0)},
+                {(0, 0): 0.0},
+                "sources",
+                {(0, 0): np.random.default_rng(seed)},
+                None,
+                spreads,
+            )[0],
         }
         # The mean the default aims at (its cells have it), its error and the true change, per gene.
         aimed = made["sources"].mean(axis=0)

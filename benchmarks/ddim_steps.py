@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from anchored_cells import SOURCE, CachedDoloris
+from anchored_cells import SOURCE, suite_split
 
-from scdoloris.benchmark._datasets import load_dataset
 from scdoloris.benchmark._scoring import _de_gene_sets
 from scdoloris.benchmark._splits import SINGLE_CELL_TYPE
-from scdoloris.benchmark._suite import SUITE, RunSettings, make_split
+from scdoloris.benchmark._suite import RunSettings
 from scdoloris.data import to_dense
 from scdoloris.metrics import e_distance
 
@@ -62,16 +61,8 @@ def _predict(model, records, n_steps: int, n_cells: int, seed: int, smiles: dict
 
 
 def run(name: str, seed: int, steps: list[int], repeats: int, models: Path, settings: RunSettings) -> pd.DataFrame:
-    entry = SUITE[name]
-    data = load_dataset(entry.dataset)
-    split = make_split(entry, data)
-    current = split(seed) if callable(split) else split
-    method = CachedDoloris(
-        {"gene_graph": data.gene_graph},
-        {"max_steps": settings.max_steps, "batch_size": settings.batch_size},
-        models=models,
-        key=name,
-    ).fit(current.train_data(data.adata), current, seed=seed)
+    data, current, method = suite_split(name, seed, settings, models)
+    method.fit(current.train_data(data.adata), current, seed=seed)
     model = method.model
     records = current.test.to_dict("records")
     smiles = current.smiles(data.adata) or None  # molecules never trained are predicted from their structure

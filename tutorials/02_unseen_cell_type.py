@@ -106,7 +106,8 @@ sd.pl.de_gene_violins(pred, cd4_real, control=cd4_control, n_genes=6, perturbati
 # stimulation shift of the most similar training cell types, and is what the default prediction
 # starts from: the bar Doloris has to clear (where the calibrated gate is 0, or the kind of
 # condition is not calibrated, as for a cell type never seen perturbed, the default has the Anchor's
-# mean; its cells keep the control zeros that the Anchor's shift fills). All start from the same
+# mean; its cells keep the control zeros that the Anchor's shift fills, and their expressing cells
+# take the breadth that stimulation gives them in the training cell types). All start from the same
 # controls.
 
 # %%
