@@ -307,7 +307,7 @@ def test_zero_aware_means_are_the_target_for_any_block_that_expresses_the_gene()
 def test_the_model_summary_says_how_the_default_predicts(anchored):
     """The gates and what each rests on, or why there are none (Kang's one stimulation: no fold)."""
     summary = anchored._model_summary_string
-    assert "Preset: anchored (source control cells moved, without filling zeros, to the Anchor's mean" in summary
+    assert "Preset: anchored (source control cells moved, without filling zeros and with the spread" in summary
     for kind, count in anchored.calibration_["n_conditions"].items():
         assert f"{kind} {anchored.calibration_['gates'][kind]:.2f} on {count} held-out conditions" in summary
     adata = sd.datasets.synthetic_perturbations(n_genes=20, n_perturbed_genes=3, n_doubles=0)
