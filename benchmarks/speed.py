@@ -679,6 +679,7 @@ def run_predict(args: argparse.Namespace) -> dict:
             seed=args.seed,
             batch_size=args.predict_batch,
             anchored_cells=args.anchored_cells,
+            model_layers=not args.x_only,
         )
     _sync(device)
     wall = time.perf_counter() - start
@@ -698,6 +699,7 @@ def run_predict(args: argparse.Namespace) -> dict:
         "n_steps": args.n_steps,
         "predict_batch": args.predict_batch,
         "anchored_cells": args.anchored_cells,
+        "model_layers": not args.x_only,
         "wall_s": wall,
         "inversion_s": seconds["inversion_s"],
         "generation_s": seconds["generation_s"],
@@ -738,6 +740,7 @@ def _child_command(args: argparse.Namespace, kind: str, genes: int, batch: int, 
     command += ["--predict-batch", str(args.predict_batch), "--threads", str(args.threads), "--device", args.device]
     command += ["--anchored-cells", args.anchored_cells]
     command += ["--mm-size", str(args.mm_size), "--seed", str(args.seed), "--train-steps", str(args.train_steps)]
+    command += ["--x-only"] if args.x_only else []
     return command + (["--bf16"] if args.bf16 else []) + (["--unfused-adamw"] if args.unfused_adamw else [])
 
 
@@ -998,6 +1001,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["sources", "generated", "shifted"],
         default="sources",
         help="how the anchored default makes its cells (predict_perturbation's anchored_cells)",
+    )
+    parser.add_argument(
+        "--x-only",
+        action="store_true",
+        help="predict_perturbation(..., model_layers=False): X only (no network where every gate is 0)",
     )
     parser.add_argument(
         "--train-steps",

@@ -378,3 +378,37 @@ def test_spread_gives_held_out_stimulated_cells_their_breadth_on_kang():
     distance = {k: sd.metrics.e_distance(v[:, genes], real[:, genes]) for k, v in made.items()}
     assert np.median(ratio["kept"]) < 0.5 and 0.65 < np.median(ratio["spread"]) < 1.33
     assert distance["spread"] < 0.5 * distance["kept"]  # 0.08 against 0.31 when written
+
+
+def test_model_layers_off_skips_the_network_where_every_gate_is_0(anchored, held_out_doubles, monkeypatch):
+    """``model_layers=False`` returns the same X; with every gate 0 the bridge does not run at all."""
+    saved = anchored.calibration_
+    calls = []
+    original = type(anchored.module).generate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(anchored.module), "generate", counted)
+    try:
+        for gates in [{}, {"combination": 0.5}]:
+            anchored.calibration_ = {**saved, "gates": gates}
+            kwargs = {"n_cells": 12, "seed": 4, "n_steps": 4}
+            full = anchored.predict_perturbation(held_out_doubles[:2], **kwargs)
+            calls.clear()
+            lean = anchored.predict_perturbation(held_out_doubles[:2], model_layers=False, **kwargs)
+            assert len(calls) == (1 if gates else 0)  # a gate above 0 needs the generated cells
+            np.testing.assert_array_equal(lean.X, full.X)
+            assert list(lean.obs["control_cell"]) == list(full.obs["control_cell"])
+            assert len(lean.layers) == 0 and len(lean.obsm) == 0
+            assert lean.uns["doloris_anchoring"] == full.uns["doloris_anchoring"]
+        # In place: only the predicted expression of each perturbation.
+        anchored.calibration_ = {**saved, "gates": {}}
+        cells = anchored.adata[anchored.adata.obs["perturbation"] == "control"][:10].copy()
+        anchored.predict_perturbation(held_out_doubles[0], adata=cells, inplace=True, model_layers=False, n_steps=4)
+        assert list(cells.layers) == [f"doloris_{held_out_doubles[0]}"] and len(cells.obsm) == 0
+    finally:
+        anchored.calibration_ = saved
+    with pytest.raises(ValueError, match="model_layers"):
+        anchored.predict_perturbation(held_out_doubles[0], model_layers="no")

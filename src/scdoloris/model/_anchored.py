@@ -76,17 +76,8 @@ class AnchoredMixin:
             self._anchor_cache = cached = (state, anchor)
         return cached[1]
 
-    def _anchored(
-        self,
-        request: Request,
-        sources: Sources,
-        source_x: np.ndarray,
-        generated: np.ndarray,
-        renamed: dict,
-        cells: str,
-        seed: int,
-    ):
-        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
+    def _anchoring_plan(self, request: Request, sources: Sources, renamed: dict, cells: str, seed: int) -> dict:
+        """What anchors every ``(entry, group of sources)``: the anchor's shift, gate, kind, spread and stream.
 
         ``renamed`` maps genes asked by another symbol to the model's name for them; ``cells`` is how the
         cells are made (:func:`~scdoloris.model._anchoring.anchored_cells`), each ``(condition, cell type)``
@@ -96,20 +87,45 @@ class AnchoredMixin:
         gates = self.__dict__.get("calibration_", {}).get("gates", {})
         types = np.asarray(sources.cell_types, dtype=object)
         groups = {t: i for i, t in enumerate(dict.fromkeys(types))}
-        group_of = np.array([groups[t] for t in types])
+        plan = {"group_of": np.array([groups[t] for t in types]), "cells": cells}
         anchor_shifts, weights, streams, kinds, spreads, used = {}, {}, {}, {}, {}, []
+        no_shift = np.zeros(len(self.adata.var_names))
         for e, (components, dose) in enumerate(zip(request.components, request.doses, strict=True)):
             name = self._dosed_label("+".join(renamed.get(c, c) for c in components), dose)
             control = name in self.control_values  # at dose 0: no shift, the source cells themselves
             shift = None if control else anchor.predict_shift([name], cell_type=list(groups))
             for t, g in groups.items():
                 kind = "control" if control else anchor.kind(name, t)
-                anchor_shifts[(e, g)] = np.zeros(source_x.shape[1]) if control else shift.loc[(name, t)].to_numpy()
+                anchor_shifts[(e, g)] = no_shift if control else shift.loc[(name, t)].to_numpy()
                 weights[(e, g)] = float(gates.get(kind, 0.0))
                 kinds[(e, g)] = kind
                 if not control and cells == "sources":
                     spreads[(e, g)] = anchor.spread_change(name, t)
                 streams[(e, g)] = condition_stream(seed, request.conditions[e], str(t), "cells")
                 used.append({"entry": request.names[e], "cell_type": t, "kind": kind, "gate": weights[(e, g)]})
-        out, _ = anchored_cells(source_x, generated, group_of, anchor_shifts, weights, cells, streams, kinds, spreads)
-        return out.astype(np.float32), pd.DataFrame(used)
+        plan |= {"anchors": anchor_shifts, "gates": weights, "streams": streams, "kinds": kinds, "spreads": spreads}
+        plan["used"] = pd.DataFrame(used)
+        return plan
+
+    @staticmethod
+    def _needs_generated(plan: dict) -> bool:
+        """Whether the anchored cells need the paper's generated cells: a gate above 0, or ``"generated"`` cells."""
+        return plan["cells"] == "generated" or any(gate > 0.0 for gate in plan["gates"].values())
+
+    def _anchored(self, plan: dict, source_x: np.ndarray, generated: np.ndarray | None):
+        """Anchored cells of every entry (see :mod:`scdoloris.model._anchoring`) and the kind and gate of each.
+
+        ``generated`` may be ``None`` where :meth:`_needs_generated` is false.
+        """
+        out, _ = anchored_cells(
+            source_x,
+            generated,
+            plan["group_of"],
+            plan["anchors"],
+            plan["gates"],
+            plan["cells"],
+            plan["streams"],
+            plan["kinds"],
+            plan["spreads"],
+        )
+        return out.astype(np.float32), plan["used"]

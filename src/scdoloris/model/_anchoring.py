@@ -194,7 +194,7 @@ def gates_from_statistics(
 
 def anchored_cells(
     sources: np.ndarray,
-    generated: np.ndarray,
+    generated: np.ndarray | None,
     source_groups: np.ndarray,
     anchors: Mapping[tuple[int, int], np.ndarray],
     gates: Mapping[tuple[int, int], float],
@@ -210,7 +210,8 @@ def anchored_cells(
     sources
         ``(n_sources, genes)`` source control cells (log1p).
     generated
-        ``(n_entries * n_sources, genes)`` the paper's generated cells, entries outermost.
+        ``(n_entries * n_sources, genes)`` the paper's generated cells, entries outermost; ``None``
+        where nothing needs them (every gate 0, and ``cells`` not ``"generated"``).
     source_groups
         ``(n_sources,)`` group (cell type) of each source; shifts are per entry and group.
     anchors, gates
@@ -265,15 +266,20 @@ def anchored_cells(
     """
     if cells not in ANCHORED_CELLS:
         raise ValueError(f"cells must be one of {ANCHORED_CELLS}, got {cells!r}.")
+    if generated is None and (cells == "generated" or any(g > 0.0 for g in gates.values())):
+        raise ValueError('generated cells are needed by a gate above 0 or by cells="generated".')
     n_sources = len(sources)
-    out = np.empty_like(generated)
+    n_entries = 1 + max((entry for entry, _ in anchors), default=-1)
+    out = np.empty((n_entries * n_sources, sources.shape[1]), dtype=np.result_type(sources, np.float32))
     shifts = {}
     for (entry, group), anchor in anchors.items():
         rows = np.flatnonzero(source_groups == group)
-        block = generated[entry * n_sources + rows]
         source_mean = sources[rows].mean(axis=0)
-        residual = block.mean(axis=0) - source_mean - anchor
-        shift = anchor + gates[(entry, group)] * residual
+        if generated is None:  # every gate is 0: the shift is the anchor's
+            block, shift = None, anchor
+        else:
+            block = generated[entry * n_sources + rows]
+            shift = anchor + gates[(entry, group)] * (block.mean(axis=0) - source_mean - anchor)
         summed = kinds is not None and kinds.get((entry, group)) in SUMMED_KINDS
         # The shifted cells themselves are needed for "shifted" and for the target of a sum of shifts only.
         shifted = np.clip(sources[rows] + shift, 0.0, None) if cells == "shifted" or summed else None

@@ -58,7 +58,9 @@ if TYPE_CHECKING:
 
 # In-place predictions: layers[f"{key_added}_{p}"] with its _continuous and _mask (and, anchored, the
 # paper's _generated cells), obsm[f"{key_added}_{p}_activation_prob"], and the shared obsm[f"{key_added}_latent"].
-def _inplace_keys(key_added: str, anchored: bool) -> InplaceKeys:
+def _inplace_keys(key_added: str, anchored: bool, model_layers: bool = True) -> InplaceKeys:
+    if not model_layers:
+        return InplaceKeys(key_added, layers={"prediction": ""})
     generated = {"generated": "_generated"} if anchored else {}
     return InplaceKeys(
         key_added,
@@ -151,6 +153,7 @@ class PredictionMixin:
         anchored_cells: str = ANCHORED_CELLS[0],
         progress_bar: bool | None = None,
         include_sources: bool = False,
+        model_layers: bool = True,
     ) -> AnnData | None:
         """Predict cells under perturbations, including ones never measured.
 
@@ -223,6 +226,13 @@ class PredictionMixin:
             ``doloris_mask``, their own latent in ``obsm["doloris_latent"]`` and NaN in
             ``obsm["doloris_activation_prob"]`` (they were not predicted under any perturbation). One
             plot then shows both: ``sc.pl.umap(pred, color="perturbation")``. Not with ``inplace``.
+        model_layers
+            ``False``: ``X`` only, without the diffusion and mask models' layers and obsm (the
+            continuous output, mask, generated cells, latents and activation probabilities; in place,
+            only ``layers[f"{key_added}_{p}"]``). With ``preset="anchored"`` and every gate of the asked
+            conditions 0 (``uns["doloris_anchoring"]``), ``X`` does not depend on the network, which is
+            then not run at all: the same ``X`` in a fraction of the time (a screen of many
+            conditions). Otherwise the cells are generated as usual and only the layers are left out.
 
         Returns
         -------
@@ -246,7 +256,7 @@ class PredictionMixin:
             raise ValueError(
                 "include_sources=True returns the sources with the predictions; inplace=True returns None."
             )
-        check_flags(inplace=inplace, overwrite=overwrite, include_sources=include_sources)
+        check_flags(inplace=inplace, overwrite=overwrite, include_sources=include_sources, model_layers=model_layers)
         check_flags(progress_bar=progress_bar, allow_none=True)
         check_prediction_args(
             n_cells=n_cells,
@@ -284,29 +294,34 @@ class PredictionMixin:
             hint=f"{lower}, or predict fewer perturbations per call.",
         )
         sources = self._sources(adata, cell_type, n_cells, np.random.default_rng(seed))
-        keys = _inplace_keys(key_added, anchored)
+        keys = _inplace_keys(key_added, anchored, model_layers)
         if inplace:
             check_keys_free(adata, request.names, keys, overwrite)
 
-        sampling = (mask_strategy, mask_thresholds, mask_reference_conditions)
-        arrays, latents = self._generate(request, inputs, sources, n_steps, batch_size, sampling, seed, progress_bar)
-        if anchored:
-            arrays["generated"] = arrays["prediction"]
-            arrays["prediction"], used = self._anchored(
-                request,
-                sources,
-                arrays["source"],
-                arrays["generated"],
-                inputs.renamed,
-                anchored_cells,
-                seed,
+        plan = self._anchoring_plan(request, sources, inputs.renamed, anchored_cells, seed) if anchored else None
+        if anchored and not model_layers and not self._needs_generated(plan):
+            # X does not depend on the network: the sources themselves are all it needs.
+            arrays, latents = {"source": self._expression_rows(sources.adata, sources.rows).numpy()}, None
+        else:
+            sampling = (mask_strategy, mask_thresholds, mask_reference_conditions)
+            arrays, latents = self._generate(
+                request, inputs, sources, n_steps, batch_size, sampling, seed, progress_bar
             )
+        if anchored:
+            arrays["generated"] = arrays.get("prediction")
+            arrays["prediction"], used = self._anchored(plan, arrays["source"], arrays["generated"])
         if inplace:
             write_inplace(adata, request.names, keys, arrays, {"latent": latents})
             return None
-        layers = {"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]}
-        if "generated" in arrays:
-            layers["doloris_generated"] = arrays["generated"]
+        layers, obsm = {}, {}
+        if model_layers:
+            layers = {"doloris_continuous": arrays["continuous"], "doloris_mask": arrays["mask"]}
+            if anchored:
+                layers["doloris_generated"] = arrays["generated"]
+            obsm = {
+                "doloris_latent": np.tile(latents, (len(request.perturbations), 1)),
+                "doloris_activation_prob": arrays["probs"],
+            }
         uns = {}
         if inputs.aliases:
             # Genes asked by an old or alternative symbol, and the symbol they were read as.
@@ -314,15 +329,7 @@ class PredictionMixin:
         if anchored:
             # Which estimate anchored each condition, and the share of the model's own shift taken.
             uns["doloris_anchoring"] = {column: used[column].tolist() for column in used.columns}
-        predicted = PredictedCells(
-            arrays["prediction"],
-            uns=uns,
-            layers=layers,
-            obsm={
-                "doloris_latent": np.tile(latents, (len(request.perturbations), 1)),
-                "doloris_activation_prob": arrays["probs"],
-            },
-        )
+        predicted = PredictedCells(arrays["prediction"], uns=uns, layers=layers, obsm=obsm)
         setup = self._setup_args
         obs_keys = {
             "perturbation": setup["perturbation_key"],
