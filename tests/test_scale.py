@@ -245,10 +245,18 @@ import scdoloris as sd
 
 torch.set_num_threads(1)
 out, max_steps = Path(sys.argv[1]), int(sys.argv[2])
-adata = sd.datasets.synthetic_perturbations(**json.loads(sys.argv[3]))
+if len(sys.argv) > 4:  # a backed file: every process opens it read-only and reads the rows it needs
+    import anndata as ad
+    from scdoloris.data import read_rows
+
+    adata = ad.read_h5ad(sys.argv[4], backed="r")
+    rows = read_rows(adata.X, np.arange(adata.n_obs), np.float32)
+else:
+    adata = sd.datasets.synthetic_perturbations(**json.loads(sys.argv[3]))
+    rows = np.asarray(adata.X, dtype=np.float32)
 sd.Doloris.setup_anndata(adata, perturbation_key="perturbation", control_value="control")
 # Cells are told apart by their expression row (continuous values: no two alike).
-cell_of_row = {row.tobytes(): i for i, row in enumerate(np.asarray(adata.X, dtype=np.float32))}
+cell_of_row = {row.tobytes(): i for i, row in enumerate(rows)}
 assert len(cell_of_row) == adata.n_obs
 
 
@@ -283,6 +291,7 @@ model.train(
 )
 rank = model.trainer.global_rank
 (out / f"rank{rank}.json").write_text(json.dumps({
+    "backed": bool(model.adata.isbacked),
     "world_size": model.trainer.world_size,
     "steps": model.trainer.global_step,
     "sampler_seed": getattr(model.trainer.train_dataloader.sampler, "seed", None),
@@ -306,19 +315,24 @@ DDP_DATA = {
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("storage", ["memory", "backed"])
+def test_ddp_two_cpu_processes(tmp_path, storage):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     max_steps = 12
     # The launcher of the cluster recipe (docs/multi_device.md), on one machine with 2 CPU processes.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     command += [str(script), str(tmp_path), str(max_steps), json.dumps(DDP_DATA)]
+    if storage == "backed":  # one h5ad file on disk, opened read-only by both processes
+        _write(sd.datasets.synthetic_perturbations(**DDP_DATA), tmp_path / "cells.h5ad", "sparse").file.close()
+        command.append(str(tmp_path / "cells.h5ad"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     for record in ranks:
+        assert record["backed"] == (storage == "backed")
         assert record["world_size"] == 2
         assert record["steps"] == max_steps  # epochs were counted per process, so max_steps is reached
         assert record["sampler_seed"] == 3  # the shards are shuffled by the run's seed
