@@ -12,7 +12,7 @@ from anndata import AnnData
 
 from .._constants import REGISTRY_KEYS
 from ..baselines import Anchor
-from ..data import expression_matrix, is_in_memory, read_rows
+from ..data import expression_matrix, subset_rows
 from ..perturbation import dosed_label
 from ..prediction import Request, Sources, condition_stream
 from ._anchoring import anchored_cells
@@ -58,8 +58,8 @@ class AnchoredMixin:
             index=self.adata.obs_names[rows],
         )
         if len(rows) < self.adata.n_obs:
-            # In memory a sparse subset stays sparse; a backed matrix is read (densely) once.
-            X = X[rows] if is_in_memory(X) else read_rows(X, rows, np.float32)
+            # A sparse subset stays sparse (on disk too); only an on-disk dense matrix is read densely.
+            X = subset_rows(X, rows)
         data = AnnData(X=X, obs=obs)
         return Anchor().fit(
             data, perturbation_key="perturbation", control_value=self.control_values, cell_type_key="cell_type"
