@@ -266,6 +266,7 @@ class Anchor(Baseline):
         types = self.shifts_.index.get_level_values("cell_type").astype(str)
         self._row_type = np.array([self._type_row[t] for t in types], dtype=np.int64)
         self._SD_change = self._SD - self._SDc[self._row_type]
+        self._spread_averages = {}
 
     def spread_change(self, perturbation: str, cell_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """How the spread of a gene's expressing cells changes under ``perturbation`` in ``cell_type``.
@@ -315,33 +316,52 @@ class Anchor(Baseline):
             cell_type = self.cell_types_[0]
         (t,) = resolve_cell_types(str(cell_type), self.cell_types_)
         key = canonical(resolve_request(perturbation, self.control_values_).components[0])
-        row_type, change = self._row_type, self._SD_change
-        # From the most to the least specific: each gene answered by the first set of rows that measures it.
-        choices: list[tuple[np.ndarray, np.ndarray]] = []
+        # From the most to the least specific: each gene answered by the first average that measures it.
+        choices = []
         if (key, t) in self._row:
-            choices.append((np.array([self._row[key, t]]), np.ones(1)))
+            row = self._row[key, t]
+            choices.append((self._SD_change[row], self._SD[row]))
         if t in self._perturbed_types:
-            rows = np.flatnonzero(row_type == self._type_row[t])
-            choices.append((rows, np.ones(len(rows))))
+            choices.append(self._spread_average(("cell_type", t)))
         elif key in self._types_of:
             types = self._types_of[key]
             rows = np.array([self._row[key, u] for u in types])
             controls = self._C[[self._type_row[u] for u in types]]
-            choices.append((rows, _similarity_weights(self._C[self._type_row[t]], controls, self.bandwidth_)))
-        choices.append((np.arange(len(self._SD)), np.ones(len(self._SD))))
+            weights = _similarity_weights(self._C[self._type_row[t]], controls, self.bandwidth_)
+            choices.append(self._spread_of(rows, weights))
+        choices.append(self._spread_average(("all",)))
         out_change, out_level = np.full(n_genes, np.nan), np.full(n_genes, np.nan)
-        for rows, weights in choices:
+        for change, level in choices:
             todo = np.isnan(out_change)
-            if not todo.any():
-                break
-            values = change[rows][:, todo]
-            measured = np.isfinite(values)
-            w = np.where(measured, weights[:, None], 0.0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out_change[todo] = np.sum(w * np.nan_to_num(values), axis=0) / w.sum(axis=0)
-                level = self._SD[rows][:, todo]
-                out_level[todo] = np.sum(w * np.nan_to_num(level), axis=0) / w.sum(axis=0)
+            out_change[todo], out_level[todo] = change[todo], level[todo]
         return out_change, out_level
+
+    def _spread_of(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The weighted average change and level of the expressing cells' spread over ``rows``, gene by gene.
+
+        Each gene over the rows that measure it; ``NaN`` where none does.
+        """
+        values = self._SD_change[rows]
+        w = np.where(np.isfinite(values), weights[:, None], 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = w.sum(axis=0)
+            change = np.sum(w * np.nan_to_num(values), axis=0) / total
+            level = np.sum(w * np.nan_to_num(self._SD[rows]), axis=0) / total
+        return change, level
+
+    def _spread_average(self, which: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """The plain average over a cell type's perturbed conditions (``("cell_type", t)``) or all (``("all",)``).
+
+        Kept once computed: at 10,000 conditions each is a pass over a conditions x genes table.
+        """
+        cache = self.__dict__.setdefault("_spread_averages", {})
+        if which not in cache:
+            if which[0] == "cell_type":
+                rows = np.flatnonzero(self._row_type == self._type_row[which[1]])
+            else:
+                rows = np.arange(len(self._SD))
+            cache[which] = self._spread_of(rows, np.ones(len(rows)))
+        return cache[which]
 
     def _calibrate_lambda(self) -> None:
         num = den = size = 0.0
