@@ -279,9 +279,13 @@ def test_spread_change_takes_the_most_specific_measured_spread():
     assert change[0] == pytest.approx(sd0)
     restored = Anchor.from_state(anchor.state())
     np.testing.assert_array_equal(restored.spread_change("NEW", "A")[0], anchor.spread_change("NEW", "A")[0])
-    # States written before spreads were kept: nothing known.
+    # States written before spreads were kept, and an Anchor fitted without them: nothing known.
     old = {k: v for k, v in anchor.state().items() if k not in ("expressed_sd", "control_expressed_sd")}
     assert np.isnan(Anchor.from_state(old).spread_change("P", "A")[0]).all()
+    lean = Anchor(spread=False).fit(_spread_adata(), cell_type_key="cell_type")
+    assert lean.expressed_sd_ is None and np.isnan(lean.spread_change("P", "A")[0]).all()
+    np.testing.assert_array_equal(lean.predict_shift(["P"], cell_type="A"), anchor.predict_shift(["P"], cell_type="A"))
+    assert Anchor.from_state(lean.state()).spread is False
 
 
 def test_spread_change_in_a_new_cell_type_weighs_the_cell_types_measured():
@@ -363,7 +367,7 @@ def test_fit_needs_perturbed_conditions():
         Anchor().fit(controls_only)
     with pytest.raises(ValueError, match="default_gamma"):
         Anchor(default_gamma=2.0)
-    assert repr(Anchor()) == "Anchor(clip=True, default_gamma=1.0) [not fitted]"
+    assert repr(Anchor()) == "Anchor(clip=True, default_gamma=1.0, spread=True) [not fitted]"
 
 
 # ---------------------------------------------------------------------- honest held-out comparison

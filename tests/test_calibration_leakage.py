@@ -40,9 +40,9 @@ def _spied_training(model, monkeypatch, **train_kwargs) -> dict:
         seen["result"] = result = calibrate(self, fold, held_out, seed)
         return result
 
-    def spy_fit_anchor(self, keep):
+    def spy_fit_anchor(self, keep, **kwargs):
         seen["anchor_keep"].append(np.asarray(keep).copy())
-        return fit_anchor(self, keep)
+        return fit_anchor(self, keep, **kwargs)
 
     def spy_sources(self, adata, cell_type, n_cells, rng):
         out = sources(self, adata, cell_type, n_cells, rng)

@@ -16,7 +16,8 @@ from ._version import __version__
 
 # The demo's training steps. Every gate is 0 there, so its table (the default's X against the baselines)
 # does not depend on them; its paper cells (layers["doloris_generated"]) score a mean E-distance of 1.088
-# at 2,000 steps against 1.047 at 4,000, and the whole demo takes 1:38 against 3:18 (BENCHMARKS.md).
+# at 2,000 steps against 1.047 at 4,000, and it runs in 94 s against 163 s at 4,000 (in-process, each alone
+# on the 2-core machine; BENCHMARKS.md, "Demo").
 DEMO_STEPS = 2000
 # Training steps of the benchmark command: the suite's setting.
 BENCHMARK_STEPS = 4000

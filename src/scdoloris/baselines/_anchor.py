@@ -139,6 +139,9 @@ class Anchor(Baseline):
         type). The default 1 transfers a measured response as measured, as every other baseline does
         (:class:`MeanShift`'s unseen-cell-type answer); it rests on no evidence, and
         :attr:`n_gamma_` is then 0 to say so.
+    spread
+        Keep each condition's spread of nonzero values (:attr:`expressed_sd_`, one more pass over
+        the data) for :meth:`spread_change`; without it, :meth:`spread_change` answers ``NaN``.
 
     Attributes
     ----------
@@ -172,7 +175,8 @@ class Anchor(Baseline):
         Number of training conditions each pattern's weights rest on.
     expressed_sd_
         Per perturbed training condition (rows of ``shifts_``) and gene, the standard deviation of the
-        nonzero values (``NaN`` with fewer than ``MIN_EXPRESSING``); :meth:`spread_change` reads it.
+        nonzero values (``NaN`` with fewer than ``MIN_EXPRESSING``; ``None`` without ``spread``);
+        :meth:`spread_change` reads it.
     control_expressed_sd_
         The same for the control cells of each cell type.
     mean_shift_
@@ -208,25 +212,29 @@ class Anchor(Baseline):
 
     name = "anchor"
 
-    def __init__(self, *, clip: bool = True, default_gamma: float = 1.0):
+    def __init__(self, *, clip: bool = True, default_gamma: float = 1.0, spread: bool = True):
         super().__init__(clip=clip)
         if not 0.0 <= float(default_gamma) <= 1.0:
             raise ValueError(f"default_gamma must be in [0, 1], got {default_gamma}.")
         self.default_gamma = float(default_gamma)
+        self.spread = bool(spread)
 
     def _params(self) -> dict:
-        return {"clip": self.clip, "default_gamma": self.default_gamma}
+        return {"clip": self.clip, "default_gamma": self.default_gamma, "spread": self.spread}
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, means, control_means, shifts):
         if len(shifts) == 0:
             raise ValueError("Anchor needs at least one perturbed training condition; only controls were given.")
         self._index_shifts()
-        X = expression_matrix(self.adata_, self.layer_)
-        sd = group_expressed_sd(self._group_codes, len(means), X, MIN_EXPRESSING)
-        sd = pd.DataFrame(sd, index=means.index, columns=means.columns)
-        self.control_expressed_sd_ = sd.xs(CONTROL_KEY, level="perturbation").loc[self.cell_types_]
-        self.expressed_sd_ = sd.loc[self.shifts_.index]
+        self.expressed_sd_ = self.control_expressed_sd_ = None
+        if self.spread:
+            X = expression_matrix(self.adata_, self.layer_)
+            totals = means.to_numpy(dtype=np.float64) * self.n_cells_.to_numpy()[:, None]  # rows alike
+            sd = group_expressed_sd(self._group_codes, X, totals, MIN_EXPRESSING)
+            sd = pd.DataFrame(sd, index=means.index, columns=means.columns)
+            self.control_expressed_sd_ = sd.xs(CONTROL_KEY, level="perturbation").loc[self.cell_types_]
+            self.expressed_sd_ = sd.loc[self.shifts_.index]
         self._index_spread()
         self._calibrate_lambda()
         self._calibrate_transfer()
@@ -310,12 +318,8 @@ class Anchor(Baseline):
         n_genes = len(self.genes_)
         if self._SD is None:
             return np.full(n_genes, np.nan), np.full(n_genes, np.nan)
-        if cell_type is None:
-            if len(self.cell_types_) > 1:
-                raise ValueError(f"Name the cell type; this Anchor knows several: {self.cell_types_}.")
-            cell_type = self.cell_types_[0]
-        (t,) = resolve_cell_types(str(cell_type), self.cell_types_)
-        key = canonical(resolve_request(perturbation, self.control_values_).components[0])
+        components, t = self._resolved(perturbation, cell_type)
+        key = canonical(components)
         # From the most to the least specific: each gene answered by the first average that measures it.
         choices = []
         if (key, t) in self._row:
@@ -354,7 +358,7 @@ class Anchor(Baseline):
 
         Kept once computed: at 10,000 conditions each is a pass over a conditions x genes table.
         """
-        cache = self.__dict__.setdefault("_spread_averages", {})
+        cache = self._spread_averages  # emptied by _index_spread
         if which not in cache:
             if which[0] == "cell_type":
                 rows = np.flatnonzero(self._row_type == self._type_row[which[1]])
@@ -513,13 +517,17 @@ class Anchor(Baseline):
         ('seen', 'combination', 'partial')
         """
         self._check_fitted()
+        components, t = self._resolved(perturbation, cell_type)
+        return self._kind(components, t)
+
+    def _resolved(self, perturbation: str, cell_type: str | None) -> tuple[list[str], str]:
+        """``perturbation``'s components and the training cell type asked (the only one when ``None``)."""
         if cell_type is None:
             if len(self.cell_types_) > 1:
                 raise ValueError(f"Name the cell type; this Anchor knows several: {self.cell_types_}.")
             cell_type = self.cell_types_[0]
         (t,) = resolve_cell_types(str(cell_type), self.cell_types_)
-        components = resolve_request(perturbation, self.control_values_).components[0]
-        return self._kind(components, t)
+        return resolve_request(perturbation, self.control_values_).components[0], t
 
     def _kind(self, components: list[str], cell_type: str) -> str:
         if cell_type not in self._perturbed_types:
@@ -709,7 +717,8 @@ class Anchor(Baseline):
             raise ValueError("state is not an Anchor state (see Anchor.state()).")
         if int(state["version"]) > _STATE_VERSION:
             raise ValueError(f"Anchor state version {state['version']} is newer than this scdoloris reads.")
-        self = cls(clip=bool(state["clip"]), default_gamma=float(state["default_gamma"]))
+        spread = state.get("expressed_sd") is not None
+        self = cls(clip=bool(state["clip"]), default_gamma=float(state["default_gamma"]), spread=spread)
         genes = pd.Index([str(g) for g in state["genes"]])
         self.genes_ = genes
         self.perturbation_key_ = str(state["perturbation_key"])
@@ -731,7 +740,7 @@ class Anchor(Baseline):
         self.n_cells_ = pd.Series(np.asarray(state["n_cells"], dtype=np.int64), index=n_index)
         self._index_shifts()
         # States written before spreads were kept have none: Doloris's cells then keep their sources' spread.
-        if state.get("expressed_sd") is None:
+        if not spread:
             self.expressed_sd_ = self.control_expressed_sd_ = None
         else:
             spread = np.asarray(state["expressed_sd"], dtype=np.float64)

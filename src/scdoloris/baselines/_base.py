@@ -44,23 +44,25 @@ def _group_means(indicator: sparse.csr_matrix, X) -> np.ndarray:
     return means
 
 
-def group_expressed_sd(codes: np.ndarray, n_groups: int, X, min_expressing: int) -> np.ndarray:
-    """Per group (row) and gene, the standard deviation of the nonzero values of ``X``'s rows in the group.
+def group_expressed_sd(codes: np.ndarray, X, totals: np.ndarray, min_expressing: int) -> np.ndarray:
+    """Per group (row of ``totals``) and gene, the standard deviation of the nonzero values of its rows of ``X``.
 
-    ``codes`` gives each row's group. ``NaN`` where a group has fewer than ``min_expressing`` nonzero
-    values of a gene (too few for a spread). Read in row blocks (a backed matrix is never read whole).
+    ``codes`` gives each row's group, ``totals`` each group's sum per gene (zeros add nothing to it,
+    so it is the nonzero values' sum too: the group means times their counts). ``NaN`` where a group
+    has fewer than ``min_expressing`` nonzero values of a gene (too few for a spread). Read in row
+    blocks (a backed matrix is never read whole).
     """
+    n_groups = len(totals)
     step = max(1, 2**22 // max(X.shape[1], 1))
-    count, total, squares = (np.zeros((n_groups, X.shape[1])) for _ in range(3))
+    count, squares = np.zeros(totals.shape), np.zeros(totals.shape)
     for start in range(0, X.shape[0], step):
         rows = np.arange(start, min(start + step, X.shape[0]))
         block = read_rows(X, rows, np.float64)
         indicator = sparse.csr_matrix((np.ones(len(rows)), (codes[rows], np.arange(len(rows)))), (n_groups, len(rows)))
         count += indicator @ (block != 0)
-        total += indicator @ block
         squares += indicator @ block**2
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
+        mean = totals / count
         sd = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return np.where(count >= min_expressing, sd, np.nan)
 

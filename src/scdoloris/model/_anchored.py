@@ -48,8 +48,11 @@ class AnchoredMixin:
             return self.control_values[0]
         return dosed_label(label, dose, self.control_values)
 
-    def _fit_anchor(self, keep: np.ndarray) -> Anchor:
-        """The anchor fitted on the model's cells where ``keep`` (its training cells, or all but a fold)."""
+    def _fit_anchor(self, keep: np.ndarray, spread: bool = True) -> Anchor:
+        """The anchor fitted on the model's cells where ``keep`` (its training cells, or all but a fold).
+
+        ``spread=False`` skips the pass over the data for the spreads (the calibration reads shifts only).
+        """
         rows = np.flatnonzero(keep)
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
         types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)[rows]]
@@ -61,7 +64,7 @@ class AnchoredMixin:
             # A sparse subset stays sparse (on disk too); only an on-disk dense matrix is read densely.
             X = subset_rows(X, rows)
         data = AnnData(X=X, obs=obs)
-        return Anchor().fit(
+        return Anchor(spread=spread).fit(
             data, perturbation_key="perturbation", control_value=self.control_values, cell_type_key="cell_type"
         )
 

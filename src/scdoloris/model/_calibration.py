@@ -297,7 +297,7 @@ class CalibrationMixin:
         prediction's graph, reference cells of its masks); the anchor is fitted without the fold's
         cells and the source cells are controls, so the fold reaches the prediction only as its truth.
         """
-        anchor = self._fit_anchor(~held_out)
+        anchor = self._fit_anchor(~held_out, spread=False)  # the gates read its shifts and kinds only
         names = self._dosed_labels(np.arange(self.adata.n_obs))
         types = np.asarray(self.cell_types, dtype=object)[self._codes(REGISTRY_KEYS.CELL_TYPE_KEY)]
         X = expression_matrix(self.adata, self._setup_args.get("layer"))
